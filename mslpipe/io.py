@@ -1,0 +1,317 @@
+"""Reading and writing: NIfTI and DICOM volumes, JSON, and the one atomic-write helper.
+
+Every file mslpipe writes goes through :func:`atomic_path`: the content is written to a
+temporary file in the destination folder and renamed into place, so a crash or a kill
+never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from mslpipe.errors import MslpipeError
+
+log = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+# ---------------------------------------------------------------------------- atomic writes
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds.
+
+    ``suffix`` is the temporary file's ending (some writers, like nibabel, pick the format
+    from it); by default it is the destination's own ending.
+    """
+    path = Path(path)
+    if suffix is None:
+        suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise MslpipeError(f"cannot write here ({exc.strerror or exc})", path.parent) from exc
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except OSError as exc:
+        raise MslpipeError(f"cannot write ({exc.strerror or exc})", path) from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+
+
+def to_json(obj) -> str:
+    return json.dumps(obj, indent=2, default=_json_default, allow_nan=False) + "\n"
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    return atomic_write_text(path, to_json(obj))
+
+
+def read_json(path: str | os.PathLike):
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise MslpipeError("file not found", path) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MslpipeError(f"cannot read ({exc})", path) from exc
+    except json.JSONDecodeError as exc:
+        raise MslpipeError(f"not valid JSON ({exc.msg}, line {exc.lineno})", path) from exc
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
+    with atomic_path(path, suffix=".npy") as tmp:
+        np.save(tmp, array)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------- NIfTI
+def strip_nifti_suffix(name: str) -> str:
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def is_nifti(path: str | os.PathLike) -> bool:
+    return str(path).endswith(NIFTI_SUFFIXES)
+
+
+def _load_nifti_image(path: Path):
+    import nibabel as nib
+
+    if not path.exists():
+        raise MslpipeError("file not found", path)
+    if not path.is_file():
+        raise MslpipeError("not a regular file", path)
+    if not os.access(path, os.R_OK):
+        raise MslpipeError("file is not readable (permission denied)", path)
+    try:
+        img = nib.load(str(path))
+        if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+            raise MslpipeError(f"not a NIfTI image ({type(img).__name__})", path)
+        data = np.asanyarray(img.dataobj)
+    except MslpipeError:
+        raise
+    except MemoryError as exc:
+        raise MslpipeError("image too large to load", path) from exc
+    except Exception as exc:  # nibabel, gzip, zlib and numpy raise many types on corrupt files
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MslpipeError(f"cannot read as NIfTI ({reason})", path) from exc
+    return img, data
+
+
+def _check_3d(data: np.ndarray, path: Path) -> np.ndarray:
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise MslpipeError(f"expected a 3D volume, got {data.ndim}D with shape {tuple(data.shape)}", path)
+    if min(data.shape) < 1:
+        raise MslpipeError(f"empty volume with shape {tuple(data.shape)}", path)
+    return data
+
+
+def load_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Load a 3D image as float32, with its 4×4 affine. Rejects non-3D and non-finite data."""
+    path = Path(path)
+    img, data = _load_nifti_image(path)
+    data = _check_3d(data, path)
+    if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
+        raise MslpipeError(f"unsupported voxel type {data.dtype}", path)
+    data = np.asarray(data, dtype=np.float32)
+    if not np.isfinite(data).all():
+        n_bad = int((~np.isfinite(data)).sum())
+        raise MslpipeError(f"{n_bad} voxels are NaN or Inf", path)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise MslpipeError("invalid affine (singular or not finite)", path)
+    return data, affine
+
+
+def load_mask(
+    path: str | os.PathLike,
+    like_shape: tuple[int, ...] | None = None,
+    like_affine: np.ndarray | None = None,
+    atol: float = 1e-3,
+) -> np.ndarray:
+    """Load a binary mask (0/1 in any dtype) as uint8; optionally check it matches an image grid."""
+    path = Path(path)
+    data, affine = load_image(path)
+    values = np.unique(data)
+    if not np.isin(values, (0.0, 1.0)).all():
+        extra = [float(v) for v in values if v not in (0.0, 1.0)][:3]
+        raise MslpipeError(f"mask is not binary: values {extra} outside {{0, 1}}", path)
+    if like_shape is not None and tuple(data.shape) != tuple(like_shape):
+        raise MslpipeError(
+            f"mask shape {tuple(data.shape)} differs from its image's {tuple(like_shape)}", path
+        )
+    if like_affine is not None and not np.allclose(affine, like_affine, atol=atol):
+        raise MslpipeError("mask affine differs from its image's (not on the same grid)", path)
+    return data.astype(np.uint8)
+
+
+def save_nifti(
+    path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, dtype=np.uint8
+) -> Path:
+    """Write ``array`` as NIfTI (``.nii`` or ``.nii.gz``, from the name) atomically."""
+    import nibabel as nib
+
+    path = Path(path)
+    img = nib.Nifti1Image(np.asarray(array, dtype=dtype), np.asarray(affine, dtype=np.float64))
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return path
+
+
+# ---------------------------------------------------------------------------- DICOM
+def find_dicom_series(folder: str | os.PathLike) -> list[tuple[str, list[str]]]:
+    """List DICOM series under ``folder`` as (series uid, sorted file names); SimpleITK does the sort."""
+    import SimpleITK as sitk
+
+    folders = [Path(folder)] + sorted(p for p in Path(folder).rglob("*") if p.is_dir())
+    series = []
+    for sub in folders:
+        reader = sitk.ImageSeriesReader()
+        for uid in reader.GetGDCMSeriesIDs(str(sub)) or ():
+            files = list(reader.GetGDCMSeriesFileNames(str(sub), uid))
+            if files:
+                series.append((uid, files))
+    return series
+
+
+def _check_dicom_spacing(files: list[str], folder: Path) -> None:
+    """Refuse a series with a missing slice: slice positions must be evenly spaced."""
+    import SimpleITK as sitk
+
+    positions = []
+    for name in files:
+        r = sitk.ImageFileReader()
+        r.SetFileName(name)
+        r.LoadPrivateTagsOff()
+        r.ReadImageInformation()
+        positions.append(np.asarray(r.GetOrigin(), dtype=float))
+    if len(positions) < 2:
+        raise MslpipeError("DICOM series has fewer than 2 slices", folder)
+    gaps = np.linalg.norm(np.diff(np.stack(positions), axis=0), axis=1)
+    step = np.median(gaps)
+    if step <= 0 or np.any(np.abs(gaps - step) > 0.1 * step + 1e-3):
+        worst = int(np.argmax(np.abs(gaps - step)))
+        raise MslpipeError(
+            f"DICOM series has uneven slice spacing (a missing slice? gap {gaps[worst]:.2f} mm "
+            f"after slice {worst + 1}, expected {step:.2f} mm)",
+            folder,
+        )
+
+
+def load_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read the single DICOM series in ``folder`` as (float32 array, nibabel-style RAS affine).
+
+    Refuses a folder with no series, with several series mixed together, or with a gap.
+    """
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MslpipeError("not a folder", folder)
+    series = find_dicom_series(folder)
+    if not series:
+        raise MslpipeError("no DICOM series found", folder)
+    if len(series) > 1:
+        raise MslpipeError(f"{len(series)} DICOM series mixed in one folder; give one series per folder",
+                           folder)
+    files = series[0][1]
+    _check_dicom_spacing(files, folder)
+    try:
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(files)
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise MslpipeError(f"cannot read DICOM series ({str(exc).strip().splitlines()[-1]})", folder) from exc
+    return sitk_to_numpy(image, folder)
+
+
+def sitk_to_numpy(image, where: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Convert a SimpleITK image to (array in i,j,k order, RAS affine) as nibabel would load it."""
+    import SimpleITK as sitk
+
+    if image.GetDimension() != 3:
+        raise MslpipeError(f"expected a 3D volume, got {image.GetDimension()}D", where)
+    data = sitk.GetArrayFromImage(image).transpose(2, 1, 0).astype(np.float32)  # z,y,x -> x,y,z
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    spacing = np.asarray(image.GetSpacing(), dtype=float)
+    origin = np.asarray(image.GetOrigin(), dtype=float)
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    affine = np.eye(4)
+    affine[:3, :3] = lps_to_ras @ direction @ np.diag(spacing)
+    affine[:3, 3] = lps_to_ras @ origin
+    if not np.isfinite(data).all():
+        raise MslpipeError("NaN or Inf voxels", where)
+    return data, affine
+
+
+def write_dicom_series(folder: str | os.PathLike, data: np.ndarray, affine: np.ndarray) -> Path:
+    """Write a volume as a DICOM series (one file per slice): used by tests and for demos."""
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lps = np.diag([-1.0, -1.0, 1.0])
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    direction = lps @ affine[:3, :3] / spacing
+    image = sitk.GetImageFromArray(np.asarray(data, dtype=np.int16).transpose(2, 1, 0))
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection(direction.ravel().tolist())
+    image.SetOrigin((lps @ affine[:3, 3]).tolist())
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    uid = "1.2.826.0.1.3680043.2.1125." + str(abs(hash(str(folder))) % 10**12)
+    for k in range(image.GetDepth()):
+        sl = image[:, :, k]
+        origin = image.TransformIndexToPhysicalPoint((0, 0, k))
+        sl.SetMetaData("0020|000e", uid)  # series instance uid
+        sl.SetMetaData("0008|0060", "MR")
+        sl.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in origin))
+        sl.SetMetaData("0020|0037", "\\".join(f"{v:.6f}" for v in direction[:, :2].T.ravel()))
+        sl.SetMetaData("0020|0013", str(k + 1))
+        sl.SetMetaData("0028|0030", f"{spacing[1]:.6f}\\{spacing[0]:.6f}")
+        sl.SetMetaData("0018|0050", f"{spacing[2]:.6f}")
+        with atomic_path(folder / f"slice_{k:04d}.dcm") as tmp:
+            writer.SetFileName(str(tmp))
+            writer.Execute(sl)
+    return folder

@@ -1,0 +1,225 @@
+"""The plan: a typed, versioned, hashed record of every choice the pipeline makes for a dataset.
+
+Configuration lives here and in command-line flags, never in subclasses that change one constant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mslpipe.errors import MslpipeError
+from mslpipe.io import read_json, write_json
+
+PLAN_VERSION = 1
+
+LABEL_POLICIES = ("mean", "union", "intersection", "mask1")
+
+
+@dataclass
+class Augmentation:
+    """Spatial and intensity augmentation of 2D slices (probabilities per sample)."""
+
+    p_rotate: float = 0.2
+    rotate_deg: float = 15.0
+    p_scale: float = 0.2
+    scale_range: tuple[float, float] = (0.85, 1.25)
+    p_elastic: float = 0.1
+    elastic_sigma: tuple[float, float] = (9.0, 13.0)
+    elastic_magnitude: tuple[float, float] = (50.0, 150.0)
+    mirror_axes: tuple[int, ...] = (0, 1)
+    p_brightness: float = 0.15
+    brightness_range: tuple[float, float] = (0.75, 1.25)
+    p_contrast: float = 0.15
+    contrast_range: tuple[float, float] = (0.75, 1.25)
+    p_gamma: float = 0.15
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    p_noise: float = 0.1
+    noise_std: float = 0.1
+    p_blur: float = 0.1
+    blur_sigma: tuple[float, float] = (0.5, 1.0)
+    enabled: bool = True
+
+
+@dataclass
+class Plan:
+    """Everything the later stages need; written to ``plans/NAME/plans.json``."""
+
+    dataset: str
+    channels: list[str] = field(default_factory=lambda: ["flair"])
+    label_policy: str = "mean"
+    n_raters: int = 1
+    slice_axis: int = 2
+    patch_size: list[int] = field(default_factory=lambda: [224, 192])
+    crop_margin: int = 4
+    normalization: dict[str, Any] = field(
+        default_factory=lambda: {"scheme": "brain_percentile_zscore", "lower_pct": 0.5, "upper_pct": 99.5}
+    )
+    architecture: str = "leaky_unet"
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    target_device: str = "cuda"
+    batch_size: int = 32
+    epochs: int = 100
+    iterations_per_epoch: int = 250
+    num_workers: int = 4
+    optimizer: dict[str, Any] = field(
+        default_factory=lambda: {"name": "sgd", "lr": 1e-2, "momentum": 0.9, "nesterov": True,
+                                 "weight_decay": 3e-5}
+    )
+    lr_schedule: dict[str, Any] = field(default_factory=lambda: {"name": "poly", "exponent": 0.9})
+    loss: str = "bce_dice"
+    oversample_foreground: float = 0.34
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    postprocessing: dict[str, Any] = field(
+        default_factory=lambda: {"threshold": 0.5, "min_lesion_mm3": 0.0, "connectivity": 26}
+    )
+    inference_batch_size: int = 64
+    seed: int = 12345
+    version: int = PLAN_VERSION
+    mslpipe_version: str = ""
+    hash: str = ""
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def compute_hash(self) -> str:
+        """Hash of everything that changes preprocessing or training (not the hash itself)."""
+        d = self.to_dict()
+        d.pop("hash", None)
+        d.pop("mslpipe_version", None)
+        blob = json.dumps(d, sort_keys=True, default=list).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def preprocessing_hash(self) -> str:
+        """Hash of the fields that change the preprocessed arrays only."""
+        keys = ("channels", "label_policy", "slice_axis", "crop_margin", "normalization")
+        d = {k: getattr(self, k) for k in keys}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def finalised(self) -> Plan:
+        from mslpipe import __version__
+
+        self.mslpipe_version = __version__
+        self.hash = self.compute_hash()
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: object = "plan") -> Plan:
+        if not isinstance(d, dict):
+            raise MslpipeError("plan is not a JSON object", where)
+        version = d.get("version")
+        if not isinstance(version, int):
+            raise MslpipeError("plan has no integer 'version'", where)
+        if version > PLAN_VERSION:
+            from mslpipe import __version__
+
+            raise MslpipeError(
+                f"plan version {version} was written by a newer mslpipe ({d.get('mslpipe_version', '?')}); "
+                f"this mslpipe {__version__} reads plan version {PLAN_VERSION} or older. Upgrade mslpipe",
+                where,
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise MslpipeError(f"plan has unknown fields {unknown}", where)
+        if "dataset" not in d:
+            raise MslpipeError("plan has no 'dataset'", where)
+        d = dict(d)
+        aug = d.get("augmentation", {})
+        try:
+            aug_names = {f.name for f in dataclasses.fields(Augmentation)}
+            bad = sorted(set(aug) - aug_names)
+            if bad:
+                raise MslpipeError(f"plan augmentation has unknown fields {bad}", where)
+            d["augmentation"] = Augmentation(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()}
+            )
+            plan = cls(**d)
+        except TypeError as exc:
+            raise MslpipeError(f"invalid plan ({exc})", where) from exc
+        plan.validate(where)
+        return plan
+
+    def validate(self, where: object = "plan") -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise MslpipeError(f"invalid plan: {msg}", where)
+
+        need(self.label_policy in LABEL_POLICIES, f"label_policy must be one of {LABEL_POLICIES}")
+        need(self.slice_axis in (0, 1, 2), "slice_axis must be 0, 1 or 2")
+        need(len(self.patch_size) == 2 and all(int(p) > 0 for p in self.patch_size),
+             "patch_size must be two positive integers")
+        need(len(self.channels) >= 1, "at least one channel")
+        need(self.batch_size >= 1 and self.epochs >= 1 and self.iterations_per_epoch >= 1,
+             "batch_size, epochs and iterations_per_epoch must be positive")
+        need(0.0 <= self.oversample_foreground <= 1.0, "oversample_foreground must lie in [0, 1]")
+        need(self.postprocessing.get("connectivity", 26) in (6, 18, 26), "connectivity must be 6, 18 or 26")
+
+
+def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
+    plan.finalised()
+    return write_json(path, plan.to_dict())
+
+
+def load_plan(path: str | os.PathLike) -> Plan:
+    path = Path(path)
+    if not path.exists():
+        raise MslpipeError("no plan here: run `mslpipe plan -d NAME` first", path)
+    plan = Plan.from_dict(read_json(path), where=path)
+    if plan.hash and plan.hash != plan.compute_hash():
+        raise MslpipeError("plan was edited by hand and its hash no longer matches: "
+                           "run `mslpipe plan` again or clear the 'hash' field", path)
+    return plan
+
+
+def apply_overrides(plan: Plan, overrides: dict[str, Any]) -> Plan:
+    """Return a copy of ``plan`` with top-level fields replaced (None values are ignored)."""
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    names = {f.name for f in dataclasses.fields(Plan)}
+    unknown = sorted(set(changes) - names)
+    if unknown:
+        raise MslpipeError(f"unknown plan fields {unknown}")
+    new = dataclasses.replace(plan, **changes)
+    new.validate()
+    return new.finalised()
+
+
+# ---------------------------------------------------------------------------- work folders
+@dataclass(frozen=True)
+class Workdirs:
+    """The four work folders; option > environment variable > ./NAME of the current directory."""
+
+    raw: Path
+    plans: Path
+    preprocessed: Path
+    results: Path
+
+    @classmethod
+    def resolve(cls, raw=None, plans=None, preprocessed=None, results=None) -> Workdirs:
+        def pick(value, env, default):
+            return Path(value or os.environ.get(env) or default).expanduser()
+
+        return cls(
+            raw=pick(raw, "MSLPIPE_RAW", "raw_data"),
+            plans=pick(plans, "MSLPIPE_PLANS", "plans"),
+            preprocessed=pick(preprocessed, "MSLPIPE_PREPROCESSED", "preprocessed"),
+            results=pick(results, "MSLPIPE_RESULTS", "results"),
+        )
+
+    def plan_dir(self, name: str) -> Path:
+        return self.plans / name
+
+    def preprocessed_dir(self, name: str) -> Path:
+        return self.preprocessed / name
+
+    def results_dir(self, name: str, arch: str) -> Path:
+        return self.results / name / arch
+
+    def fold_dir(self, name: str, arch: str, fold: int | str) -> Path:
+        return self.results_dir(name, arch) / f"fold_{fold}"
