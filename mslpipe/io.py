@@ -77,7 +77,11 @@ def to_json(obj) -> str:
 
 
 def write_json(path: str | os.PathLike, obj) -> Path:
-    return atomic_write_text(path, to_json(obj))
+    try:
+        text = to_json(obj)
+    except ValueError as exc:  # NaN/Inf (JSON has none) or a circular reference: write nothing
+        raise MslpipeError(f"cannot write JSON ({exc})", path) from exc
+    return atomic_write_text(path, text)
 
 
 def read_json(path: str | os.PathLike):
@@ -294,7 +298,10 @@ def write_dicom_series(folder: str | os.PathLike, data: np.ndarray, affine: np.n
     lps = np.diag([-1.0, -1.0, 1.0])
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     direction = lps @ affine[:3, :3] / spacing
-    image = sitk.GetImageFromArray(np.asarray(data, dtype=np.int16).transpose(2, 1, 0))
+    values = np.rint(np.asarray(data, dtype=np.float64))  # round to the nearest integer, not truncate
+    if values.size and not (np.isfinite(values).all() and values.min() >= -32768 and values.max() <= 32767):
+        raise MslpipeError("NaN, Inf or values outside the int16 range cannot be written as DICOM", folder)
+    image = sitk.GetImageFromArray(values.astype(np.int16).transpose(2, 1, 0))
     image.SetSpacing(spacing.tolist())
     image.SetDirection(direction.ravel().tolist())
     image.SetOrigin((lps @ affine[:3, 3]).tolist())

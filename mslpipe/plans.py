@@ -141,19 +141,26 @@ class Plan:
                 **{k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()}
             )
             plan = cls(**d)
-        except TypeError as exc:
+        except (TypeError, AttributeError) as exc:  # e.g. augmentation that is a list, not an object
             raise MslpipeError(f"invalid plan ({exc})", where) from exc
         plan.validate(where)
         return plan
 
     def validate(self, where: object = "plan") -> None:
+        try:
+            self._validate(where)
+        except (TypeError, ValueError, AttributeError) as exc:  # a value of the wrong type
+            raise MslpipeError(f"invalid plan ({exc})", where) from exc
+
+    def _validate(self, where: object) -> None:
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise MslpipeError(f"invalid plan: {msg}", where)
 
         need(self.label_policy in LABEL_POLICIES, f"label_policy must be one of {LABEL_POLICIES}")
         need(self.slice_axis in (0, 1, 2), "slice_axis must be 0, 1 or 2")
-        need(len(self.patch_size) == 2 and all(int(p) > 0 for p in self.patch_size),
+        need(isinstance(self.patch_size, list | tuple) and len(self.patch_size) == 2
+             and all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in self.patch_size),
              "patch_size must be two positive integers")
         need(len(self.channels) >= 1, "at least one channel")
         need(self.batch_size >= 1 and self.epochs >= 1 and self.iterations_per_epoch >= 1,

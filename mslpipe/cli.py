@@ -1,0 +1,235 @@
+"""The `mslpipe` command: parses arguments and calls the stages. No logic lives here."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mslpipe.errors import MslpipeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Segment multiple sclerosis lesions on brain FLAIR MRI: "
+                       "synth → plan → train → predict → evaluate.")
+STATE: dict = {"debug": False}
+
+Name = Annotated[str, typer.Option("-d", "--dataset", help="Dataset name (a folder of raw_data/).")]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+
+
+def _dirs():
+    from mslpipe.plans import Workdirs
+
+    return Workdirs.resolve(*STATE["dirs"])
+
+
+def _echo(text: str) -> None:
+    typer.echo(text)
+
+
+@app.callback()
+def _global(
+    raw: Annotated[Path | None, typer.Option(envvar="MSLPIPE_RAW", help="Raw datasets folder [./raw_data].")] = None,
+    plans: Annotated[Path | None, typer.Option(envvar="MSLPIPE_PLANS", help="Plans folder [./plans].")] = None,
+    preprocessed: Annotated[Path | None, typer.Option(envvar="MSLPIPE_PREPROCESSED",
+                                                      help="Preprocessed folder [./preprocessed].")] = None,
+    results: Annotated[Path | None, typer.Option(envvar="MSLPIPE_RESULTS", help="Results folder [./results].")] = None,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="More log output.")] = False,
+) -> None:
+    STATE["dirs"] = (raw, plans, preprocessed, results)
+    STATE["debug"] = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="Output folder (ISBI 2015 layout).")],
+    subjects: int = 4, timepoints: int = 2,
+    shape: Annotated[tuple[int, int, int], typer.Option(help="Volume shape X Y Z.")] = (64, 72, 48),
+    seed: int = 0, raters: int = 2,
+) -> None:
+    """Write a synthetic FLAIR dataset with known lesions (two raters, longitudinal)."""
+    from mslpipe.synth import make_dataset
+
+    written = make_dataset(out, subjects=subjects, timepoints=timepoints, shape=shape, seed=seed, raters=raters)
+    _echo(f"wrote {len(written)} scans of {subjects} subjects to {out}")
+
+
+@app.command("plan")
+def plan_cmd(
+    dataset: Name,
+    input: Annotated[Path | None, typer.Option("-i", "--input", help="Dataset folder [raw_data/NAME].")] = None,
+    device: Device = "auto",
+    arch: Annotated[str, typer.Option(help="Registered architecture (see `mslpipe archs`).")] = "leaky_unet",
+    seed: int = 12345,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 5,
+    test_fraction: Annotated[float, typer.Option(help="Share of subjects held out as test set.")] = 0.1,
+) -> None:
+    """Verify the data, fingerprint it, write plans and subject-level splits, preprocess."""
+    from mslpipe import plan as plan_mod
+
+    result = plan_mod.run(dataset, _dirs(), input, device=device, arch=arch, seed=seed, n_folds=folds,
+                          test_fraction=test_fraction)
+    p, s = result["plan"], result["splits"]
+    _echo(f"plan {p.hash} for {dataset}: {result['fingerprint']['n_cases']} scans, "
+          f"{result['fingerprint']['n_subjects']} subjects; {p.architecture} {p.arch_kwargs or '(full width)'} "
+          f"on {p.target_device}, patch {p.patch_size[0]}×{p.patch_size[1]}, batch {p.batch_size}")
+    _echo(f"splits: test {s['test']}, {len(s['folds'])} folds; preprocessed {len(result['preprocessed'])} "
+          f"new scans → {result['plan_dir']}")
+    if s.get("warning"):
+        _echo(f"warning: {s['warning']}")
+    _echo(f"next: mslpipe train -d {dataset} --fold 0")
+
+
+@app.command()
+def train(
+    dataset: Name,
+    fold: Annotated[str, typer.Option(help="0..4, 'all' or 'final' (train+val of the 8:1:1 view).")] = "0",
+    arch: str | None = None, epochs: int | None = None, lr: float | None = None,
+    batch_size: int | None = None,
+    iterations: Annotated[int | None, typer.Option(help="Batches per epoch.")] = None,
+    device: Device = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network.")] = False,
+    resume: Annotated[bool, typer.Option("--continue", help="Resume from the last checkpoint.")] = False,
+    workers: Annotated[int | None, typer.Option(help="Data-loading workers.")] = None,
+) -> None:
+    """Train a fold of the plan's network (checkpoints, log.csv and curve.png in results/)."""
+    from mslpipe import train as train_mod
+    from mslpipe.io import read_json
+
+    dirs = _dirs()
+    if fold == "all":
+        folds: list[int | str] = list(range(len(read_json(dirs.plan_dir(dataset) / "splits.json")["folds"])))
+    elif fold == "final":
+        folds = ["final"]
+    elif fold.isdigit():
+        folds = [int(fold)]
+    else:
+        raise MslpipeError(f"--fold must be a number, 'all' or 'final', not {fold!r}")
+    for k in folds:
+        result = train_mod.run(dataset, dirs, k, arch=arch, epochs=epochs, lr=lr, batch_size=batch_size,
+                               iterations=iterations, device=device, compile=compile, resume=resume,
+                               num_workers=workers)
+        _echo(f"fold {k}: {result['epochs']} epochs, last validation Dice {result['val_dice']} → "
+              f"{result['fold_dir']}")
+
+
+def _parse_folds(values: list[str] | None) -> list[int] | None:
+    if not values:
+        return None
+    try:
+        return [int(v) for item in values for v in item.replace(",", " ").split()]
+    except ValueError as exc:
+        raise MslpipeError(f"--folds takes fold numbers, not {values}") from exc
+
+
+@app.command()
+def predict(
+    input: Annotated[Path, typer.Option("-i", "--input", help="NIfTI file, folder of NIfTI/DICOM, or dataset.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")],
+    dataset: Annotated[str | None, typer.Option("-d", "--dataset", help="Use this dataset's trained folds.")] = None,
+    arch: str | None = None,
+    folds: Annotated[list[str] | None, typer.Option(help="Folds to ensemble, e.g. --folds 0,1,2 "
+                                                         "[every trained fold].")] = None,
+    checkpoint: Annotated[list[Path] | None, typer.Option(help="Checkpoint file(s) instead of -d.")] = None,
+    device: Device = "auto",
+    tta: Annotated[bool, typer.Option("--tta", help="Average over mirrored inputs.")] = False,
+    save_probabilities: Annotated[bool, typer.Option("--save-probabilities")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
+    compile: Annotated[bool, typer.Option("--compile")] = False,
+) -> None:
+    """Segment scans; writes OUT/<case>.nii.gz (uint8 0/1 on the input grid)."""
+    from mslpipe import predict as predict_mod
+
+    report = predict_mod.run(input, output, dirs=_dirs(), dataset=dataset, arch=arch, folds=_parse_folds(folds),
+                             checkpoint=checkpoint, device=device, tta=tta, save_probabilities=save_probabilities,
+                             overwrite=overwrite, compile=compile)
+    _echo(f"wrote {len(report.written)}, skipped {len(report.skipped)} existing"
+          f"{' (use --overwrite)' if report.skipped else ''}, failed {len(report.failed)} → {output}")
+    for case, reason in report.failed:
+        typer.echo(f"failed: {reason}", err=True)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    dataset: Annotated[str | None, typer.Option("-d", "--dataset", help="Score a trained dataset.")] = None,
+    arch: str | None = None,
+    pred: Annotated[Path | None, typer.Option(help="Folder of predicted masks.")] = None,
+    ref: Annotated[Path | None, typer.Option(help="Folder of reference masks.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="summary.json path.")] = None,
+    device: Device = "auto",
+) -> None:
+    """Dice, IoU, lesion-wise TPR/FPR/F1, volume difference, HD95, ISBI score."""
+    from mslpipe import evaluate as evaluate_mod
+
+    if pred is not None or ref is not None:
+        if pred is None or ref is None:
+            raise MslpipeError("--pred and --ref go together")
+        summary = evaluate_mod.run_folders(pred, ref, output)
+        _echo(evaluate_mod.format_table(summary))
+        return
+    if dataset is None:
+        raise MslpipeError("give -d NAME, or --pred DIR --ref DIR")
+    from mslpipe import workflow
+
+    summary = workflow.evaluate_dataset(dataset, _dirs(), arch=arch, device=device)
+    _echo(_summary_text(summary, evaluate_mod))
+
+
+def _summary_text(summary: dict, evaluate_mod) -> str:
+    parts = ["Cross-validation (out-of-fold)", evaluate_mod.format_table(summary)]
+    if "test" in summary:
+        parts += ["Held-out test subjects (fold ensemble)", evaluate_mod.format_table(summary["test"])]
+    pp = summary["postprocessing"]
+    parts.append(f"minimum lesion size chosen on cross-validation: {pp['min_lesion_mm3']} mm³")
+    return "\n".join(parts)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("-o", "--output", help="Work folder for the demo.")] = Path("demo_out"),
+    subjects: int = 10, epochs: int = 12, iterations: int = 30, seed: int = 0, device: Device = "auto",
+) -> None:
+    """End to end on synthetic data: synth → plan → train fold 0 → predict test split → evaluate."""
+    from mslpipe import evaluate as evaluate_mod
+    from mslpipe import workflow
+
+    result = workflow.demo(out, subjects=subjects, epochs=epochs, iterations=iterations, seed=seed, device=device)
+    _echo(_summary_text(result["summary"], evaluate_mod))
+    test = result["summary"].get("test", {})
+    _echo(f"demo done in {out}: test-subject volume Dice {test.get('mean', {}).get('dice', float('nan')):.3f}")
+
+
+@app.command()
+def archs() -> None:
+    """List the registered architectures with their parameter counts."""
+    from mslpipe import architectures
+
+    for name in sorted(architectures.available()):
+        info = architectures.describe(name)
+        _echo(f"{name:16s} {info['parameters'] / 1e6:8.2f} M parameters  {info.get('summary', '')}")
+
+
+def main() -> None:
+    try:
+        app()
+    except MslpipeError as exc:
+        if STATE["debug"]:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no traceback
+        if STATE["debug"]:
+            raise
+        typer.echo(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
+        sys.exit(3)

@@ -1,0 +1,357 @@
+"""Reading preprocessed cases and streaming augmented 2D training batches.
+
+The preprocessed folder holds, per case, ``<case>.npy`` (float32, ``(S, C, H, W)``: S slices
+along the plan's slice axis), ``<case>_seg.npy`` (float32 ``(S, H, W)`` in [0, 1]) and
+``<case>.json`` (properties, with ``fg_slices``: the slices that hold lesion).
+
+Training batches (:func:`make_train_loader`) are built nnU-Net style:
+
+* at least ``ceil(oversample_foreground * batch_size)`` samples of each batch are slices
+  from ``fg_slices`` (case first, uniformly among cases with lesion, then a slice); the rest
+  pick a case uniformly, then a slice uniformly;
+* each slice is cropped or zero-padded to ``plan.patch_size``: a case smaller than the patch
+  sits at a random offset in a zero canvas; a larger one is cropped at random, or, for a
+  foreground sample, centred on a random lesion voxel with jitter of up to a quarter patch,
+  which always keeps that voxel inside the crop;
+* augmentation (:func:`build_augmentation`) uses MONAI dictionary transforms, see there.
+
+Determinism: every batch is seeded from ``(seed, epoch, batch index)`` alone, so a loader
+gives the same batches whatever ``num_workers`` is, and worker ``w`` of ``n`` makes the
+batches ``w, w + n, ...`` (the DataLoader hands them back in order). The epoch is counted by
+the dataset's own ``__iter__`` calls, which works in the main process and in persistent
+workers alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mslpipe.errors import MslpipeError
+from mslpipe.io import read_json
+from mslpipe.plans import Augmentation, Plan
+
+log = logging.getLogger(__name__)
+
+# std of batchgenerators' displacement field, gaussian_filter(U(-1, 1), sigma) * alpha, is
+# alpha * sqrt(1/3) / (2 sqrt(pi) sigma) in 2D: alpha * _ELASTIC_K / sigma pixels.
+_ELASTIC_K = 1.0 / (2.0 * math.sqrt(3.0 * math.pi))
+
+
+# ---------------------------------------------------------------------------- reading cases
+def _load_npy(path: Path, mmap: bool) -> np.ndarray:
+    if not path.is_file():
+        raise MslpipeError("file not found" if not path.exists() else "not a regular file", path)
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except MemoryError as exc:
+        raise MslpipeError("array too large to load", path) from exc
+    except Exception as exc:  # numpy raises ValueError, OSError, EOFError... on corrupt files
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MslpipeError(f"cannot read as a .npy array ({reason})", path) from exc
+
+
+def _check_case(pre_dir: Path, case: str, image: np.ndarray, seg: np.ndarray, props) -> None:
+    img_path, seg_path = pre_dir / f"{case}.npy", pre_dir / f"{case}_seg.npy"
+    if image.ndim != 4 or image.dtype.kind != "f":
+        raise MslpipeError(f"expected a float (slices, channels, H, W) array, got {image.dtype} "
+                           f"with shape {image.shape}", img_path)
+    if seg.shape != image.shape[:1] + image.shape[2:] or seg.dtype.kind not in "fiub":
+        raise MslpipeError(f"segmentation shape {seg.shape} ({seg.dtype}) does not match the image's "
+                           f"{image.shape}", seg_path)
+    json_path = pre_dir / f"{case}.json"
+    if not isinstance(props, dict):
+        raise MslpipeError("properties are not a JSON object", json_path)
+    fg = props.get("fg_slices")
+    if not isinstance(fg, list) or not all(isinstance(s, int) and 0 <= s < image.shape[0] for s in fg):
+        raise MslpipeError(f"'fg_slices' must be a list of slice indices in [0, {image.shape[0]})", json_path)
+
+
+def open_case(pre_dir: str | os.PathLike, case: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Open a preprocessed case as read-only memory maps: ``(image, seg, properties)``.
+
+    ``image`` is ``(S, C, H, W)``, ``seg`` is ``(S, H, W)``. A missing, corrupt or
+    inconsistent file raises :class:`MslpipeError` naming that file.
+    """
+    pre_dir = Path(pre_dir)
+    props = read_json(pre_dir / f"{case}.json")
+    image = _load_npy(pre_dir / f"{case}.npy", mmap=True)
+    seg = _load_npy(pre_dir / f"{case}_seg.npy", mmap=True)
+    _check_case(pre_dir, case, image, seg, props)
+    return image, seg, props
+
+
+def load_case_arrays(pre_dir: str | os.PathLike, case: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Like :func:`open_case` but fully loaded into memory as float32 (for validation)."""
+    pre_dir = Path(pre_dir)
+    props = read_json(pre_dir / f"{case}.json")
+    image = _load_npy(pre_dir / f"{case}.npy", mmap=False)
+    seg = _load_npy(pre_dir / f"{case}_seg.npy", mmap=False)
+    _check_case(pre_dir, case, image, seg, props)
+    return image.astype(np.float32, copy=False), seg.astype(np.float32, copy=False), props
+
+
+# ---------------------------------------------------------------------------- augmentation
+def elastic_parameters(aug: Augmentation) -> tuple[float, tuple[float, float]]:
+    """Translate nnU-Net's elastic (sigma, alpha) ranges into MONAI's Rand2DElastic terms.
+
+    batchgenerators smooths U(-1, 1) noise with a Gaussian of width ``sigma`` and scales it
+    by ``alpha``; MONAI draws N(0, 1) offsets on a control grid ``spacing`` pixels apart,
+    scales them by a magnitude and interpolates bicubically. A Gaussian-smoothed field
+    decorrelates over about ``2 sigma``, hence ``spacing = 2 * mean(sigma)``; the magnitude
+    range spans the displacement std ``alpha * K / sigma`` over both ranges
+    (``K = 1 / (2 sqrt(3 pi))``), e.g. (0.63, 2.7) px for the defaults.
+    """
+    s0, s1 = sorted(float(s) for s in aug.elastic_sigma)
+    a0, a1 = sorted(float(a) for a in aug.elastic_magnitude)
+    if s0 <= 0:
+        raise MslpipeError(f"invalid plan: elastic_sigma must be positive, got {aug.elastic_sigma}")
+    spacing = max(2.0, round(s0 + s1))
+    return spacing, (a0 * _ELASTIC_K / s1, a1 * _ELASTIC_K / s0)
+
+
+def build_augmentation(aug: Augmentation):
+    """Compose MONAI dictionary transforms over ``{"image": (C,H,W), "label": (1,H,W)}`` tensors.
+
+    Order as nnU-Net: spatial (rotate, zoom, elastic), then intensity on "image" only (noise,
+    blur, brightness, contrast, gamma), then mirroring. Choices:
+
+    * spatial transforms share their random draw across both keys; labels use **bilinear**
+      interpolation and stay soft (a convex combination of values in [0, 1] with zero
+      padding stays in [0, 1]; the loader clamps anyway). Padding is zeros, the value of
+      the background in the preprocessed data. RandZoom ``keep_size`` crops or zero-pads.
+    * Rand2DElasticd resamples even when it does not fire, so it sits in a ``OneOf`` with
+      ``Identityd`` weighted ``(p, 1 - p)`` and its own ``prob`` is 1.
+    * brightness: RandScaleIntensityd, ``v * (1 + f)`` with ``1 + f`` in ``brightness_range``.
+    * contrast: RandScaleIntensityFixedMeand, scaling around each channel's mean, clipped to
+      that channel's original range (``preserve_range``), as batchgenerators does.
+    * gamma: RandAdjustContrastd computes ``((x - min) / range) ** g * range + min``, i.e. it
+      rescales to [0, 1] and back internally, so it is safe on z-scored data; with
+      ``retain_stats`` the mean and std are restored (nnU-Net). Its min, range and stats span
+      all channels together, not each channel.
+    * noise: RandGaussianNoised with the std drawn from U(0, ``noise_std``) per sample.
+    * blur: RandGaussianSmoothd, sigma per axis drawn from ``blur_sigma``.
+    """
+    from monai.transforms import (
+        Compose,
+        Identityd,
+        OneOf,
+        Rand2DElasticd,
+        RandAdjustContrastd,
+        RandFlipd,
+        RandGaussianNoised,
+        RandGaussianSmoothd,
+        RandRotated,
+        RandScaleIntensityd,
+        RandScaleIntensityFixedMeand,
+        RandZoomd,
+    )
+
+    keys = ["image", "label"]
+    spacing, magnitude = elastic_parameters(aug)
+    elastic = Rand2DElasticd(keys, spacing=spacing, magnitude_range=magnitude, prob=1.0,
+                             mode="bilinear", padding_mode="zeros")
+    if 0.0 < aug.p_elastic < 1.0:
+        elastic = OneOf([elastic, Identityd(keys)], weights=[aug.p_elastic, 1.0 - aug.p_elastic])
+    lo_b, hi_b = aug.brightness_range
+    lo_c, hi_c = aug.contrast_range
+    steps = [
+        RandRotated(keys, range_x=math.radians(aug.rotate_deg), prob=aug.p_rotate, keep_size=True,
+                    mode="bilinear", padding_mode="zeros"),
+        RandZoomd(keys, prob=aug.p_scale, min_zoom=min(aug.scale_range), max_zoom=max(aug.scale_range),
+                  mode="bilinear", padding_mode="constant", keep_size=True),
+        elastic if aug.p_elastic > 0 else None,
+        RandGaussianNoised("image", prob=aug.p_noise, std=aug.noise_std),
+        RandGaussianSmoothd("image", sigma_x=tuple(aug.blur_sigma), sigma_y=tuple(aug.blur_sigma),
+                            prob=aug.p_blur),
+        RandScaleIntensityd("image", factors=(lo_b - 1.0, hi_b - 1.0), prob=aug.p_brightness),
+        RandScaleIntensityFixedMeand("image", factors=(lo_c - 1.0, hi_c - 1.0), prob=aug.p_contrast,
+                                     fixed_mean=True, preserve_range=True, channel_wise=True),
+        RandAdjustContrastd("image", prob=aug.p_gamma, gamma=tuple(aug.gamma_range), retain_stats=True),
+    ]
+    for axis in aug.mirror_axes:
+        if axis not in (0, 1):
+            raise MslpipeError(f"invalid plan: mirror_axes must be 0 or 1 for 2D slices, got {axis}")
+        steps.append(RandFlipd(keys, prob=0.5, spatial_axis=axis))
+    return Compose([s for s in steps if s is not None])
+
+
+# ---------------------------------------------------------------------------- sampling
+def _place(size: int, patch: int, rng: np.random.Generator, centre: int | None) -> tuple[int, int, int]:
+    """Return (source start, destination start, length) along one axis."""
+    if size <= patch:
+        return 0, int(rng.integers(0, patch - size + 1)), size
+    if centre is None:
+        start = int(rng.integers(0, size - patch + 1))
+    else:
+        jitter = patch // 4
+        start = centre - patch // 2 + int(rng.integers(-jitter, jitter + 1))
+        start = min(max(start, 0), size - patch)
+    return start, 0, patch
+
+
+class SliceSampler(IterableDataset):
+    """Yields ``batches`` whole batches per epoch: ``{"image": (B,C,Hp,Wp), "label": (B,1,Hp,Wp)}``.
+
+    Memory maps are opened lazily in whichever process draws samples, never pickled.
+    """
+
+    def __init__(self, pre_dir: str | os.PathLike, cases: Sequence[str], plan: Plan, *, batches: int,
+                 seed: int, start_epoch: int = 0):
+        super().__init__()
+        if not cases:
+            raise MslpipeError("no training cases given", pre_dir)
+        if batches < 1:
+            raise MslpipeError(f"batches must be positive, got {batches}")
+        self.pre_dir = Path(pre_dir)
+        self.cases = list(cases)
+        self.patch = tuple(int(p) for p in plan.patch_size)
+        self.batch_size = int(plan.batch_size)
+        self.n_fg = math.ceil(plan.oversample_foreground * self.batch_size - 1e-9)
+        self.aug = plan.augmentation
+        self.batches = int(batches)
+        self.seed = int(seed) & 0xFFFF_FFFF_FFFF_FFFF
+        self.epoch = int(start_epoch)
+        self.n_slices: list[int] = []
+        self.fg_slices: list[np.ndarray] = []
+        channels = len(plan.channels)
+        for case in self.cases:
+            image, _, props = open_case(self.pre_dir, case)
+            if image.shape[1] != channels:
+                raise MslpipeError(f"{image.shape[1]} channels but the plan has {channels} "
+                                   f"({plan.channels}): preprocess again", self.pre_dir / f"{case}.npy")
+            self.n_slices.append(int(image.shape[0]))
+            self.fg_slices.append(np.asarray(sorted(set(props["fg_slices"])), dtype=np.int64))
+        self.channels = channels
+        self.fg_cases = np.asarray([i for i, f in enumerate(self.fg_slices) if f.size], dtype=np.int64)
+        if self.n_fg and not self.fg_cases.size:
+            log.warning("no training case has lesion slices: foreground oversampling is off")
+        if self.aug.enabled:
+            build_augmentation(self.aug)  # fail early on a bad plan, in the main process
+        self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._transform = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_arrays"], state["_transform"] = {}, None
+        return state
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def _case(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if i not in self._arrays:
+            image, seg, _ = open_case(self.pre_dir, self.cases[i])
+            self._arrays[i] = (image, seg)
+        return self._arrays[i]
+
+    def _draw(self, rng: np.random.Generator, foreground: bool, image_out: np.ndarray,
+              label_out: np.ndarray) -> None:
+        """Fill one zeroed (C, Hp, Wp) / (Hp, Wp) pair with a cropped or padded slice."""
+        if foreground:
+            ci = int(self.fg_cases[rng.integers(len(self.fg_cases))])
+            s = int(self.fg_slices[ci][rng.integers(len(self.fg_slices[ci]))])
+        else:
+            ci = int(rng.integers(len(self.cases)))
+            s = int(rng.integers(self.n_slices[ci]))
+        image, seg = self._case(ci)
+        _, _, h, w = image.shape
+        centre: tuple[int | None, int | None] = (None, None)
+        if foreground and (h > self.patch[0] or w > self.patch[1]):
+            lab = np.asarray(seg[s])
+            ys, xs = np.nonzero(lab > 0.5)
+            if ys.size == 0:
+                ys, xs = np.nonzero(lab > 0)
+            if ys.size:
+                k = int(rng.integers(ys.size))
+                centre = (int(ys[k]), int(xs[k]))
+            else:
+                log.debug("case %s slice %d is listed in fg_slices but has no lesion", self.cases[ci], s)
+        y0, dy, hh = _place(h, self.patch[0], rng, centre[0])
+        x0, dx, ww = _place(w, self.patch[1], rng, centre[1])
+        image_out[:, dy:dy + hh, dx:dx + ww] = image[s, :, y0:y0 + hh, x0:x0 + ww]
+        label_out[dy:dy + hh, dx:dx + ww] = seg[s, y0:y0 + hh, x0:x0 + ww]
+
+    def make_batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
+        """Batch ``index`` of ``epoch``: a pure function of (seed, epoch, index) and the data."""
+        rng = np.random.default_rng([self.seed, int(epoch), int(index)])
+        b = self.batch_size
+        images = np.zeros((b, self.channels, *self.patch), dtype=np.float32)
+        labels = np.zeros((b, 1, *self.patch), dtype=np.float32)
+        n_fg = self.n_fg if self.fg_cases.size else 0
+        for i in range(b):
+            self._draw(rng, i < n_fg, images[i], labels[i, 0])
+        image_t, label_t = torch.from_numpy(images), torch.from_numpy(labels)
+        if self.aug.enabled:
+            self._augment(image_t, label_t, int(rng.integers(2**31)))
+        return {"image": image_t, "label": label_t}
+
+    def _augment(self, images: torch.Tensor, labels: torch.Tensor, seed: int) -> None:
+        from monai.data import get_track_meta, set_track_meta
+
+        if self._transform is None:
+            self._transform = build_augmentation(self.aug)
+        self._transform.set_random_state(seed=seed)
+        track, threads = get_track_meta(), torch.get_num_threads()
+        set_track_meta(False)  # plain tensors: no MetaTensor bookkeeping per sample
+        torch.set_num_threads(1)  # small per-sample ops: intra-op threads only add overhead
+        try:
+            for i in range(images.shape[0]):
+                out = self._transform({"image": images[i], "label": labels[i]})
+                images[i] = torch.as_tensor(out["image"])
+                labels[i] = torch.as_tensor(out["label"])
+        finally:
+            set_track_meta(track)
+            torch.set_num_threads(threads)
+        labels.clamp_(0.0, 1.0)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        epoch = self.epoch
+        self.epoch += 1  # this object's copy: the main process's or a persistent worker's
+        info = get_worker_info()
+        worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for index in range(worker, self.batches, n_workers):
+            yield self.make_batch(epoch, index)
+
+
+# ---------------------------------------------------------------------------- loader
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_num_workers(requested: int | None, plan: Plan, batches: int) -> int:
+    """``requested`` (default ``plan.num_workers``) capped at CPUs - 1 and at ``batches``."""
+    n = plan.num_workers if requested is None else int(requested)
+    if n < 0:
+        raise MslpipeError(f"num_workers must be 0 or more, got {n}")
+    return max(0, min(n, _available_cpus() - 1, batches))
+
+
+def make_train_loader(pre_dir: str | os.PathLike, cases: Sequence[str], plan: Plan, *, batches: int,
+                      seed: int, num_workers: int | None = None, device_hint: str = "cpu",
+                      start_epoch: int = 0) -> DataLoader:
+    """An iterable of ``batches`` training batches per pass (one pass = one epoch).
+
+    Each item is ``{"image": float32 (B, C, Hp, Wp), "label": float32 (B, 1, Hp, Wp)}`` with
+    ``(Hp, Wp) = plan.patch_size`` and ``B = plan.batch_size``. Workers build whole batches
+    (``batch_size=None``) and stay alive between epochs; ``start_epoch`` sets the first epoch's
+    seed when resuming.
+    """
+    dataset = SliceSampler(pre_dir, cases, plan, batches=batches, seed=seed, start_epoch=start_epoch)
+    workers = resolve_num_workers(num_workers, plan, batches)
+    pin = str(device_hint).startswith("cuda") and torch.cuda.is_available()
+    extra = {"persistent_workers": True, "prefetch_factor": 2} if workers else {}
+    log.info("training loader: %d cases (%d with lesion), %d batches of %d, %d workers, augmentation %s",
+             len(dataset.cases), len(dataset.fg_cases), batches, dataset.batch_size, workers,
+             "on" if plan.augmentation.enabled else "off")
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin, **extra)

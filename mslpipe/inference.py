@@ -1,0 +1,143 @@
+"""The one inference path: used by training's validation and by `mslpipe predict`.
+
+A volume goes through :func:`mslpipe.preprocess.preprocess_volume`, every slice through the
+network in large batches (bf16 and channels_last on CUDA), the probabilities of an ensemble
+(and of mirrored inputs with TTA) are averaged, and the result is mapped back onto the scan's grid.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mslpipe import architectures, checkpoints, postprocess, preprocess
+from mslpipe.errors import MslpipeError
+from mslpipe.plans import Plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Predictor:
+    """One or more trained networks (a fold ensemble) and the plan they were trained with."""
+
+    models: list[Any]
+    plan: Plan
+    device: str
+    divisor: int
+    sources: list[str]
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MslpipeError("--device cuda asked for, but no CUDA device is available")
+    if device not in ("cpu", "cuda"):
+        raise MslpipeError(f"--device must be auto, cpu or cuda, not {device!r}")
+    return device
+
+
+def prepare_model(model, device: str):
+    """Move a model to the device; channels_last on CUDA."""
+    import torch
+
+    model = model.to(device)
+    if device == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def load_predictor(paths: list[Path], device: str = "auto", compile: bool = False) -> Predictor:
+    """Build the networks stored in checkpoints; all must share one plan's preprocessing."""
+    if not paths:
+        raise MslpipeError("no checkpoints to predict with: train a fold first or pass --checkpoint")
+    device = pick_device(device)
+    models, plan = [], None
+    for path in paths:
+        payload = checkpoints.load(path)
+        meta = payload["meta"]
+        this_plan = Plan.from_dict(meta["plan"], where=path)
+        if plan is not None and this_plan.preprocessing_hash() != plan.preprocessing_hash():
+            raise MslpipeError("checkpoint was trained with different preprocessing than the others", path)
+        plan = plan or this_plan
+        model = architectures.build(this_plan.architecture, in_channels=len(this_plan.channels),
+                                    **this_plan.arch_kwargs)
+        try:
+            model.load_state_dict(payload["model"])
+        except RuntimeError as exc:
+            raise MslpipeError(f"weights do not fit architecture {this_plan.architecture} "
+                               f"({str(exc).splitlines()[0]})", path) from exc
+        model = prepare_model(model, device).eval()
+        if compile:
+            import torch
+
+            model = torch.compile(model)
+        models.append(model)
+    divisor = architectures.required_divisor(plan.architecture, **plan.arch_kwargs)
+    return Predictor(models, plan, device, divisor, [str(p) for p in paths])
+
+
+def _pad_to(image: np.ndarray, divisor: int) -> tuple[np.ndarray, tuple[int, int]]:
+    h, w = image.shape[-2:]
+    ph, pw = (-h) % divisor, (-w) % divisor
+    if ph or pw:
+        image = np.pad(image, ((0, 0), (0, 0), (0, ph), (0, pw)))
+    return image, (h, w)
+
+
+def predict_volume(models: list[Any], image: np.ndarray, *, divisor: int, device: str,
+                   batch_size: int = 64, tta: bool = False, return_logits: bool = False) -> np.ndarray:
+    """Run every slice of an S×C×H×W volume through the networks.
+
+    Returns S×H×W foreground probabilities averaged over models (and mirrored inputs when
+    ``tta``), or with ``return_logits`` the logits of a single model without TTA.
+    """
+    import torch
+
+    if return_logits and (len(models) != 1 or tta):
+        raise ValueError("return_logits needs exactly one model and no TTA")
+    padded, (h, w) = _pad_to(image, divisor)
+    out = np.empty((image.shape[0], h, w), dtype=np.float32)
+    flips = [()] + ([(2,), (3,), (2, 3)] if tta else [])
+    use_amp = device == "cuda"
+    with torch.inference_mode(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_amp):
+        for start in range(0, padded.shape[0], batch_size):
+            batch = torch.from_numpy(padded[start:start + batch_size]).to(device, non_blocking=True)
+            if device == "cuda":
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            acc = None
+            for model in models:
+                for dims in flips:
+                    x = torch.flip(batch, dims) if dims else batch
+                    y = model(x).float()
+                    y = torch.flip(y, dims) if dims else y
+                    y = y if return_logits else torch.sigmoid(y)
+                    acc = y if acc is None else acc + y
+            acc = acc / (len(models) * len(flips))
+            out[start:start + batch_size] = acc[:, 0, :h, :w].cpu().numpy()
+    return out
+
+
+def predict_case(predictor: Predictor, channels: list[np.ndarray], affine: np.ndarray, *,
+                 tta: bool = False, postprocessing: dict | None = None, where: object = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Segment one scan: returns (uint8 mask, float32 probabilities), both on the scan's grid."""
+    plan = predictor.plan
+    image, _, props = preprocess.preprocess_volume(channels, affine, plan, where=where)
+    prob = predict_volume(predictor.models, image, divisor=predictor.divisor, device=predictor.device,
+                          batch_size=plan.inference_batch_size, tta=tta)
+    prob = preprocess.restore(prob, props)
+    pp = {**plan.postprocessing, **(postprocessing or {})}
+    mask = postprocess.binarize(prob, pp.get("threshold", 0.5))
+    spacing = tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+    if pp.get("min_lesion_mm3", 0) > 0:
+        mask = postprocess.remove_small_components(mask, spacing, pp["min_lesion_mm3"],
+                                                   connectivity=pp.get("connectivity", 26))
+    return mask.astype(np.uint8), prob

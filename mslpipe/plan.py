@@ -1,0 +1,202 @@
+"""`mslpipe plan`: verify the data, fingerprint it, plan the pipeline, split by subject, preprocess.
+
+Verification runs over every case before anything is written, so bad input leaves no files.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from mslpipe import architectures, preprocess
+from mslpipe.datasets import Case, discover
+from mslpipe.errors import MslpipeError
+from mslpipe.io import write_json
+from mslpipe.plans import Plan, Workdirs, save_plan
+
+log = logging.getLogger(__name__)
+
+CPU_ARCH_KWARGS = {"base_channels": 16, "max_channels": 256}
+
+
+# ---------------------------------------------------------------------------- verify + fingerprint
+def fingerprint_case(case: Case) -> dict[str, Any]:
+    """Load and verify one case; return its fingerprint. Raises MslpipeError on bad input."""
+    channels, affine, masks = preprocess.load_case(case)
+    first = next(iter(case.images.values()))
+    image = channels[0]
+    ornt = preprocess.canonical_ornt(affine)
+    canon = preprocess.to_canonical(image, ornt)
+    brain = preprocess.brain_mask(canon)
+    if not brain.any():
+        raise MslpipeError("image is empty (all zero or no positive voxels)", first)
+    box = preprocess.bounding_box(brain, 0)
+    values = canon[brain]
+    p_lo, p_hi = np.percentile(values, [0.5, 99.5])
+    if p_hi - p_lo <= 0:
+        raise MslpipeError("image has no contrast inside the brain (constant intensity)", first)
+    import nibabel as nib
+
+    fp: dict[str, Any] = {
+        "case": case.id,
+        "subject": case.subject,
+        "timepoint": case.timepoint,
+        "test_only": case.test_only,
+        "shape": list(image.shape),
+        "spacing": [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)],
+        "orientation": "".join(nib.aff2axcodes(affine)),
+        "brain_bbox_canonical": box,
+        "brain_bbox_size": [b - a for a, b in box],
+        "intensity": {
+            "p00_5": float(p_lo), "p99_5": float(p_hi),
+            "mean": float(values.mean()), "std": float(values.std()),
+        },
+        "n_raters": len(masks),
+    }
+    structure = ndimage.generate_binary_structure(3, 3)
+    fp["lesion_voxels"] = [int(m.sum()) for m in masks]
+    fp["lesion_count"] = [int(ndimage.label(m, structure)[1]) for m in masks]
+    return fp
+
+
+def verify_and_fingerprint(cases: list[Case], progress: Callable[[str], None] | None = None) -> dict:
+    per_case = []
+    for case in cases:
+        if not case.test_only and not case.masks:
+            raise MslpipeError(f"training case {case.id} has no mask", next(iter(case.images.values())))
+        per_case.append(fingerprint_case(case))
+        if progress:
+            progress(case.id)
+    labelled = [c for c in per_case if not c["test_only"]]
+    if not labelled:
+        raise MslpipeError("no labelled (training) cases found")
+    raters = {c["n_raters"] for c in labelled}
+    if len(raters) > 1:
+        raise MslpipeError(f"cases have different numbers of raters {sorted(raters)}")
+
+    def median(key, sub=None):
+        vals = [c[key] if sub is None else c[key][sub] for c in labelled]
+        return np.median(np.asarray(vals, dtype=float), axis=0).tolist()
+
+    return {
+        "n_cases": len(per_case),
+        "n_labelled": len(labelled),
+        "n_subjects": len({c["subject"] for c in labelled}),
+        "n_raters": raters.pop(),
+        "median": {
+            "shape": median("shape"),
+            "spacing": median("spacing"),
+            "brain_bbox_size": median("brain_bbox_size"),
+            "lesion_voxels": float(np.median([c["lesion_voxels"][0] for c in labelled])),
+            "lesion_count": float(np.median([c["lesion_count"][0] for c in labelled])),
+        },
+        "cases": per_case,
+    }
+
+
+# ---------------------------------------------------------------------------- plan
+def resolve_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda"):
+        raise MslpipeError(f"--device must be auto, cpu or cuda, not {device!r}")
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def make_plan(fingerprint: dict, name: str, device: str, arch: str = "leaky_unet",
+              channels: list[str] | None = None, seed: int = 12345) -> Plan:
+    """Derive the plan from the fingerprint and the target device."""
+    plan = Plan(dataset=name, channels=list(channels or ["flair"]), n_raters=fingerprint["n_raters"],
+                architecture=arch, target_device=device, seed=seed)
+    plan.label_policy = "mean" if plan.n_raters > 1 else "mask1"
+    if device == "cpu":
+        plan.arch_kwargs = dict(CPU_ARCH_KWARGS) if arch == "leaky_unet" else {"base_channels": 16}
+    divisor = architectures.required_divisor(arch, **plan.arch_kwargs)
+    bbox = fingerprint["median"]["brain_bbox_size"]
+    in_plane = [s for i, s in enumerate(bbox) if i != plan.slice_axis]
+    plan.patch_size = [int(math.ceil((s + 2 * plan.crop_margin) / divisor) * divisor) for s in in_plane]
+    pixels = plan.patch_size[0] * plan.patch_size[1]
+    if device == "cuda":
+        # Full-width study network: batch 32 at 224×192 fits comfortably in 40 GB with bf16.
+        plan.batch_size = int(np.clip(32 * (224 * 192) // pixels, 8, 64))
+        plan.epochs, plan.iterations_per_epoch, plan.num_workers = 100, 250, 6
+        plan.inference_batch_size = int(np.clip(256 * (224 * 192) // pixels, 32, 512))
+    else:
+        plan.batch_size = int(np.clip(12 * (128 * 128) // pixels, 2, 16))
+        plan.epochs, plan.iterations_per_epoch, plan.num_workers = 20, 40, 1
+        plan.inference_batch_size = 16
+    plan.validate()
+    return plan.finalised()
+
+
+# ---------------------------------------------------------------------------- splits
+def make_splits(subjects: list[str], seed: int, n_folds: int = 5, test_fraction: float = 0.1) -> dict:
+    """Subject-level splits: held-out test set, k-fold CV over the rest, and the 8:1:1 view."""
+    subjects = sorted(set(subjects))
+    n = len(subjects)
+    if n < 2:
+        raise MslpipeError(f"need at least 2 labelled subjects to split, found {n}")
+    rng = np.random.default_rng(seed)
+    order = [subjects[i] for i in rng.permutation(n)]
+    n_test = int(round(test_fraction * n))
+    if test_fraction > 0 and n >= 3:
+        n_test = max(n_test, 1)
+    n_test = min(n_test, n - 2)
+    test, rest = sorted(order[:n_test]), order[n_test:]
+    k = min(n_folds, len(rest))
+    warning = None
+    if k < n_folds:
+        warning = f"only {len(rest)} subjects outside the test set: {k} folds instead of {n_folds}"
+        log.warning(warning)
+    folds = []
+    for i in range(k):
+        val = sorted(rest[i::k])
+        folds.append({"train": sorted(set(rest) - set(val)), "val": val})
+    n_val = max(1, int(round(0.1 * n)))
+    split_811 = {"train": sorted(rest[n_val:]), "val": sorted(rest[:n_val]), "test": test}
+    out = {"seed": seed, "test": test, "folds": folds, "split_811": split_811}
+    if warning:
+        out["warning"] = warning
+    return out
+
+
+def cases_of(subjects: list[str], fingerprint: dict) -> list[str]:
+    wanted = set(subjects)
+    return [c["case"] for c in fingerprint["cases"] if c["subject"] in wanted and not c["test_only"]]
+
+
+# ---------------------------------------------------------------------------- the command
+def run(name: str, dirs: Workdirs, input_path: Path | None = None, device: str = "auto",
+        arch: str = "leaky_unet", seed: int = 12345, n_folds: int = 5, test_fraction: float = 0.1,
+        overrides: dict | None = None, progress: Callable[[str, str], None] | None = None) -> dict:
+    """Run the whole `plan` stage; return the paths written and a few facts for the console."""
+    root = Path(input_path) if input_path else dirs.raw / name
+    cases = discover(root)
+    step = (lambda stage: (lambda cid: progress(stage, cid))) if progress else (lambda stage: None)
+    fingerprint = verify_and_fingerprint(cases, step("verify"))
+    fingerprint["dataset"] = name
+    fingerprint["source"] = str(root.resolve())
+    device = resolve_device(device)
+    plan = make_plan(fingerprint, name, device, arch=arch, seed=seed)
+    if overrides:
+        from mslpipe.plans import apply_overrides
+
+        plan = apply_overrides(plan, overrides)
+    labelled_subjects = [c["subject"] for c in fingerprint["cases"] if not c["test_only"]]
+    splits = make_splits(labelled_subjects, seed, n_folds, test_fraction)
+    splits["test_only_cases"] = [c["case"] for c in fingerprint["cases"] if c["test_only"]]
+    plan_dir = dirs.plan_dir(name)
+    write_json(plan_dir / "fingerprint.json", fingerprint)
+    save_plan(plan, plan_dir / "plans.json")
+    write_json(plan_dir / "splits.json", splits)
+    written = preprocess.run(cases, plan, dirs.preprocessed_dir(name), step("preprocess"))
+    return {"plan": plan, "splits": splits, "fingerprint": fingerprint, "preprocessed": written,
+            "plan_dir": plan_dir}

@@ -1,0 +1,194 @@
+"""`mslpipe predict`: segment new scans (NIfTI files, DICOM series, or a dataset's test split).
+
+Reading the next scan and writing the last result overlap with the network's work on the
+current one. A bad input file is reported and skipped; the run goes on and lists failures.
+Outputs are written atomically and never overwritten without ``overwrite=True``, so an
+interrupted run is resumed by starting it again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mslpipe import inference
+from mslpipe.datasets import check_case_id, discover
+from mslpipe.errors import MslpipeError
+from mslpipe.io import (find_dicom_series, is_nifti, load_dicom_series, load_image, read_json, save_nifti,
+                        strip_nifti_suffix)
+from mslpipe.plans import Workdirs, load_plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Source:
+    """One scan to segment: its output name and how to read its channels."""
+
+    case: str
+    paths: list[Path]
+    kind: str = "nifti"  # or "dicom"
+
+    def read(self) -> tuple[list[np.ndarray], np.ndarray]:
+        channels, affine = [], None
+        for path in self.paths:
+            data, aff = load_dicom_series(path) if self.kind == "dicom" else load_image(path)
+            if affine is not None and (data.shape != channels[0].shape or not np.allclose(aff, affine, atol=1e-3)):
+                raise MslpipeError("channel is not on the same grid as the first channel", path)
+            channels.append(data)
+            affine = aff if affine is None else affine
+        return channels, affine
+
+
+@dataclass
+class PredictReport:
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- inputs
+def gather_sources(inp: Path, n_channels: int = 1, dirs: Workdirs | None = None,
+                   dataset: str | None = None) -> list[Source]:
+    """Turn IN into scans: one NIfTI file, a folder of NIfTI files, DICOM series, or a dataset."""
+    inp = Path(inp)
+    if not inp.exists():
+        raise MslpipeError("input not found", inp)
+    if inp.is_file():
+        if not is_nifti(inp):
+            raise MslpipeError("not a NIfTI file (.nii or .nii.gz); give a DICOM series as a folder", inp)
+        return [_nifti_source(inp, n_channels)]
+    niftis = sorted(p for p in inp.iterdir() if p.is_file() and is_nifti(p))
+    if niftis:
+        if n_channels > 1:  # nnU-Net naming: CASE_0000.nii.gz, CASE_0001.nii.gz, ...
+            cases = sorted({strip_nifti_suffix(p.name)[:-5] for p in niftis if strip_nifti_suffix(p.name)[-5:-4] == "_"})
+            return [_nifti_source(inp / f"{c}_0000.nii.gz", n_channels) for c in cases]
+        return [_nifti_source(p, 1) for p in niftis]
+    if (inp / "training").is_dir() or (inp / "dataset.json").exists() or any(inp.glob("test*/preprocessed")):
+        return _dataset_test_sources(inp, dirs, dataset)
+    series = find_dicom_series(inp)
+    if series:
+        folders = sorted({Path(files[0]).parent for _, files in series})
+        return [Source(check_case_id(f.name, f), [f], "dicom") for f in folders]
+    raise MslpipeError("no NIfTI files, DICOM series or dataset found in this folder", inp)
+
+
+def _nifti_source(path: Path, n_channels: int) -> Source:
+    name = strip_nifti_suffix(path.name)
+    if n_channels > 1:
+        base = name[:-5]
+        paths = [path.parent / f"{base}_{i:04d}{path.name[len(name):]}" for i in range(n_channels)]
+        return Source(check_case_id(base, path), paths)
+    return Source(check_case_id(name, path), [path])
+
+
+def _dataset_test_sources(root: Path, dirs: Workdirs | None, dataset: str | None) -> list[Source]:
+    cases = discover(root)
+    test_subjects: set[str] = set()
+    if dirs is not None and dataset is not None and (dirs.plan_dir(dataset) / "splits.json").exists():
+        test_subjects = set(read_json(dirs.plan_dir(dataset) / "splits.json")["test"])
+    chosen = [c for c in cases if c.test_only or c.subject in test_subjects]
+    if not chosen:
+        raise MslpipeError("dataset has no test scans (no test-only cases and no test split; give -d NAME "
+                           "after `mslpipe plan`)", root)
+    return [Source(c.id, list(c.images.values())) for c in chosen]
+
+
+# ---------------------------------------------------------------------------- models
+def find_checkpoints(dirs: Workdirs, dataset: str, arch: str, folds: list[int] | None) -> list[Path]:
+    root = dirs.results_dir(dataset, arch)
+    if folds:
+        paths = [root / f"fold_{k}" / "checkpoint_final.pt" for k in folds]
+        missing = [p for p in paths if not p.exists()]
+        if missing:
+            raise MslpipeError("fold not trained (no checkpoint_final.pt)", missing[0])
+        return paths
+    paths = sorted(root.glob("fold_[0-9]*/checkpoint_final.pt"))
+    if not paths:
+        raise MslpipeError(f"no trained folds of {arch}: run `mslpipe train -d {dataset} --fold 0`", root)
+    return paths
+
+
+def postprocessing_for(dirs: Workdirs, dataset: str | None, arch: str) -> dict | None:
+    if dataset is None:
+        return None
+    path = dirs.results_dir(dataset, arch) / "postprocessing.json"
+    if not path.exists():
+        return None
+    pp = read_json(path)
+    return {k: pp[k] for k in ("min_lesion_mm3", "connectivity") if k in pp}
+
+
+# ---------------------------------------------------------------------------- the run
+def predict_sources(predictor: inference.Predictor, sources: list[Source], out: Path, *, tta: bool = False,
+                    postprocessing: dict | None = None, save_probabilities: bool = False,
+                    overwrite: bool = False, progress: Callable[[str], None] | None = None) -> PredictReport:
+    """Segment every source into ``out``; read-ahead and writes overlap the computation."""
+    report = PredictReport()
+    todo = []
+    for src in sources:
+        if (out / f"{src.case}.nii.gz").exists() and not overwrite:
+            report.skipped.append(src.case)
+        else:
+            todo.append(src)
+    names = [s.case for s in todo]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise MslpipeError(f"several inputs would write the same output name: {sorted(dupes)}", out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def read(src: Source):
+        return src.read()
+
+    def write(src: Source, mask: np.ndarray, prob: np.ndarray, affine: np.ndarray) -> None:
+        save_nifti(out / f"{src.case}.nii.gz", mask, affine, dtype=np.uint8)
+        if save_probabilities:
+            save_nifti(out / "probabilities" / f"{src.case}.nii.gz", prob, affine, dtype=np.float32)
+
+    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writer:
+        pending: list[tuple[Source, Future]] = []
+        ahead = reader.submit(read, todo[0]) if todo else None
+        for i, src in enumerate(todo):
+            current = ahead
+            ahead = reader.submit(read, todo[i + 1]) if i + 1 < len(todo) else None
+            try:
+                channels, affine = current.result()
+                mask, prob = inference.predict_case(predictor, channels, affine, tta=tta,
+                                                    postprocessing=postprocessing, where=src.paths[0])
+                pending.append((src, writer.submit(write, src, mask, prob, affine)))
+            except MslpipeError as exc:
+                report.failed.append((src.case, str(exc)))
+                log.error("%s", exc)
+            if progress:
+                progress(src.case)
+        for src, fut in pending:
+            try:
+                fut.result()
+                report.written.append(src.case)
+            except MslpipeError as exc:
+                report.failed.append((src.case, str(exc)))
+                log.error("%s", exc)
+    return report
+
+
+def run(inp: Path, out: Path, *, dirs: Workdirs, dataset: str | None = None, arch: str | None = None,
+        folds: list[int] | None = None, checkpoint: list[Path] | None = None, device: str = "auto",
+        tta: bool = False, save_probabilities: bool = False, overwrite: bool = False,
+        compile: bool = False, progress: Callable[[str], None] | None = None) -> PredictReport:
+    if checkpoint:
+        paths = list(checkpoint)
+    else:
+        if dataset is None:
+            raise MslpipeError("say which model to use: -d NAME (trained folds) or --checkpoint PATH")
+        arch = arch or load_plan(dirs.plan_dir(dataset) / "plans.json").architecture
+        paths = find_checkpoints(dirs, dataset, arch, folds)
+    predictor = inference.load_predictor(paths, device=device, compile=compile)
+    sources = gather_sources(inp, len(predictor.plan.channels), dirs, dataset)
+    pp = postprocessing_for(dirs, dataset, predictor.plan.architecture)
+    return predict_sources(predictor, sources, Path(out), tta=tta, postprocessing=pp,
+                           save_probabilities=save_probabilities, overwrite=overwrite, progress=progress)

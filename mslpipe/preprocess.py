@@ -1,0 +1,198 @@
+"""Preprocessing shared by training and prediction: reorient, brain mask, normalise, crop, slice.
+
+One function, :func:`preprocess_volume`, turns a scan into the network's input; :func:`restore`
+maps a prediction back onto the scan's own grid. Training data and new scans go through the
+same code, so what the network sees at prediction time is what it saw in training.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from mslpipe.datasets import Case
+from mslpipe.errors import MslpipeError
+from mslpipe.io import load_image, load_mask, read_json, save_npy, write_json
+from mslpipe.plans import Plan
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- orientation
+def canonical_ornt(affine: np.ndarray) -> np.ndarray:
+    """The axis flips/permutation that bring voxel axes to RAS+ (closest canonical)."""
+    import nibabel.orientations as nio
+
+    return nio.io_orientation(affine)
+
+
+def to_canonical(data: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    import nibabel.orientations as nio
+
+    return np.ascontiguousarray(nio.apply_orientation(data, ornt))
+
+
+def from_canonical(data: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    import nibabel.orientations as nio
+
+    inverse = nio.ornt_transform(nio.axcodes2ornt(("R", "A", "S")), np.asarray(ornt))
+    return np.ascontiguousarray(nio.apply_orientation(data, inverse))
+
+
+# ---------------------------------------------------------------------------- brain and intensities
+def brain_mask(image: np.ndarray, fraction: float = 0.05) -> np.ndarray:
+    """Voxels of the head/brain: above a small fraction of the bright end, holes filled.
+
+    Robust to skull-stripped scans with an exactly zero background and to scans whose
+    background carries small interpolation values of either sign.
+    """
+    positive = image[image > 0]
+    if positive.size == 0:
+        return np.zeros(image.shape, dtype=bool)
+    threshold = fraction * float(np.percentile(positive, 99.5))
+    mask = image > threshold
+    mask = ndimage.binary_opening(mask, iterations=1) if mask.sum() > 1000 else mask
+    labels, n = ndimage.label(mask)
+    if n > 1:  # keep components holding at least 1% of the mask (drops specks of background noise)
+        sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
+        mask = np.isin(labels, 1 + np.flatnonzero(sizes >= 0.01 * sizes.max()))
+    return ndimage.binary_fill_holes(mask)
+
+
+def normalise(image: np.ndarray, brain: np.ndarray, lower_pct: float, upper_pct: float
+              ) -> tuple[np.ndarray, dict[str, float]]:
+    """Clip to the brain's percentiles, z-score inside the brain, zero outside."""
+    values = image[brain]
+    lo, hi = (float(v) for v in np.percentile(values, [lower_pct, upper_pct]))
+    clipped = np.clip(values, lo, hi)
+    mean, std = float(clipped.mean()), float(clipped.std())
+    std = std if std > 1e-6 else 1.0
+    out = np.zeros(image.shape, dtype=np.float32)
+    out[brain] = (clipped - mean) / std
+    return out, {"lower": lo, "upper": hi, "mean": mean, "std": std}
+
+
+def combine_raters(masks: list[np.ndarray], policy: str) -> np.ndarray:
+    """One training label from one or more raters' masks (float32 in [0, 1])."""
+    stack = np.stack([m.astype(np.float32) for m in masks])
+    if policy == "mean" or len(masks) == 1:
+        return stack.mean(axis=0)
+    if policy == "union":
+        return stack.max(axis=0)
+    if policy == "intersection":
+        return stack.min(axis=0)
+    if policy == "mask1":
+        return stack[0]
+    raise MslpipeError(f"unknown label policy {policy!r}")
+
+
+def bounding_box(mask: np.ndarray, margin: int) -> list[list[int]]:
+    coords = np.argwhere(mask)
+    lo = np.maximum(coords.min(axis=0) - margin, 0)
+    hi = np.minimum(coords.max(axis=0) + 1 + margin, mask.shape)
+    return [[int(a), int(b)] for a, b in zip(lo, hi, strict=True)]
+
+
+# ---------------------------------------------------------------------------- one volume
+def preprocess_volume(
+    channels: list[np.ndarray],
+    affine: np.ndarray,
+    plan: Plan,
+    masks: list[np.ndarray] | None = None,
+    where: object = None,
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """Return (image S×C×H×W float32, label S×H×W float32 or None, properties)."""
+    ornt = canonical_ornt(affine)
+    canon = [to_canonical(c, ornt) for c in channels]
+    brain = brain_mask(canon[0])
+    if not brain.any():
+        raise MslpipeError("image is empty (all zero or no positive voxels)", where)
+    box = bounding_box(brain, plan.crop_margin)
+    sl = tuple(slice(a, b) for a, b in box)
+    norm = plan.normalization
+    stats, normed = [], []
+    for c in canon:
+        arr, st = normalise(c[sl], brain[sl], norm["lower_pct"], norm["upper_pct"])
+        normed.append(arr)
+        stats.append(st)
+    axis = plan.slice_axis
+    image = np.stack([np.moveaxis(a, axis, 0) for a in normed], axis=1)  # S, C, H, W
+    label = None
+    if masks:
+        combined = combine_raters([to_canonical(m, ornt)[sl] for m in masks], plan.label_policy)
+        label = np.ascontiguousarray(np.moveaxis(combined, axis, 0), dtype=np.float32)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)[np.argsort(ornt[:, 0])]
+    props = {
+        "shape": [int(s) for s in channels[0].shape],
+        "affine": np.asarray(affine).tolist(),
+        "ornt": ornt.tolist(),
+        "canonical_shape": [int(s) for s in canon[0].shape],
+        "crop_box": box,
+        "slice_axis": axis,
+        "spacing_canonical": [float(s) for s in spacing],
+        "norm": stats,
+        "brain_voxels": int(brain.sum()),
+    }
+    if label is not None:
+        props["fg_slices"] = [int(i) for i in np.flatnonzero(label.reshape(label.shape[0], -1).max(1) > 0)]
+    return np.ascontiguousarray(image, dtype=np.float32), label, props
+
+
+def restore(pred: np.ndarray, props: dict[str, Any], fill: float = 0) -> np.ndarray:
+    """Map an S×H×W prediction on the preprocessed grid back to the scan's own grid."""
+    canonical = np.full(props["canonical_shape"], fill, dtype=pred.dtype)
+    box = props["crop_box"]
+    canonical[tuple(slice(a, b) for a, b in box)] = np.moveaxis(pred, 0, props["slice_axis"])
+    return from_canonical(canonical, np.asarray(props["ornt"]))
+
+
+# ---------------------------------------------------------------------------- a dataset
+def load_case(case: Case) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
+    """Read and check a case's channels and masks (shapes and affines must agree)."""
+    channels, affine = [], None
+    for path in case.images.values():
+        data, aff = load_image(path)
+        if affine is None:
+            affine, shape = aff, data.shape
+        elif data.shape != shape or not np.allclose(aff, affine, atol=1e-3):
+            raise MslpipeError("channel is not on the same grid as the case's first channel", path)
+        channels.append(data)
+    masks = [load_mask(m, like_shape=shape, like_affine=affine) for m in case.masks]
+    return channels, affine, masks
+
+
+def run(cases: list[Case], plan: Plan, out_dir: Path, progress=None) -> list[str]:
+    """Preprocess every case into ``out_dir``; skip cases already done with the same plan.
+
+    Returns the ids that were (re)written.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = plan.preprocessing_hash()
+    written = []
+    for case in cases:
+        props_path = out_dir / f"{case.id}.json"
+        if props_path.exists() and (out_dir / f"{case.id}.npy").exists():
+            try:
+                if read_json(props_path).get("preprocessing_hash") == key:
+                    if progress:
+                        progress(case.id)
+                    continue
+            except MslpipeError:
+                pass
+        channels, affine, masks = load_case(case)
+        image, label, props = preprocess_volume(channels, affine, plan, masks, where=case.images["flair"]
+                                                if "flair" in case.images else None)
+        props.update(case=case.id, subject=case.subject, timepoint=case.timepoint,
+                     preprocessing_hash=key, test_only=case.test_only)
+        save_npy(out_dir / f"{case.id}.npy", image)
+        if label is not None:
+            save_npy(out_dir / f"{case.id}_seg.npy", label)
+        write_json(props_path, props)  # written last: its presence marks the case complete
+        written.append(case.id)
+        if progress:
+            progress(case.id)
+    return written

@@ -1,0 +1,220 @@
+"""Folder matching, scoring, summary.json and the minimum-lesion-size search on tiny NIfTI files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mslpipe.errors import MslpipeError
+from mslpipe.evaluate import (
+    CasePair,
+    format_table,
+    match_folders,
+    run_folders,
+    score_pairs,
+    select_min_lesion_size,
+)
+from mslpipe.io import save_nifti
+
+AFFINE = np.diag([1.0, 1.0, 3.0, 1.0])
+SHAPE = (10, 10, 6)
+
+
+def lesions(*boxes, shape=SHAPE) -> np.ndarray:
+    m = np.zeros(shape, np.uint8)
+    for box in boxes:
+        m[box] = 1
+    return m
+
+
+A = (slice(1, 3), slice(1, 3), slice(1, 3))
+B = (slice(6, 9), slice(6, 9), slice(3, 5))
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    pred, ref = tmp_path / "pred", tmp_path / "ref"
+    pred.mkdir()
+    ref.mkdir()
+    return pred, ref
+
+
+def test_run_folders_writes_summary(dirs):
+    pred, ref = dirs
+    save_nifti(pred / "c1.nii.gz", lesions(A, B), AFFINE)
+    save_nifti(ref / "c1.nii.gz", lesions(A), AFFINE)
+    save_nifti(pred / "c2.nii", lesions(B), AFFINE)
+    save_nifti(ref / "c2.nii.gz", lesions(A, B), AFFINE)
+    summary = run_folders(pred, ref)
+    on_disk = json.loads((pred / "summary.json").read_text())
+    assert on_disk["per_case"] == summary["per_case"]
+    for key in ("per_case", "mean", "mean_skipped", "per_rater", "isbi_score", "isbi_score_reason",
+                "volume_correlation", "n_cases", "n_rows", "n_empty_ref", "n_empty_both", "rules"):
+        assert key in on_disk
+    assert on_disk["n_cases"] == 2 and on_disk["n_rows"] == 2
+    row = on_disk["per_case"][0]
+    assert row["case"] == "c1" and row["rater"] == 1
+    for key in ("dice", "iou", "precision", "recall", "ltpr", "lfpr", "lesion_f1", "n_ref_lesions",
+                "n_pred_lesions", "ref_volume_ml", "pred_volume_ml", "abs_volume_diff_ml",
+                "hd95_mm", "slice_dice_study"):
+        assert key in row and key in on_disk["mean"]
+    assert row["n_pred_lesions"] == 2 and row["ltpr"] == 1.0 and row["lfpr"] == 0.5
+    assert row["ref_volume_ml"] == pytest.approx(8 * 3 / 1000)  # spacing from the affine
+    assert on_disk["per_case"][1]["precision"] == 1.0
+    assert isinstance(on_disk["isbi_score"], float)
+    assert "slice_dice_study" in on_disk["rules"] and "empty_cases" in on_disk["rules"]
+    text = format_table(summary)
+    assert "c1" in text and "c2" in text and "mean" in text and "ISBI" in text
+
+
+def test_two_raters_give_two_rows_per_case(dirs, tmp_path):
+    pred, ref = dirs
+    for case in ("c1", "c2"):
+        save_nifti(pred / f"{case}.nii.gz", lesions(A), AFFINE)
+        save_nifti(ref / f"{case}_mask1.nii.gz", lesions(A), AFFINE)
+        save_nifti(ref / f"{case}_mask2.nii.gz", lesions(A, B), AFFINE)
+    pairs = match_folders(pred, ref)
+    assert [p.case for p in pairs] == ["c1", "c2"]
+    assert [r.name for r in pairs[0].ref_paths] == ["c1_mask1.nii.gz", "c1_mask2.nii.gz"]
+    out = tmp_path / "elsewhere" / "s.json"
+    summary = run_folders(pred, ref, out=out)
+    assert out.exists() and not (pred / "summary.json").exists()
+    assert [(r["case"], r["rater"]) for r in summary["per_case"]] == [
+        ("c1", 1), ("c1", 2), ("c2", 1), ("c2", 2)]
+    assert summary["n_raters"] == 2 and len(summary["per_rater"]) == 2
+    assert summary["per_rater"][0]["mean"]["dice"] == 1.0
+    assert summary["mean"]["dice"] == pytest.approx(np.mean([r["dice"] for r in summary["per_case"]]))
+    # both cases have the same volumes: the correlation is undefined, and said so
+    assert summary["isbi_score"] is None and "do not vary" in summary["isbi_score_reason"]
+
+
+def test_nan_hd95_is_null_and_counted(dirs):
+    pred, ref = dirs
+    save_nifti(pred / "c1.nii.gz", np.zeros(SHAPE), AFFINE)
+    save_nifti(ref / "c1.nii.gz", lesions(A), AFFINE)
+    save_nifti(pred / "c2.nii.gz", lesions(A), AFFINE)
+    save_nifti(ref / "c2.nii.gz", lesions(A), AFFINE)
+    summary = run_folders(pred, ref)
+    assert summary["per_case"][0]["hd95_mm"] is None
+    assert summary["mean_skipped"]["hd95_mm"] == 1
+    assert summary["mean"]["hd95_mm"] == 0.0
+    assert summary["n_cases"] == 2 and summary["n_empty_ref"] == 0
+    json.loads((pred / "summary.json").read_text())
+
+
+def test_empty_both_counted(dirs):
+    pred, ref = dirs
+    save_nifti(pred / "c1.nii.gz", np.zeros(SHAPE), AFFINE)
+    save_nifti(ref / "c1.nii.gz", np.zeros(SHAPE), AFFINE)
+    summary = run_folders(pred, ref)
+    assert summary["n_empty_ref"] == 1 and summary["n_empty_both"] == 1
+    assert summary["per_case"][0]["dice"] == 1.0
+    assert summary["isbi_score"] is None and "fewer than 2" in summary["isbi_score_reason"]
+
+
+def test_unmatched_names(dirs):
+    pred, ref = dirs
+    save_nifti(pred / "c1.nii.gz", lesions(A), AFFINE)
+    save_nifti(pred / "orphan.nii.gz", lesions(A), AFFINE)
+    save_nifti(ref / "c1.nii.gz", lesions(A), AFFINE)
+    save_nifti(ref / "lonely_mask1.nii.gz", lesions(A), AFFINE)
+    with pytest.raises(MslpipeError) as info:
+        match_folders(pred, ref)
+    msg = str(info.value)
+    assert "orphan" in msg and "lonely_mask1.nii.gz" in msg and "\n" not in msg
+
+
+def test_same_case_twice_is_refused(dirs):
+    pred, ref = dirs
+    save_nifti(pred / "c1.nii.gz", lesions(A), AFFINE)
+    save_nifti(pred / "c1.nii", lesions(A), AFFINE)
+    save_nifti(ref / "c1.nii.gz", lesions(A), AFFINE)
+    with pytest.raises(MslpipeError, match="two files"):
+        match_folders(pred, ref)
+
+
+def test_empty_prediction_folder(dirs):
+    pred, ref = dirs
+    save_nifti(ref / "c1.nii.gz", lesions(A), AFFINE)
+    (pred / "notes.txt").write_text("not an image")
+    with pytest.raises(MslpipeError, match="no NIfTI predictions") as info:
+        run_folders(pred, ref)
+    assert str(pred) in str(info.value)
+
+
+def test_missing_folder(dirs, tmp_path):
+    pred, _ = dirs
+    with pytest.raises(MslpipeError, match="not found"):
+        match_folders(pred, tmp_path / "nope")
+
+
+def test_non_binary_mask_names_the_file(dirs):
+    pred, ref = dirs
+    bad = lesions(A)
+    bad[5, 5, 5] = 2
+    save_nifti(pred / "c1.nii.gz", bad, AFFINE)
+    save_nifti(ref / "c1.nii.gz", lesions(A), AFFINE)
+    with pytest.raises(MslpipeError, match="not binary") as info:
+        run_folders(pred, ref)
+    assert str(pred / "c1.nii.gz") in str(info.value)
+
+
+def test_mismatched_shape_names_the_file(dirs):
+    pred, ref = dirs
+    save_nifti(pred / "c1.nii.gz", np.zeros((10, 10, 5)), AFFINE)
+    save_nifti(ref / "c1.nii.gz", lesions(A), AFFINE)
+    with pytest.raises(MslpipeError, match="shape") as info:
+        run_folders(pred, ref)
+    assert str(pred / "c1.nii.gz") in str(info.value)
+
+
+def test_mismatched_affine_names_the_file(dirs):
+    pred, ref = dirs
+    save_nifti(pred / "c1.nii.gz", lesions(A), np.diag([1.0, 1.0, 2.0, 1.0]))
+    save_nifti(ref / "c1.nii.gz", lesions(A), AFFINE)
+    with pytest.raises(MslpipeError, match="affine") as info:
+        run_folders(pred, ref)
+    assert str(pred / "c1.nii.gz") in str(info.value)
+
+
+def test_score_pairs_accepts_tuples_and_explicit_spacing(dirs):
+    pred, ref = dirs
+    p = save_nifti(pred / "c1.nii.gz", lesions(A), AFFINE)
+    r = save_nifti(ref / "c1.nii.gz", lesions(A), AFFINE)
+    summary = score_pairs([("c1", p, [r])], spacing_from=(2.0, 2.0, 2.0))
+    assert summary["per_case"][0]["ref_volume_ml"] == pytest.approx(8 * 8 / 1000)
+    with pytest.raises(MslpipeError, match="no cases"):
+        score_pairs([])
+
+
+def speck_case(tmp_path, name, pred_mask, ref_mask):
+    p = save_nifti(tmp_path / f"{name}_pred.nii.gz", pred_mask, np.eye(4))
+    r = save_nifti(tmp_path / f"{name}_ref.nii.gz", ref_mask, np.eye(4))
+    return CasePair(name, p, [r])
+
+
+def test_select_min_lesion_size_removes_specks(tmp_path):
+    ref = lesions(A, (slice(5, 8), slice(5, 8), slice(2, 5)))  # 8 and 27 mm³ at 1 mm
+    pred = ref.copy()
+    pred[0, 9, 0] = pred[9, 0, 5] = pred[9, 9, 0] = 1  # 1 mm³ false-positive specks
+    pairs = [speck_case(tmp_path, "a", pred, ref), speck_case(tmp_path, "b", pred, ref)]
+    result = select_min_lesion_size(pairs)
+    assert result["min_lesion_mm3"] == 3  # the smallest threshold that removes the specks
+    assert result["connectivity"] == 26
+    assert [c["min_lesion_mm3"] for c in result["candidates"]] == [0, 3, 5, 10, 20]
+    by = {c["min_lesion_mm3"]: c for c in result["candidates"]}
+    assert by[3]["lesion_f1"] == 1.0 and by[0]["lesion_f1"] < 1.0
+    assert by[20]["dice"] < by[3]["dice"]  # 20 mm³ also drops the 8 mm³ lesion
+    assert "3 mm³" in result["chosen_because"]
+
+
+def test_select_min_lesion_size_keeps_zero_when_removal_hurts(tmp_path):
+    ref = lesions(A)
+    ref[8, 8, 4] = ref[0, 9, 5] = 1  # real one-voxel lesions
+    pairs = [speck_case(tmp_path, "a", ref.copy(), ref)]
+    result = select_min_lesion_size(pairs, candidates_mm3=(3, 10))
+    assert result["min_lesion_mm3"] == 0
+    assert [c["min_lesion_mm3"] for c in result["candidates"]] == [0, 3, 10]
+    assert "keeping 0" in result["chosen_because"]

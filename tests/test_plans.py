@@ -1,0 +1,210 @@
+"""plans: Plan serialisation, versioning, hashing, validation, overrides and Workdirs.resolve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mslpipe.errors import MslpipeError
+from mslpipe.plans import PLAN_VERSION, Plan, Workdirs, apply_overrides, load_plan, save_plan
+
+
+def _plan() -> Plan:
+    return Plan(dataset="ms", n_raters=2, patch_size=[64, 48], arch_kwargs={"base_channels": 8})
+
+
+def _saved(tmp_path) -> Path:
+    return save_plan(_plan(), tmp_path / "plans.json")
+
+
+def _edit(path: Path, **changes) -> dict:
+    d = json.loads(path.read_text())
+    d.update(changes)
+    path.write_text(json.dumps(d))
+    return d
+
+
+def _check_error(info, path, *words):
+    msg = str(info.value)
+    assert str(path) in msg, msg
+    for word in words:
+        assert word.lower() in msg.lower(), msg
+
+
+def test_round_trip_with_stable_hash(tmp_path):
+    plan = _plan()
+    path = save_plan(plan, tmp_path / "plans.json")
+    assert len(plan.hash) == 16 and plan.mslpipe_version
+    loaded = load_plan(path)
+    assert loaded == plan
+    assert loaded.to_dict() == plan.to_dict()
+    assert loaded.hash == plan.hash == loaded.compute_hash()
+    assert isinstance(loaded.augmentation.scale_range, tuple)
+    # saving again gives the same file and the same hash
+    save_plan(loaded, tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_text() == path.read_text()
+    assert Plan(dataset="ms").compute_hash() == Plan(dataset="ms").compute_hash()
+
+
+def test_hash_ignores_mslpipe_version(tmp_path):
+    plan = _plan().finalised()
+    other = Plan.from_dict({**plan.to_dict(), "mslpipe_version": "9.9.9"})
+    assert other.compute_hash() == plan.hash
+
+
+def test_newer_plan_version_is_refused(tmp_path):
+    path = _saved(tmp_path)
+    _edit(path, version=PLAN_VERSION + 1)
+    with pytest.raises(MslpipeError) as info:
+        load_plan(path)
+    _check_error(info, path, f"plan version {PLAN_VERSION + 1}", f"plan version {PLAN_VERSION} or older",
+                 "upgrade")
+
+
+def test_plan_without_version_is_refused(tmp_path):
+    path = _saved(tmp_path)
+    d = json.loads(path.read_text())
+    del d["version"]
+    path.write_text(json.dumps(d))
+    with pytest.raises(MslpipeError) as info:
+        load_plan(path)
+    _check_error(info, path, "version")
+
+
+def test_unknown_fields_are_refused(tmp_path):
+    path = _saved(tmp_path)
+    _edit(path, learning_rate=0.1, hash="")
+    with pytest.raises(MslpipeError) as info:
+        load_plan(path)
+    _check_error(info, path, "unknown fields", "learning_rate")
+
+
+def test_unknown_augmentation_fields_are_refused(tmp_path):
+    path = _saved(tmp_path)
+    d = json.loads(path.read_text())
+    d["augmentation"]["p_flip"] = 0.5
+    d["hash"] = ""
+    path.write_text(json.dumps(d))
+    with pytest.raises(MslpipeError) as info:
+        load_plan(path)
+    _check_error(info, path, "augmentation", "p_flip")
+
+
+def test_hand_edited_plan_is_refused(tmp_path):
+    path = _saved(tmp_path)
+    _edit(path, epochs=7)
+    with pytest.raises(MslpipeError) as info:
+        load_plan(path)
+    _check_error(info, path, "edited by hand", "hash")
+    # clearing the hash accepts the edit
+    _edit(path, hash="")
+    assert load_plan(path).epochs == 7
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("label_policy", "majority", ("label_policy",)),
+        ("patch_size", [64], ("patch_size",)),
+        ("patch_size", [0, 64], ("patch_size",)),
+        ("patch_size", [-32, 64], ("patch_size",)),
+        ("patch_size", [64.5, 64], ("patch_size",)),
+        ("patch_size", 64, ("patch_size",)),
+        ("patch_size", ["a", "b"], ("patch_size",)),
+        ("slice_axis", 3, ("slice_axis",)),
+        ("channels", [], ("channel",)),
+        ("batch_size", 0, ("batch_size",)),
+        ("batch_size", "many", ("invalid plan",)),
+        ("oversample_foreground", 1.5, ("oversample_foreground",)),
+        ("postprocessing", {"connectivity": 4}, ("connectivity",)),
+    ],
+)
+def test_invalid_values_are_refused(tmp_path, field, value, words):
+    path = _saved(tmp_path)
+    _edit(path, **{field: value, "hash": ""})
+    with pytest.raises(MslpipeError) as info:
+        load_plan(path)
+    _check_error(info, path, "invalid plan", *words)
+
+
+@pytest.mark.parametrize("bad", [[], None, 5, [["p_rotate", 0.5]]])
+def test_augmentation_that_is_not_an_object_is_refused(tmp_path, bad):
+    path = _saved(tmp_path)
+    _edit(path, augmentation=bad, hash="")
+    with pytest.raises(MslpipeError) as info:
+        load_plan(path)
+    _check_error(info, path, "plan")
+
+
+def test_invalid_json_and_missing_plan(tmp_path):
+    with pytest.raises(MslpipeError) as info:
+        load_plan(tmp_path / "plans.json")
+    _check_error(info, tmp_path / "plans.json", "mslpipe plan")
+    (tmp_path / "plans.json").write_text("[1, 2]")
+    with pytest.raises(MslpipeError) as info:
+        load_plan(tmp_path / "plans.json")
+    _check_error(info, tmp_path / "plans.json", "not a json object")
+
+
+def test_apply_overrides_changes_the_hash():
+    plan = _plan().finalised()
+    new = apply_overrides(plan, {"crop_margin": 2, "epochs": None})
+    assert new.crop_margin == 2 and new.epochs == plan.epochs  # None means "keep"
+    assert new.hash != plan.hash and new.hash == new.compute_hash()
+    assert new.preprocessing_hash() != plan.preprocessing_hash()
+    assert plan.crop_margin == 4  # the original is untouched
+    only_training = apply_overrides(plan, {"epochs": 3})
+    assert only_training.hash != plan.hash
+    assert only_training.preprocessing_hash() == plan.preprocessing_hash()
+    assert apply_overrides(plan, {}).hash == plan.hash
+
+
+def test_apply_overrides_refuses_unknown_and_invalid():
+    plan = _plan().finalised()
+    with pytest.raises(MslpipeError, match="unknown plan fields.*lr"):
+        apply_overrides(plan, {"lr": 0.1})
+    with pytest.raises(MslpipeError, match="label_policy"):
+        apply_overrides(plan, {"label_policy": "vote"})
+    with pytest.raises(MslpipeError, match="patch_size"):
+        apply_overrides(plan, {"patch_size": [64, 0]})
+
+
+# ---------------------------------------------------------------------------- Workdirs
+_ENV = {"raw": "MSLPIPE_RAW", "plans": "MSLPIPE_PLANS", "preprocessed": "MSLPIPE_PREPROCESSED",
+        "results": "MSLPIPE_RESULTS"}
+_DEFAULT = {"raw": "raw_data", "plans": "plans", "preprocessed": "preprocessed", "results": "results"}
+
+
+def test_workdirs_defaults(monkeypatch):
+    for env in _ENV.values():
+        monkeypatch.delenv(env, raising=False)
+    d = Workdirs.resolve()
+    for name, default in _DEFAULT.items():
+        assert getattr(d, name) == Path(default)
+
+
+def test_workdirs_env_over_default_and_option_over_env(monkeypatch, tmp_path):
+    for name, env in _ENV.items():
+        monkeypatch.setenv(env, str(tmp_path / f"env_{name}"))
+    d = Workdirs.resolve()
+    for name in _ENV:
+        assert getattr(d, name) == tmp_path / f"env_{name}"
+    d = Workdirs.resolve(raw=tmp_path / "opt_raw", results=str(tmp_path / "opt_results"))
+    assert d.raw == tmp_path / "opt_raw" and d.results == tmp_path / "opt_results"
+    assert d.plans == tmp_path / "env_plans" and d.preprocessed == tmp_path / "env_preprocessed"
+
+
+def test_workdirs_empty_env_falls_back_to_default(monkeypatch):
+    monkeypatch.setenv("MSLPIPE_RAW", "")
+    assert Workdirs.resolve().raw == Path("raw_data")
+
+
+def test_workdirs_expand_user_and_sub_folders(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MSLPIPE_PLANS", "~/p")
+    d = Workdirs.resolve(results="~/r")
+    assert d.plans == tmp_path / "p" and d.results == tmp_path / "r"
+    assert d.plan_dir("ms") == tmp_path / "p" / "ms"
+    assert d.fold_dir("ms", "leaky_unet", 3) == tmp_path / "r" / "ms" / "leaky_unet" / "fold_3"

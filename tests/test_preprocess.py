@@ -1,0 +1,268 @@
+"""preprocess: brain mask, normalisation, rater policies, and the geometry of preprocess/restore."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mslpipe.errors import MslpipeError
+from mslpipe.plans import Plan
+from mslpipe.preprocess import (
+    brain_mask,
+    combine_raters,
+    normalise,
+    preprocess_volume,
+    restore,
+)
+
+SHAPE = (24, 28, 20)
+CENTRE = np.array([11.5, 13.5, 9.5])
+
+
+def _ball(radius: float = 9.0, shape=SHAPE, centre=CENTRE) -> np.ndarray:
+    grid = np.indices(shape).astype(float)
+    r = np.sqrt(((grid - np.asarray(centre)[:, None, None, None]) ** 2).sum(0))
+    return r <= radius
+
+
+def _head(seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """A textured ball 'brain' on a zero background (RAS grid), and two raters' lesion masks."""
+    rng = np.random.default_rng(seed)
+    ball = _ball()
+    image = np.where(ball, 100 + 20 * rng.random(SHAPE), 0).astype(np.float32)
+    # lesions off-centre so that any flip or transpose would move them
+    m1 = np.zeros(SHAPE, np.uint8)
+    m1[5:8, 10:13, 6:8] = 1
+    m1[14:16, 18:20, 12:15] = 1
+    m1[12, 6, 9] = 1
+    m2 = m1.copy()
+    m2[12, 6, 9] = 0
+    m2[7:9, 12:14, 7:9] = 1
+    for m in (m1, m2):
+        assert not (m.astype(bool) & ~ball).any()
+        image[m.astype(bool)] += 60
+    return image, m1, [m1, m2]
+
+
+def _affine_ras() -> np.ndarray:
+    a = np.diag([0.9, 1.1, 2.0, 1.0])
+    a[:3, 3] = [-10.0, 20.0, -5.0]
+    return a
+
+
+def _flip(data: np.ndarray, affine: np.ndarray, axis: int):
+    """The same image in world space, stored with ``axis`` reversed."""
+    n = data.shape[axis]
+    new = affine.copy()
+    new[:3, axis] = -affine[:3, axis]
+    new[:3, 3] = affine[:3, 3] + affine[:3, axis] * (n - 1)
+    return np.flip(data, axis).copy(), new
+
+
+def _permute(data: np.ndarray, affine: np.ndarray, order: tuple[int, int, int]):
+    """The same image in world space, stored with voxel axes in ``order``."""
+    new = affine.copy()
+    new[:, :3] = affine[:, list(order)]
+    return np.transpose(data, order).copy(), new
+
+
+def _variants():
+    """(name, transform) pairs: each maps (data, affine) to an equivalent non-canonical storage."""
+
+    def las(d, a):
+        return _flip(d, a, 0)
+
+    def lps(d, a):
+        return _flip(*_flip(d, a, 0), 1)
+
+    def permuted(d, a):  # stored as (j, k, i): axis codes A, S, R
+        return _permute(d, a, (1, 2, 0))
+
+    def permuted_flipped(d, a):  # axis codes S, L, P
+        return _flip(*_flip(*_permute(d, a, (2, 0, 1)), 1), 2)
+
+    return [("RAS", lambda d, a: (d, a)), ("LAS", las), ("LPS", lps), ("ASR", permuted),
+            ("SLP", permuted_flipped)]
+
+
+# ---------------------------------------------------------------------------- brain mask
+def test_brain_mask_ball_with_zero_background():
+    image, _, _ = _head()
+    ball = _ball()
+    mask = brain_mask(image)
+    assert mask.dtype == bool and mask.shape == SHAPE
+    assert not (mask & ~ball).any()  # nothing outside the ball
+    assert (ball & ~mask).sum() <= 0.02 * ball.sum()  # at most the ball's outermost tips trimmed
+
+
+def test_brain_mask_fills_dark_interior():
+    image, _, _ = _head()
+    ventricle = _ball(3.0)
+    image[ventricle] = 0.0
+    mask = brain_mask(image)
+    assert mask[ventricle].all()
+
+
+@pytest.mark.parametrize("noise", [(-3.0, 3.0), (-3.0, 0.0), (0.0, 3.0)])
+def test_brain_mask_with_small_background_noise(noise):
+    image, _, _ = _head()
+    ball = _ball()
+    clean = brain_mask(image)
+    rng = np.random.default_rng(1)
+    noisy = image + np.where(ball, 0.0, rng.uniform(*noise, SHAPE)).astype(np.float32)
+    noisy[0, 0, 0] = noisy[1, 0, 0] = 40.0  # a bright background speck
+    mask = brain_mask(noisy)
+    assert not (mask & ~ball).any()
+    np.testing.assert_array_equal(mask, clean)
+
+
+def test_brain_mask_of_empty_image():
+    assert not brain_mask(np.zeros(SHAPE, np.float32)).any()
+    assert not brain_mask(-np.ones(SHAPE, np.float32)).any()
+
+
+# ---------------------------------------------------------------------------- normalise
+def test_normalise_zscores_inside_brain_zero_outside():
+    image, _, _ = _head()
+    image = image * 3.7 + 250.0 * _ball()  # arbitrary scale and offset
+    brain = brain_mask(image)
+    out, stats = normalise(image, brain, 0.5, 99.5)
+    assert out.dtype == np.float32 and out.shape == SHAPE
+    assert abs(float(out[brain].mean())) < 1e-4
+    assert abs(float(out[brain].std()) - 1.0) < 1e-4
+    assert (out[~brain] == 0).all()
+    assert stats["lower"] < stats["upper"] and stats["std"] > 0
+    # clipping to the percentiles bounds the output
+    assert out[brain].max() <= (stats["upper"] - stats["mean"]) / stats["std"] + 1e-5
+
+
+def test_normalise_constant_brain_gives_zeros():
+    image = np.where(_ball(), 5.0, 0.0).astype(np.float32)
+    out, stats = normalise(image, _ball(), 0.5, 99.5)
+    assert (out == 0).all() and stats["std"] == 1.0
+
+
+# ---------------------------------------------------------------------------- rater policies
+def test_combine_raters_policies():
+    a = np.array([[[0, 1, 1, 0]]], np.uint8)
+    b = np.array([[[0, 0, 1, 1]]], np.uint8)
+    np.testing.assert_array_equal(combine_raters([a, b], "mean"), [[[0, 0.5, 1, 0.5]]])
+    np.testing.assert_array_equal(combine_raters([a, b], "union"), [[[0, 1, 1, 1]]])
+    np.testing.assert_array_equal(combine_raters([a, b], "intersection"), [[[0, 0, 1, 0]]])
+    np.testing.assert_array_equal(combine_raters([a, b], "mask1"), a)
+    np.testing.assert_array_equal(combine_raters([b, a], "mask1"), b)
+    for policy in ("mean", "union", "intersection", "mask1"):
+        out = combine_raters([a], policy)
+        assert out.dtype == np.float32
+        np.testing.assert_array_equal(out, a)
+
+
+def test_combine_raters_unknown_policy():
+    a = np.zeros((2, 2, 2), np.uint8)
+    with pytest.raises(MslpipeError, match="unknown label policy 'vote'"):
+        combine_raters([a, a], "vote")
+
+
+# ---------------------------------------------------------------------------- preprocess + restore
+@pytest.mark.parametrize("slice_axis", [0, 1, 2])
+@pytest.mark.parametrize("variant", _variants(), ids=lambda v: v[0])
+def test_preprocess_and_restore_on_non_canonical_grids(variant, slice_axis):
+    """The key geometry test: any storage of the same world image preprocesses to the same arrays,
+    and restoring the preprocessed label gives back each storage's own mask exactly."""
+    name, transform = variant
+    image, mask1, masks = _head()
+    affine = _affine_ras()
+    plan = Plan(dataset="t", slice_axis=slice_axis, crop_margin=2, label_policy="mask1")
+    ref_image, ref_label, ref_props = preprocess_volume([image], affine, plan, [mask1])
+
+    img_v, aff_v = transform(image, affine)
+    mask_v, aff_m = transform(mask1, affine)
+    np.testing.assert_allclose(aff_v, aff_m)
+    out_image, label, props = preprocess_volume([img_v], aff_v, plan, [mask_v])
+
+    # same world image → same network input, whatever the storage order
+    np.testing.assert_array_equal(out_image, ref_image)
+    np.testing.assert_array_equal(label, ref_label)
+    assert props["crop_box"] == ref_props["crop_box"]
+    assert props["canonical_shape"] == list(SHAPE)
+    np.testing.assert_allclose(props["spacing_canonical"], [0.9, 1.1, 2.0])
+    assert props["shape"] == list(img_v.shape) and props["slice_axis"] == slice_axis
+    # shapes: S × C × H × W
+    box = np.array(props["crop_box"])
+    sizes = box[:, 1] - box[:, 0]
+    assert out_image.shape[1] == 1
+    assert out_image.shape[0] == sizes[slice_axis] == label.shape[0]
+    assert list(out_image.shape[2:]) == [s for i, s in enumerate(sizes) if i != slice_axis]
+
+    # the round trip: exactly the original mask, in the original storage order
+    back = restore(label, props)
+    assert back.shape == img_v.shape
+    np.testing.assert_array_equal(back, mask_v)
+    # the image comes back on the original grid too: non-zero only inside the (stored) brain
+    back_image = restore(out_image[:, 0], props)
+    brain_v = transform(brain_mask(image), affine)[0]
+    assert back_image.shape == img_v.shape
+    assert (back_image[~brain_v] == 0).all()
+    assert np.count_nonzero(back_image) >= 0.95 * brain_v.sum()
+    # the brightest voxels (lesions) come back where they were
+    assert set(map(tuple, np.argwhere(back_image >= back_image.max() - 1e-6))) <= set(
+        map(tuple, np.argwhere(mask_v > 0)))
+
+
+def test_preprocess_volume_crops_to_brain_and_puts_ras_first():
+    image, mask1, masks = _head()
+    plan = Plan(dataset="t", slice_axis=2, crop_margin=1, label_policy="union")
+    out, label, props = preprocess_volume([image], _affine_ras(), plan, masks)
+    brain = brain_mask(image)
+    coords = np.argwhere(brain)
+    lo, hi = coords.min(0), coords.max(0) + 1
+    assert props["crop_box"] == [[int(a) - 1, int(b) + 1] for a, b in zip(lo, hi, strict=True)]
+    assert props["brain_voxels"] == int(brain.sum())
+    union = np.maximum(masks[0], masks[1])
+    np.testing.assert_array_equal(restore(label, props), union)
+    # LAS input: the voxel at the largest stored i is the most left, so lands at canonical i = 0
+    las_img, las_aff = _flip(image, _affine_ras(), 0)
+    _, _, las_props = preprocess_volume([las_img], las_aff, plan)
+    assert las_props["ornt"] == [[0.0, -1.0], [1.0, 1.0], [2.0, 1.0]]
+
+
+def test_preprocess_volume_mean_policy_and_two_channels():
+    image, _, masks = _head()
+    plan = Plan(dataset="t", channels=["flair", "t2"], label_policy="mean", crop_margin=0)
+    second = image * 2.0 + 7.0
+    out, label, props = preprocess_volume([image, second], _affine_ras(), plan, masks)
+    assert out.shape[1] == 2
+    np.testing.assert_allclose(out[:, 0], out[:, 1], atol=1e-4)  # z-scoring removes scale and offset
+    assert set(np.unique(label)) == {0.0, 0.5, 1.0}
+    np.testing.assert_array_equal(restore(label, props), (masks[0].astype(np.float32) + masks[1]) / 2)
+    assert len(props["norm"]) == 2
+
+
+@pytest.mark.parametrize("slice_axis", [0, 1, 2])
+def test_fg_slices(slice_axis):
+    image, mask1, _ = _head()
+    las_img, las_aff = _flip(image, _affine_ras(), 0)
+    las_mask, _ = _flip(mask1, _affine_ras(), 0)
+    plan = Plan(dataset="t", slice_axis=slice_axis, crop_margin=3)
+    _, label, props = preprocess_volume([las_img], las_aff, plan, [las_mask])
+    expected = [i for i in range(label.shape[0]) if label[i].any()]
+    assert props["fg_slices"] == expected
+    # independently: canonical (RAS) mask, cropped, lesion positions along the slice axis
+    lo = props["crop_box"][slice_axis][0]
+    along = sorted({int(c) - lo for c in np.argwhere(mask1)[:, slice_axis]})
+    assert props["fg_slices"] == along
+
+
+def test_no_masks_gives_no_label_and_no_fg_slices():
+    image, _, _ = _head()
+    out, label, props = preprocess_volume([image], _affine_ras(), Plan(dataset="t"))
+    assert label is None and "fg_slices" not in props
+    assert out.dtype == np.float32 and out.flags.c_contiguous
+
+
+@pytest.mark.parametrize("fill", [0.0, -1.0])
+def test_all_zero_or_negative_image_is_refused(fill):
+    image = np.full(SHAPE, fill, np.float32)
+    with pytest.raises(MslpipeError) as info:
+        preprocess_volume([image], _affine_ras(), Plan(dataset="t"), where="scan_01.nii.gz")
+    assert "scan_01.nii.gz" in str(info.value) and "empty" in str(info.value)
