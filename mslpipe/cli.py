@@ -151,7 +151,7 @@ def predict(
                              overwrite=overwrite, compile=compile)
     _echo(f"wrote {len(report.written)}, skipped {len(report.skipped)} existing"
           f"{' (use --overwrite)' if report.skipped else ''}, failed {len(report.failed)} → {output}")
-    for case, reason in report.failed:
+    for _case, reason in report.failed:
         typer.echo(f"failed: {reason}", err=True)
     if report.failed:
         raise typer.Exit(1)

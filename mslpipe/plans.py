@@ -73,6 +73,9 @@ class Plan:
     )
     lr_schedule: dict[str, Any] = field(default_factory=lambda: {"name": "poly", "exponent": 0.9})
     loss: str = "bce_dice"
+    # Initial foreground probability of the output layer (bias = logit(prior)): with lesions under
+    # 1% of voxels, starting from p = 0.5 everywhere wastes the first epochs unlearning background.
+    output_prior: float = 0.01
     oversample_foreground: float = 0.34
     augmentation: Augmentation = field(default_factory=Augmentation)
     postprocessing: dict[str, Any] = field(

@@ -19,8 +19,15 @@ import numpy as np
 from mslpipe import inference
 from mslpipe.datasets import check_case_id, discover
 from mslpipe.errors import MslpipeError
-from mslpipe.io import (find_dicom_series, is_nifti, load_dicom_series, load_image, read_json, save_nifti,
-                        strip_nifti_suffix)
+from mslpipe.io import (
+    find_dicom_series,
+    is_nifti,
+    load_dicom_series,
+    load_image,
+    read_json,
+    save_nifti,
+    strip_nifti_suffix,
+)
 from mslpipe.plans import Workdirs, load_plan
 
 log = logging.getLogger(__name__)
@@ -66,7 +73,8 @@ def gather_sources(inp: Path, n_channels: int = 1, dirs: Workdirs | None = None,
     niftis = sorted(p for p in inp.iterdir() if p.is_file() and is_nifti(p))
     if niftis:
         if n_channels > 1:  # nnU-Net naming: CASE_0000.nii.gz, CASE_0001.nii.gz, ...
-            cases = sorted({strip_nifti_suffix(p.name)[:-5] for p in niftis if strip_nifti_suffix(p.name)[-5:-4] == "_"})
+            stems = [strip_nifti_suffix(p.name) for p in niftis]
+            cases = sorted({s[:-5] for s in stems if s[-5:-4] == "_"})
             return [_nifti_source(inp / f"{c}_0000.nii.gz", n_channels) for c in cases]
         return [_nifti_source(p, 1) for p in niftis]
     if (inp / "training").is_dir() or (inp / "dataset.json").exists() or any(inp.glob("test*/preprocessed")):

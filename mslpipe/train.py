@@ -69,6 +69,16 @@ def make_optimizer(model, plan: Plan):
     raise MslpipeError(f"unknown optimizer {name!r} in the plan (sgd or adamw)")
 
 
+def init_output_prior(model, prior: float) -> None:
+    """Set the bias of the last 1-channel convolution to logit(prior)."""
+    import torch
+
+    heads = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels == 1]
+    if heads and heads[-1].bias is not None and 0 < prior < 1:
+        with torch.no_grad():
+            heads[-1].bias.fill_(float(np.log(prior / (1 - prior))))
+
+
 def poly_lr(plan: Plan, epoch: int) -> float:
     base = plan.optimizer.get("lr", 1e-2)
     return base * (1 - epoch / plan.epochs) ** plan.lr_schedule.get("exponent", 0.9)
@@ -202,6 +212,7 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
     model = architectures.build(plan.architecture, in_channels=len(plan.channels), **plan.arch_kwargs)
+    init_output_prior(model, plan.output_prior)
     model = inference.prepare_model(model, device)
     opt = make_optimizer(model, plan)
     loss_fn = make_loss()

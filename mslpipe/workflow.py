@@ -77,7 +77,8 @@ def evaluate_dataset(name: str, dirs: Workdirs, arch: str | None = None, device:
 
 
 def demo(out: Path, *, subjects: int = 10, timepoints: int = 2, shape=(64, 72, 48), epochs: int = 12,
-         iterations: int = 30, seed: int = 0, device: str = "auto", fresh: bool = True) -> dict[str, Any]:
+         iterations: int = 30, seed: int = 0, device: str = "auto", fresh: bool = True,
+         arch_kwargs: dict | None = None) -> dict[str, Any]:
     """synth → plan → train fold 0 → predict the test split → evaluate; all under ``out``."""
     from mslpipe import synth
 
@@ -86,7 +87,8 @@ def demo(out: Path, *, subjects: int = 10, timepoints: int = 2, shape=(64, 72, 4
     dirs = Workdirs.resolve(out / "raw_data", out / "plans", out / "preprocessed", out / "results")
     name = "synthetic"
     synth.make_dataset(dirs.raw / name, subjects=subjects, timepoints=timepoints, shape=shape, seed=seed)
-    planned = plan.run(name, dirs, device="cpu" if device == "auto" else device, seed=seed)
+    overrides = {"arch_kwargs": arch_kwargs} if arch_kwargs else None
+    planned = plan.run(name, dirs, device="cpu" if device == "auto" else device, seed=seed, overrides=overrides)
     trained = train.run(name, dirs, 0, epochs=epochs, iterations=iterations, device=device)
     summary = evaluate_dataset(name, dirs, device=device)
     return {"dirs": dirs, "plan": planned["plan"], "splits": planned["splits"], "train": trained,

@@ -20,6 +20,8 @@ from mslpipe.errors import MslpipeError
 from mslpipe.io import load_image
 from mslpipe.plans import Workdirs
 
+TEXT = {"text": True, "encoding": "utf-8", "errors": "replace"}  # the CLI prints UTF-8 whatever the locale
+
 
 def _rows(path: Path) -> list[dict]:
     with path.open() as f:
@@ -103,7 +105,7 @@ def test_kill_then_continue_resumes_exactly(planned, tmp_path):
     done_before = len(_rows(fold / "log.csv"))
     assert done_before < 4, "the run finished before it could be killed"
     assert not (fold / "checkpoint_final.pt").exists()
-    out = subprocess.run(_cli(d, *args, "--continue"), env=env, capture_output=True, text=True)
+    out = subprocess.run(_cli(d, *args, "--continue"), env=env, capture_output=True, **TEXT)
     assert out.returncode == 0, out.stderr
     rows = _rows(fold / "log.csv")
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
@@ -144,7 +146,7 @@ def test_ddp_two_cpu_processes(planned, tmp_path):
     cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000),
            "-m", "mslpipe", *_cli(d, "train", "-d", "syn", "--fold", "2", "--epochs", "1", "--iterations", "2",
                                   "--device", "cpu")[3:]]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    out = subprocess.run(cmd, capture_output=True, **TEXT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     fold = d.fold_dir("syn", "leaky_unet", 2)

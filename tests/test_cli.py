@@ -1,0 +1,78 @@
+"""The command line: help, one-line errors with non-zero exits, --debug, evaluate --pred --ref."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from mslpipe.io import save_nifti
+
+TEXT = {"text": True, "encoding": "utf-8", "errors": "replace"}  # the CLI prints UTF-8 whatever the locale
+
+
+def run_cli(*args, cwd=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "mslpipe", *map(str, args)], capture_output=True, **TEXT,
+                          cwd=cwd, env=env)
+
+
+def test_help_lists_every_stage():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for cmd in ("synth", "plan", "train", "predict", "evaluate", "demo", "archs"):
+        assert cmd in out.stdout
+
+
+def test_missing_dataset_is_one_line_error(tmp_path):
+    out = run_cli("plan", "-d", "nothing", cwd=tmp_path)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "raw_data/nothing" in lines[0] and "not found" in lines[0]
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "plans").exists()
+
+
+def test_debug_shows_traceback(tmp_path):
+    out = run_cli("--debug", "plan", "-d", "nothing", cwd=tmp_path)
+    assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_work_folders_move_with_environment(tmp_path, synth_root):
+    env_raw = tmp_path / "elsewhere"
+    env_raw.mkdir()
+    (env_raw / "syn").symlink_to(synth_root)
+    out = subprocess.run([sys.executable, "-m", "mslpipe", "plan", "-d", "syn", "--device", "cpu"],
+                         capture_output=True, **TEXT, cwd=tmp_path,
+                         env={**os.environ, "MSLPIPE_RAW": str(env_raw), "MSLPIPE_PLANS": str(tmp_path / "P")})
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "P" / "syn" / "plans.json").exists()
+    assert (tmp_path / "preprocessed" / "syn").is_dir()
+
+
+def test_evaluate_pred_ref(tmp_path):
+    ref = np.zeros((10, 10, 10), np.uint8)
+    ref[2:5, 2:5, 2:5] = 1
+    pred = np.zeros_like(ref)
+    pred[3:5, 2:5, 2:5] = 1
+    save_nifti(tmp_path / "ref" / "c1.nii.gz", ref, np.eye(4))
+    save_nifti(tmp_path / "pred" / "c1.nii.gz", pred, np.eye(4))
+    out = run_cli("evaluate", "--pred", tmp_path / "pred", "--ref", tmp_path / "ref")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "pred" / "summary.json").exists()
+    assert "0.800" in out.stdout  # Dice = 2*18/(27+18)
+
+
+def test_evaluate_unmatched_is_one_line_error(tmp_path):
+    save_nifti(tmp_path / "ref" / "a.nii.gz", np.zeros((4, 4, 4), np.uint8), np.eye(4))
+    save_nifti(tmp_path / "pred" / "b.nii.gz", np.zeros((4, 4, 4), np.uint8), np.eye(4))
+    out = run_cli("evaluate", "--pred", tmp_path / "pred", "--ref", tmp_path / "ref")
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_archs_lists_parameter_counts():
+    out = run_cli("archs")
+    assert out.returncode == 0
+    assert "leaky_unet" in out.stdout and "31.39" in out.stdout and "nnunet2d" in out.stdout

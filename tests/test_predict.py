@@ -1,0 +1,160 @@
+"""Prediction: output geometry, NIfTI and DICOM inputs, bad files, reruns, TTA and ensembles."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from mslpipe import inference, predict
+from mslpipe.errors import MslpipeError
+from mslpipe.io import load_dicom_series, load_image, save_nifti, write_dicom_series
+
+
+@pytest.fixture(scope="module")
+def model(trained):
+    d, result = trained
+    return result["fold_dir"] / "checkpoint_final.pt"
+
+
+@pytest.fixture
+def scan(synth_root):
+    path = next((synth_root / "training").glob("training01/preprocessed/*_flair_pp.nii.gz"))
+    return load_image(path)
+
+
+def _oblique_affine() -> np.ndarray:
+    """Permuted and flipped axes, anisotropic voxels, an offset: nothing canonical about it."""
+    return np.array([[0.0, 0.0, -1.2, 40.0], [-1.0, 0.0, 0.0, 12.0], [0.0, 0.9, 0.0, -7.0], [0, 0, 0, 1]])
+
+
+def test_output_geometry_nii_and_nii_gz(model, scan, tmp_path):
+    data, _ = scan
+    affine = _oblique_affine()
+    inp = tmp_path / "in"
+    save_nifti(inp / "scan_a.nii", data, affine, dtype=np.float32)
+    save_nifti(inp / "scan_b.nii.gz", data, affine, dtype=np.float32)
+    report = predict.run(inp, tmp_path / "out", dirs=None, checkpoint=[model], device="cpu")
+    assert sorted(report.written) == ["scan_a", "scan_b"] and not report.failed
+    import nibabel as nib
+
+    for name in ("scan_a", "scan_b"):
+        out = nib.load(str(tmp_path / "out" / f"{name}.nii.gz"))
+        assert out.shape == data.shape
+        assert np.allclose(out.affine, affine, atol=1e-5)
+        assert nib.aff2axcodes(out.affine) == nib.aff2axcodes(affine)
+        arr = np.asarray(out.dataobj)
+        assert arr.dtype == np.uint8 and set(np.unique(arr)) <= {0, 1}
+
+
+def test_orientation_does_not_change_the_segmentation(model, scan, tmp_path):
+    """The same scan stored with flipped voxel axes gives the same mask in world space."""
+    data, affine = scan
+    flipped = data[::-1, :, ::-1].copy()
+    aff2 = affine @ np.array([[-1, 0, 0, data.shape[0] - 1], [0, 1, 0, 0], [0, 0, -1, data.shape[2] - 1],
+                              [0, 0, 0, 1]])
+    predictor = inference.load_predictor([model], device="cpu")
+    m1, _ = inference.predict_case(predictor, [data], affine)
+    m2, _ = inference.predict_case(predictor, [flipped], aff2)
+    assert np.array_equal(m1, m2[::-1, :, ::-1])
+
+
+def test_dicom_series_input(model, scan, tmp_path):
+    data, affine = scan
+    write_dicom_series(tmp_path / "dicom" / "patientA_flair", np.round(data), affine)
+    report = predict.run(tmp_path / "dicom", tmp_path / "out", dirs=None, checkpoint=[model], device="cpu")
+    assert report.written == ["patientA_flair"] and not report.failed
+    out, out_aff = load_image(tmp_path / "out" / "patientA_flair.nii.gz")
+    dicom, dicom_aff = load_dicom_series(tmp_path / "dicom" / "patientA_flair")
+    # DICOM stacks a left-handed grid in the other slice order: same world space, own voxel grid
+    assert out.shape == dicom.shape and np.allclose(out_aff, dicom_aff, atol=1e-5)
+    assert np.allclose(np.abs(np.linalg.det(out_aff)), np.abs(np.linalg.det(affine)), atol=1e-4)
+
+
+def test_bad_file_is_reported_and_the_rest_goes_on(model, scan, tmp_path):
+    data, affine = scan
+    inp = tmp_path / "in"
+    save_nifti(inp / "good.nii.gz", data, affine, dtype=np.float32)
+    (inp / "broken.nii.gz").write_bytes(b"\x1f\x8b\x08 this is not a NIfTI file")
+    bad = data.copy()
+    bad[3, 3, 3] = np.nan
+    save_nifti(inp / "nan.nii.gz", bad, affine, dtype=np.float32)
+    report = predict.run(inp, tmp_path / "out", dirs=None, checkpoint=[model], device="cpu")
+    assert report.written == ["good"]
+    failed = dict(report.failed)
+    assert set(failed) == {"broken", "nan"}
+    assert "broken.nii.gz" in failed["broken"] and "NIfTI" in failed["broken"]
+    assert "NaN" in failed["nan"]
+    assert not list((tmp_path / "out").glob(".*tmp*")), "temporary files left behind"
+
+
+def test_rerun_skips_finished_cases_unless_overwrite(model, scan, tmp_path):
+    data, affine = scan
+    save_nifti(tmp_path / "in" / "a.nii.gz", data, affine, dtype=np.float32)
+    first = predict.run(tmp_path / "in", tmp_path / "out", dirs=None, checkpoint=[model], device="cpu")
+    assert first.written == ["a"]
+    mtime = (tmp_path / "out" / "a.nii.gz").stat().st_mtime_ns
+    again = predict.run(tmp_path / "in", tmp_path / "out", dirs=None, checkpoint=[model], device="cpu")
+    assert again.skipped == ["a"] and not again.written
+    assert (tmp_path / "out" / "a.nii.gz").stat().st_mtime_ns == mtime
+    forced = predict.run(tmp_path / "in", tmp_path / "out", dirs=None, checkpoint=[model], device="cpu",
+                         overwrite=True)
+    assert forced.written == ["a"]
+
+
+def test_tta_ensemble_and_probabilities(model, scan, tmp_path):
+    data, affine = scan
+    save_nifti(tmp_path / "in" / "a.nii.gz", data, affine, dtype=np.float32)
+    report = predict.run(tmp_path / "in", tmp_path / "out", dirs=None, checkpoint=[model, model], device="cpu",
+                         tta=True, save_probabilities=True)
+    assert report.written == ["a"]
+    prob, _ = load_image(tmp_path / "out" / "probabilities" / "a.nii.gz")
+    mask, _ = load_image(tmp_path / "out" / "a.nii.gz")
+    assert prob.shape == data.shape and 0 <= prob.min() and prob.max() <= 1
+    assert np.array_equal(mask > 0, prob >= 0.5)
+
+
+def test_dataset_folder_predicts_its_test_split(trained, planned, synth_root, tmp_path):
+    d, _ = trained
+    splits = planned[1]["splits"]
+    report = predict.run(synth_root, tmp_path / "out", dirs=d, dataset="syn", device="cpu")
+    assert report.written and {c.split("_")[0] for c in report.written} == set(splits["test"])
+
+
+def test_missing_input_and_missing_model(model, tmp_path, dirs):
+    with pytest.raises(MslpipeError, match="input not found"):
+        predict.run(tmp_path / "nope", tmp_path / "out", dirs=None, checkpoint=[model], device="cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MslpipeError, match="no NIfTI files"):
+        predict.run(tmp_path / "empty", tmp_path / "out", dirs=None, checkpoint=[model], device="cpu")
+    with pytest.raises(MslpipeError, match="checkpoint not found"):
+        predict.run(tmp_path, tmp_path / "out", dirs=None, checkpoint=[tmp_path / "x.pt"], device="cpu")
+    with pytest.raises(MslpipeError, match="-d NAME"):
+        predict.run(tmp_path, tmp_path / "out", dirs=dirs, device="cpu")
+
+
+def test_unsafe_output_names_are_refused(model, scan, tmp_path):
+    data, affine = scan
+    inp = tmp_path / "in"
+    save_nifti(inp / "..evil.nii.gz", data, affine, dtype=np.float32)
+    with pytest.raises(MslpipeError, match="unsafe case name"):
+        predict.run(inp, tmp_path / "out", dirs=None, checkpoint=[model], device="cpu")
+
+
+def test_read_only_output_folder_fails_cleanly(model, scan, tmp_path):
+    import os
+
+    data, affine = scan
+    save_nifti(tmp_path / "in" / "a.nii.gz", data, affine, dtype=np.float32)
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        if os.access(out, os.W_OK):
+            pytest.skip("running with permissions that ignore a read-only folder")
+        report = predict.run(tmp_path / "in", out, dirs=None, checkpoint=[model], device="cpu")
+        assert not report.written and report.failed and "cannot write" in report.failed[0][1]
+    finally:
+        out.chmod(0o755)
+        shutil.rmtree(out)
