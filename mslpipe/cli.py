@@ -195,7 +195,7 @@ def _summary_text(summary: dict, evaluate_mod) -> str:
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("-o", "--output", help="Work folder for the demo.")] = Path("demo_out"),
-    subjects: int = 10, epochs: int = 12, iterations: int = 30, seed: int = 0, device: Device = "auto",
+    subjects: int = 10, epochs: int = 20, iterations: int = 30, seed: int = 0, device: Device = "auto",
 ) -> None:
     """End to end on synthetic data: synth → plan → train fold 0 → predict test split → evaluate."""
     from mslpipe import evaluate as evaluate_mod

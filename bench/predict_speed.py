@@ -1,0 +1,138 @@
+"""Inference speed: mslpipe's predict path against a bare forward of the same network.
+
+Measures, on the current device, for one whole MNI-size FLAIR volume (the first real scan in
+../shared/data/real-ms-isbi if present, else a synthetic one of the same size):
+- the bare network forward over all slices (on CUDA: bf16 + channels_last + torch.compile);
+- mslpipe's compute per volume (preprocess + network + map back + postprocess, no file I/O);
+- end-to-end folder throughput (read NIfTI, predict, write NIfTI) over several copies.
+Weights are random: only speed is measured. Timing: warm-up, synchronise, median of repeats.
+Writes its section of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mslpipe import architectures, inference, predict, preprocess  # noqa: E402
+from mslpipe.io import load_image, save_nifti  # noqa: E402
+from mslpipe.plans import Plan  # noqa: E402
+from results import table, write_section  # noqa: E402
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ms-isbi"
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def a_volume() -> tuple[np.ndarray, np.ndarray, str]:
+    scans = sorted(REAL.glob("training/*/preprocessed/*_flair_pp.nii*"))
+    if scans:
+        data, affine = load_image(scans[0])
+        return data, affine, f"real scan {scans[0].name} {data.shape}"
+    from mslpipe.synth import make_dataset
+
+    tmp = Path(tempfile.mkdtemp())
+    path = make_dataset(tmp, subjects=1, timepoints=1, shape=(182, 218, 182), seed=0)[0]
+    data, affine = load_image(path)
+    return data, affine, f"synthetic scan {data.shape}"
+
+
+def bare_forward(model, x: torch.Tensor, device: str, batch: int, compile: bool):
+    net = torch.compile(model) if compile else model
+
+    def run():
+        with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            for s in range(0, x.shape[0], batch):
+                net(x[s:s + batch])
+    return run
+
+
+def measure(arch: str, kwargs: dict, device: str, data, affine, args) -> list:
+    plan = Plan(dataset="bench", architecture=arch, arch_kwargs=kwargs,
+                inference_batch_size=args.batch if device == "cuda" else 16)
+    model = inference.prepare_model(architectures.build(arch, **kwargs), device).eval()
+    divisor = architectures.required_divisor(arch, **kwargs)
+    image, _, _ = preprocess.preprocess_volume([data], affine, plan)
+    padded, _ = inference._pad_to(image, divisor)
+    x = torch.from_numpy(padded).to(device)
+    if device == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    n = image.shape[0]
+    compile = device == "cuda"
+    t_bare = timed(bare_forward(model, x, device, plan.inference_batch_size, compile), device, args.repeats,
+                   warmup=3 if compile else 1)
+    run_model = torch.compile(model) if compile else model
+    predictor = inference.Predictor([run_model], plan, device, divisor, [])
+    t_case = timed(lambda: inference.predict_case(predictor, [data], affine), device, args.repeats,
+                   warmup=2 if compile else 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "in"
+        for i in range(args.volumes):
+            save_nifti(src / f"scan{i:02d}.nii.gz", data, affine, dtype=np.float32)
+        sources = predict.gather_sources(src)
+        t0 = time.perf_counter()
+        predict.predict_sources(predictor, sources, Path(tmp) / "out", overwrite=True)
+        sync(device)
+        t_folder = time.perf_counter() - t0
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    slices = f"{n} × {padded.shape[2]}×{padded.shape[3]}"
+    return [f"{arch} {kwargs or '(full width)'}", f"{params:.2f} M", slices,
+            round(t_bare, 4), round(n / t_bare, 1), round(t_case, 4), round(t_case / t_bare, 2),
+            round(args.volumes / t_folder, 3)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--volumes", type=int, default=8, help="copies in the end-to-end folder run")
+    ap.add_argument("--batch", type=int, default=256, help="slices per batch on CUDA")
+    ap.add_argument("--full-width-cpu", action="store_true", help="also time the full-width network on CPU")
+    args = ap.parse_args()
+    device = inference.pick_device(args.device)
+    torch.manual_seed(0)
+    data, affine, what = a_volume()
+    configs = [("leaky_unet", {})] if device == "cuda" else [("leaky_unet", {"base_channels": 16, "max_channels": 256})]
+    if device == "cpu" and args.full_width_cpu:
+        configs.append(("leaky_unet", {}))
+    configs.append(("nnunet2d", {}))
+    if device == "cpu":
+        args.repeats, args.volumes = min(args.repeats, 3), min(args.volumes, 3)
+    rows = [measure(a, k, device, data, affine, args) for a, k in configs]
+    headers = ["network", "params", "slices per volume", "bare forward s/volume", "bare slices/s",
+               "mslpipe compute s/volume", "compute / bare", "end-to-end volumes/s (read+predict+write)"]
+    baseline = "bf16 + channels_last + torch.compile" if device == "cuda" else "fp32 eager, batch 16"
+    body = (f"Input: {what}, brain-cropped by mslpipe's preprocessing. Bare forward: {baseline}, the same "
+            f"tensors. Median of {args.repeats} repeats after warm-up; end-to-end over {args.volumes} volumes. "
+            "Random weights (speed only). `nnunet2d` is nnU-Net's 2D network architecture run through "
+            "mslpipe's inference path, not nnU-Net's own predictor.\n\n" + table(headers, rows))
+    print(body)
+    write_section(f"predict_speed_{device}", f"Inference speed ({device})", body)
+
+
+if __name__ == "__main__":
+    main()

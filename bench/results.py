@@ -1,0 +1,68 @@
+"""Write a benchmark's section of bench/RESULTS.md: card, date, commit and the numbers, by script.
+
+Each script owns one section between markers and replaces only that section, so numbers are never
+typed by hand and a rerun updates its own table in place.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+HEADER = ("# Benchmark results\n\nEvery number below is written by the script named in its section "
+          "(`python bench/NAME.py`), with the card, date and commit it ran on. Do not edit by hand.\n")
+
+
+def machine() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda}, torch {torch.__version__})"
+        threads = torch.get_num_threads()
+        tv = torch.__version__
+    except ImportError:  # pragma: no cover
+        threads, tv = os.cpu_count(), "n/a"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU only: {cpu}, {os.cpu_count()} cores visible, {threads} torch threads (torch {tv})"
+
+
+def commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=RESULTS.parent, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=RESULTS.parent).stdout.strip()
+        return sha + ("+uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(name: str, title: str, body: str) -> Path:
+    """Replace (or append) the section ``name`` of RESULTS.md, atomically."""
+    stamp = (f"_{machine()}; {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+             f"commit {commit()}; `python bench/{name}.py`_")
+    section = f"<!-- BEGIN {name} -->\n## {title}\n\n{stamp}\n\n{body.strip()}\n<!-- END {name} -->\n"
+    text = RESULTS.read_text() if RESULTS.exists() else HEADER
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->\n"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    tmp = RESULTS.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, RESULTS)
+    return RESULTS

@@ -1,0 +1,122 @@
+"""Training throughput: the real data pipeline against the bare model step, same device, same run.
+
+Plans and preprocesses ../shared/data/real-ms-isbi (or a synthetic MNI-size dataset when absent)
+into a temporary folder, then times
+- the bare step: forward + BCE/Dice loss + backward + SGD on random tensors already on the device;
+- the pipeline step: the same, fed by mslpipe's loader (foreground oversampling, MONAI
+  augmentation, background workers, pinned memory).
+Goal: the pipeline reaches at least 90% of the bare step rate. Writes its section of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mslpipe import architectures, data_loading, inference, plan, train  # noqa: E402
+from mslpipe.plans import Workdirs, apply_overrides  # noqa: E402
+from results import table, write_section  # noqa: E402
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ms-isbi"
+
+
+def step_fn(model, opt, loss_fn, device: str, compile: bool):
+    net = torch.compile(model) if compile else model
+
+    def step(x, y):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = loss_fn(net(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+def to_device(batch, device):
+    x = batch["image"].to(device, non_blocking=True)
+    y = batch["label"].to(device, non_blocking=True)
+    if device == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--iterations", type=int, default=None)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--workers", type=int, default=None)
+    args = ap.parse_args()
+    device = inference.pick_device(args.device)
+    iters = args.iterations or (60 if device == "cuda" else 8)
+    tmp = Path(tempfile.mkdtemp())
+    dirs = Workdirs.resolve(tmp / "raw", tmp / "plans", tmp / "pre", tmp / "results")
+    if (REAL / "training").is_dir():
+        source, what = REAL, "real-ms-isbi (6 scans)"
+    else:
+        from mslpipe.synth import make_dataset
+
+        source, what = tmp / "raw" / "bench", "synthetic 182×218×182"
+        make_dataset(source, subjects=3, timepoints=1, shape=(182, 218, 182), seed=0)
+    planned = plan.run("bench", dirs, input_path=source, device=device, test_fraction=0)
+    p = planned["plan"]
+    if args.workers is not None:
+        p = apply_overrides(p, {"num_workers": args.workers})
+    cases = [c["case"] for c in planned["fingerprint"]["cases"]]
+    model = inference.prepare_model(architectures.build(p.architecture, **p.arch_kwargs), device).train()
+    opt = train.make_optimizer(model, p)
+    step = step_fn(model, opt, train.make_loss(), device, args.compile)
+    b, (h, w) = p.batch_size, p.patch_size
+
+    x = torch.randn(b, 1, h, w, device=device)
+    y = (torch.rand(b, 1, h, w, device=device) > 0.97).float()
+    if device == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    warm = 5 if args.compile else 2
+    for _ in range(warm):
+        step(x, y)
+    inference_sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step(x, y)
+    inference_sync(device)
+    bare = b * iters / (time.perf_counter() - t0)
+
+    loader = data_loading.make_train_loader(dirs.preprocessed_dir("bench"), cases, p, batches=iters + warm,
+                                            seed=1, device_hint=device)
+    it = iter(loader)
+    for _ in range(warm):
+        step(*to_device(next(it), device))
+    inference_sync(device)
+    t0 = time.perf_counter()
+    for batch in it:
+        step(*to_device(batch, device))
+    inference_sync(device)
+    piped = b * iters / (time.perf_counter() - t0)
+
+    workers = data_loading.resolve_num_workers(p.num_workers, p, iters)
+    rows = [[f"{p.architecture} {p.arch_kwargs or '(full width)'}", f"{b} × {h}×{w}", workers,
+             "yes" if args.compile else "no", round(bare, 1), round(piped, 1), f"{100 * piped / bare:.0f}%"]]
+    headers = ["network", "batch", "loader workers", "compile", "bare step slices/s", "pipeline slices/s",
+               "pipeline / bare"]
+    body = (f"Data: {what}, planned for {device}. {iters} timed iterations after {warm} warm-up ones; "
+            f"{'bf16 autocast + channels_last' if device == 'cuda' else 'fp32'}. Goal: pipeline ≥ 90% of bare.\n\n"
+            + table(headers, rows))
+    print(body)
+    write_section(f"train_throughput_{device}", f"Training throughput ({device})", body)
+
+
+def inference_sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
