@@ -24,6 +24,16 @@ log = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files readable by their owner only; finished outputs get the usual permissions.
+FILE_MODE = 0o666 & ~_current_umask()
+
+
 # ---------------------------------------------------------------------------- atomic writes
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
@@ -44,6 +54,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, path)
     except OSError as exc:
         raise MslpipeError(f"cannot write ({exc.strerror or exc})", path) from exc

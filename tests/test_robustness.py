@@ -114,3 +114,11 @@ def test_two_predict_runs_into_one_folder(model, synth_root, tmp_path):
     for p in outs:
         data, _ = load_image(p)  # every file complete and readable
         assert set(np.unique(data)) <= {0.0, 1.0}
+
+
+def test_outputs_get_normal_file_permissions(tmp_path):
+    from mslpipe.io import FILE_MODE, write_json
+
+    path = write_json(tmp_path / "a.json", {"x": 1})
+    assert path.stat().st_mode & 0o777 == FILE_MODE
+    assert FILE_MODE & 0o044, "group/others can read outputs under the usual umask"
