@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mslpipe import architectures, inference, predict, preprocess  # noqa: E402
 from mslpipe.io import load_image, save_nifti  # noqa: E402
 from mslpipe.plans import Plan  # noqa: E402
-from results import table, write_section  # noqa: E402
+from results import real_data_path, table, write_section  # noqa: E402
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ms-isbi"
+REAL = real_data_path()
 
 
 def sync(device: str) -> None:

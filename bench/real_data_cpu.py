@@ -18,9 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mslpipe import plan, train, workflow  # noqa: E402
 from mslpipe.plans import Workdirs  # noqa: E402
-from results import table, write_section  # noqa: E402
+from results import real_data_path, table, write_section  # noqa: E402
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ms-isbi"
+REAL = real_data_path()
 
 
 def main() -> None:

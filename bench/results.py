@@ -17,6 +17,12 @@ HEADER = ("# Benchmark results\n\nEvery number below is written by the script na
           "(`python bench/NAME.py`), with the card, date and commit it ran on. Do not edit by hand.\n")
 
 
+def real_data_path() -> Path:
+    """The real MS scans: $MSLPIPE_REAL_DATA, else ../shared/data/real-ms-isbi beside the checkout."""
+    default = RESULTS.parents[2] / "shared" / "data" / "real-ms-isbi"
+    return Path(os.environ.get("MSLPIPE_REAL_DATA", default))
+
+
 def machine() -> str:
     try:
         import torch

@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mslpipe import architectures, data_loading, inference, plan, train  # noqa: E402
 from mslpipe.plans import Workdirs, apply_overrides  # noqa: E402
-from results import table, write_section  # noqa: E402
+from results import real_data_path, table, write_section  # noqa: E402
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ms-isbi"
+REAL = real_data_path()
 
 
 def step_fn(model, opt, loss_fn, device: str, compile: bool):
