@@ -115,8 +115,9 @@ def train(
         result = train_mod.run(dataset, dirs, k, arch=arch, epochs=epochs, lr=lr, batch_size=batch_size,
                                iterations=iterations, device=device, compile=compile, resume=resume,
                                num_workers=workers)
-        _echo(f"fold {k}: {result['epochs']} epochs, last validation Dice {result['val_dice']} → "
-              f"{result['fold_dir']}")
+        if result["rank"] == 0:
+            _echo(f"fold {k}: {result['epochs']} epochs, last validation Dice {result['val_dice']} → "
+                  f"{result['fold_dir']}")
 
 
 def _parse_folds(values: list[str] | None) -> list[int] | None:
@@ -142,13 +143,17 @@ def predict(
     save_probabilities: Annotated[bool, typer.Option("--save-probabilities")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
     compile: Annotated[bool, typer.Option("--compile")] = False,
+    onnx: Annotated[Path | None, typer.Option("--onnx", help="An exported model (`mslpipe export`) run by ONNX "
+                                                            "Runtime on the CPU, without torch.")] = None,
+    lesion_report: Annotated[bool, typer.Option("--report", help="Also write lesion tables (OUT/<case>.lesions."
+                                                "csv/json), OUT/report.csv and an offline OUT/report.html.")] = False,
 ) -> None:
     """Segment scans; writes OUT/<case>.nii.gz (uint8 0/1 on the input grid)."""
     from mslpipe import predict as predict_mod
 
     report = predict_mod.run(input, output, dirs=_dirs(), dataset=dataset, arch=arch, folds=_parse_folds(folds),
                              checkpoint=checkpoint, device=device, tta=tta, save_probabilities=save_probabilities,
-                             overwrite=overwrite, compile=compile)
+                             overwrite=overwrite, compile=compile, report=lesion_report, onnx=onnx)
     _echo(f"wrote {len(report.written)}, skipped {len(report.skipped)} existing"
           f"{' (use --overwrite)' if report.skipped else ''}, failed {len(report.failed)} → {output}")
     for _case, reason in report.failed:
@@ -205,6 +210,68 @@ def demo(
     _echo(_summary_text(result["summary"], evaluate_mod))
     test = result["summary"].get("test", {})
     _echo(f"demo done in {out}: test-subject volume Dice {test.get('mean', {}).get('dice', float('nan')):.3f}")
+
+
+@app.command()
+def compare(
+    scans: Annotated[list[Path] | None, typer.Argument(help="BASELINE FOLLOWUP: two co-registered lesion masks "
+                                                            "(or FLAIR images, with -d/--checkpoint).")] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path("change"),
+    dataset: Annotated[str | None, typer.Option("-d", "--dataset", help="With --subject: the dataset; with two "
+                                                "images: segment them with its trained folds.")] = None,
+    subject: Annotated[str | None, typer.Option(help="Compare this subject's consecutive time points.")] = None,
+    pred: Annotated[Path | None, typer.Option(help="With --subject: predicted masks <case>.nii.gz "
+                                                   "[the dataset's mask1].")] = None,
+    checkpoint: Annotated[list[Path] | None, typer.Option(help="Checkpoint to segment two images.")] = None,
+    min_growth_percent: Annotated[float, typer.Option(help="Enlarging/shrinking: relative change of at "
+                                                           "least this.")] = 25.0,
+    min_growth_mm3: Annotated[float, typer.Option(help="... and an absolute change of at least this.")] = 10.0,
+    device: Device = "auto",
+) -> None:
+    """Longitudinal change: new, enlarging, stable, shrinking and disappeared lesions (mask, CSV, JSON)."""
+    from mslpipe import workflow
+
+    thresholds = {"min_growth_fraction": min_growth_percent / 100.0, "min_growth_mm3": min_growth_mm3}
+    if subject is not None:
+        if scans or dataset is None:
+            raise MslpipeError("--subject goes with -d NAME and no BASELINE FOLLOWUP files")
+        pairs = workflow.compare_subject(dataset, subject, output, dirs=_dirs(), pred=pred, **thresholds)
+        for p in pairs:
+            _echo(f"{p['baseline_case']} → {p['followup_case']}: {_counts_text(p['counts'])}, "
+                  f"volume {p['volume_change_ml']:+.3f} mL → {output / p['folder']}")
+        return
+    if not scans or len(scans) != 2:
+        raise MslpipeError("give two files, BASELINE FOLLOWUP, or -d NAME --subject S")
+    change = workflow.compare_scans(scans[0], scans[1], output, dirs=_dirs(), dataset=dataset,
+                                    checkpoint=checkpoint, device=device, **thresholds)
+    _echo(f"{_counts_text(change.summary['counts'])}, volume {change.summary['volume_change_ml']:+.3f} mL "
+          f"→ {output}")
+
+
+def _counts_text(counts: dict) -> str:
+    return ", ".join(f"{n} {name}" for name, n in counts.items())
+
+
+@app.command()
+def export(
+    output: Annotated[Path, typer.Option("-o", "--output", help="The model file (.onnx); MODEL.json goes "
+                                                                "beside it.")],
+    dataset: Annotated[str | None, typer.Option("-d", "--dataset", help="Export this dataset's trained fold.")] = None,
+    fold: Annotated[int | None, typer.Option(help="Fold to export [the only trained one].")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="A checkpoint file instead of -d.")] = None,
+    arch: str | None = None,
+    format: Annotated[str, typer.Option("--format", help="onnx (the only format).")] = "onnx",
+    exporter: Annotated[str, typer.Option(help="auto, dynamo or torchscript (legacy).")] = "auto",
+) -> None:
+    """Export a trained network to ONNX (dynamic batch, height and width) for `predict --onnx`."""
+    from mslpipe import export as export_mod
+
+    if format != "onnx":
+        raise MslpipeError(f"--format must be onnx, not {format!r}")
+    meta = export_mod.run(output, dirs=_dirs(), dataset=dataset, arch=arch, fold=fold, checkpoint=checkpoint,
+                          exporter=exporter)
+    _echo(f"exported {meta['source_checkpoint']} → {output} ({meta['exporter']} exporter, opset {meta['opset']}; "
+          f"ONNX Runtime vs torch max logit difference {meta['export_check']['max_abs_logit_diff']:.2g})")
 
 
 @app.command()

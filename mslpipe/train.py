@@ -234,6 +234,10 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
                                               if device == "cuda" else None)
     step_model = torch.compile(train_model) if compile else train_model
 
+    # One loader for the whole run: its workers stay alive across epochs, and each epoch's batches
+    # follow from (seed, epoch), so a resumed run draws exactly what the uninterrupted one would.
+    loader = data_loading.make_train_loader(pre_dir, data.train, plan, batches=plan.iterations_per_epoch,
+                                            seed=plan.seed + rank, device_hint=device, start_epoch=start_epoch)
     meta = {"plan": plan.to_dict(), "fold": str(fold), "dataset": name}
     progress = _progress(show_progress and is_main)
     with progress:
@@ -245,9 +249,6 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
                 g["lr"] = lr_now
             train_model.train()
             losses = []
-            loader = data_loading.make_train_loader(
-                pre_dir, data.train, plan, batches=plan.iterations_per_epoch,
-                seed=plan.seed + 1000 * epoch + rank, device_hint=device)
             for batch in loader:
                 x = batch["image"].to(device, non_blocking=True)
                 y = batch["label"].to(device, non_blocking=True)
@@ -295,7 +296,7 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
         dist.barrier()
         dist.destroy_process_group()
     final = rows[-1] if rows else {}
-    return {"fold_dir": out, "epochs": plan.epochs, "val_dice": final.get("val_dice"), "rows": rows}
+    return {"fold_dir": out, "epochs": plan.epochs, "val_dice": final.get("val_dice"), "rows": rows, "rank": rank}
 
 
 def _load_resume(latest: Path, previous: Path) -> dict | None:
