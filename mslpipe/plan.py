@@ -50,6 +50,7 @@ def fingerprint_case(case: Case) -> dict[str, Any]:
         "test_only": case.test_only,
         "shape": list(image.shape),
         "spacing": [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)],
+        "spacing_canonical": [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)[np.argsort(ornt[:, 0])]],
         "orientation": "".join(nib.aff2axcodes(affine)),
         "brain_bbox_canonical": box,
         "brain_bbox_size": [b - a for a, b in box],
@@ -92,6 +93,9 @@ def verify_and_fingerprint(cases: list[Case], progress: Callable[[str], None] | 
         "median": {
             "shape": median("shape"),
             "spacing": median("spacing"),
+            "spacing_canonical": median("spacing_canonical"),
+            "brain_bbox_mm": np.median([np.multiply(c["brain_bbox_size"], c["spacing_canonical"])
+                                        for c in labelled], axis=0).tolist(),
             "brain_bbox_size": median("brain_bbox_size"),
             "lesion_voxels": float(np.median([c["lesion_voxels"][0] for c in labelled])),
             "lesion_count": float(np.median([c["lesion_count"][0] for c in labelled])),
@@ -119,8 +123,9 @@ def make_plan(fingerprint: dict, name: str, device: str, arch: str = "leaky_unet
     plan.label_policy = "mean" if plan.n_raters > 1 else "mask1"
     if device == "cpu":
         plan.arch_kwargs = dict(CPU_ARCH_KWARGS) if arch == "leaky_unet" else {"base_channels": 16}
+    plan.target_spacing = [round(float(v), 3) for v in fingerprint["median"]["spacing_canonical"]]
     divisor = architectures.required_divisor(arch, **plan.arch_kwargs)
-    bbox = fingerprint["median"]["brain_bbox_size"]
+    bbox = np.divide(fingerprint["median"]["brain_bbox_mm"], plan.target_spacing)
     in_plane = [s for i, s in enumerate(bbox) if i != plan.slice_axis]
     plan.patch_size = [int(math.ceil((s + 2 * plan.crop_margin) / divisor) * divisor) for s in in_plane]
     pixels = plan.patch_size[0] * plan.patch_size[1]

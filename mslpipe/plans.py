@@ -55,6 +55,8 @@ class Plan:
     label_policy: str = "mean"
     n_raters: int = 1
     slice_axis: int = 2
+    # Voxel size (mm, RAS axis order) the network works at; scans more than 5% off are resampled.
+    target_spacing: list[float] | None = None
     patch_size: list[int] = field(default_factory=lambda: [224, 192])
     crop_margin: int = 4
     normalization: dict[str, Any] = field(
@@ -101,7 +103,7 @@ class Plan:
 
     def preprocessing_hash(self) -> str:
         """Hash of the fields that change the preprocessed arrays only."""
-        keys = ("channels", "label_policy", "slice_axis", "crop_margin", "normalization")
+        keys = ("channels", "label_policy", "slice_axis", "crop_margin", "normalization", "target_spacing")
         d = {k: getattr(self, k) for k in keys}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -98,6 +98,22 @@ def bounding_box(mask: np.ndarray, margin: int) -> list[list[int]]:
 
 
 # ---------------------------------------------------------------------------- one volume
+def resample_factors(spacing: np.ndarray, target: list[float] | None, tolerance: float = 0.05) -> np.ndarray | None:
+    """Zoom factors from ``spacing`` to ``target`` (canonical axis order), or None when within tolerance."""
+    if not target:
+        return None
+    target_arr = np.asarray(target, dtype=float)
+    if np.all(np.abs(spacing - target_arr) <= tolerance * target_arr):
+        return None
+    return spacing / target_arr
+
+
+def _zoom_to(data: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
+    factors = [n / o for n, o in zip(shape, data.shape, strict=True)]
+    out = ndimage.zoom(data, factors, order=order, mode="nearest", grid_mode=True)
+    return out[tuple(slice(0, n) for n in shape)]
+
+
 def preprocess_volume(
     channels: list[np.ndarray],
     affine: np.ndarray,
@@ -105,9 +121,21 @@ def preprocess_volume(
     masks: list[np.ndarray] | None = None,
     where: object = None,
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
-    """Return (image S×C×H×W float32, label S×H×W float32 or None, properties)."""
+    """Return (image S×C×H×W float32, label S×H×W float32 or None, properties).
+
+    Steps: reorient to RAS, resample to the plan's voxel size when the scan's differs by more than
+    5% (scans at the planned size are never interpolated), brain mask, normalise, crop, slice.
+    """
     ornt = canonical_ornt(affine)
     canon = [to_canonical(c, ornt) for c in channels]
+    canonical_shape = canon[0].shape
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)[np.argsort(ornt[:, 0])]
+    factors = resample_factors(spacing, plan.target_spacing)
+    canon_masks = [to_canonical(m, ornt) for m in masks] if masks else []
+    if factors is not None:
+        shape = tuple(max(1, int(round(n * f))) for n, f in zip(canonical_shape, factors, strict=True))
+        canon = [_zoom_to(c, shape, order=1) for c in canon]
+        canon_masks = [_zoom_to(m.astype(np.float32), shape, order=1) >= 0.5 for m in canon_masks]
     brain = brain_mask(canon[0])
     if not brain.any():
         raise MslpipeError("image is empty (all zero or no positive voxels)", where)
@@ -122,15 +150,15 @@ def preprocess_volume(
     axis = plan.slice_axis
     image = np.stack([np.moveaxis(a, axis, 0) for a in normed], axis=1)  # S, C, H, W
     label = None
-    if masks:
-        combined = combine_raters([to_canonical(m, ornt)[sl] for m in masks], plan.label_policy)
+    if canon_masks:
+        combined = combine_raters([m[sl] for m in canon_masks], plan.label_policy)
         label = np.ascontiguousarray(np.moveaxis(combined, axis, 0), dtype=np.float32)
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)[np.argsort(ornt[:, 0])]
     props = {
         "shape": [int(s) for s in channels[0].shape],
         "affine": np.asarray(affine).tolist(),
         "ornt": ornt.tolist(),
-        "canonical_shape": [int(s) for s in canon[0].shape],
+        "canonical_shape": [int(s) for s in canonical_shape],
+        "resampled_shape": [int(s) for s in canon[0].shape] if factors is not None else None,
         "crop_box": box,
         "slice_axis": axis,
         "spacing_canonical": [float(s) for s in spacing],
@@ -143,10 +171,18 @@ def preprocess_volume(
 
 
 def restore(pred: np.ndarray, props: dict[str, Any], fill: float = 0) -> np.ndarray:
-    """Map an S×H×W prediction on the preprocessed grid back to the scan's own grid."""
-    canonical = np.full(props["canonical_shape"], fill, dtype=pred.dtype)
+    """Map an S×H×W prediction on the preprocessed grid back to the scan's own grid.
+
+    Probabilities are interpolated linearly when the scan was resampled; integer masks by nearest
+    neighbour.
+    """
+    grid = props.get("resampled_shape") or props["canonical_shape"]
+    canonical = np.full(grid, fill, dtype=pred.dtype)
     box = props["crop_box"]
     canonical[tuple(slice(a, b) for a, b in box)] = np.moveaxis(pred, 0, props["slice_axis"])
+    if props.get("resampled_shape"):
+        order = 1 if np.issubdtype(pred.dtype, np.floating) else 0
+        canonical = _zoom_to(canonical, tuple(props["canonical_shape"]), order=order)
     return from_canonical(canonical, np.asarray(props["ornt"]))
 
 

@@ -266,3 +266,31 @@ def test_all_zero_or_negative_image_is_refused(fill):
     with pytest.raises(MslpipeError) as info:
         preprocess_volume([image], _affine_ras(), Plan(dataset="t"), where="scan_01.nii.gz")
     assert "scan_01.nii.gz" in str(info.value) and "empty" in str(info.value)
+
+
+def test_scans_at_another_voxel_size_are_resampled_and_mapped_back():
+    """A 2 mm scan is brought to the plan's 1 mm grid and the result mapped back to 2 mm exactly in shape."""
+    from mslpipe import preprocess as P
+    from mslpipe.plans import Plan
+
+    rng = np.random.default_rng(1)
+    img = np.zeros((20, 24, 16), np.float32)
+    img[3:17, 4:20, 2:14] = 50 + rng.random((14, 16, 12)) * 10
+    mask = np.zeros(img.shape, np.uint8)
+    mask[8:12, 9:14, 6:10] = 1
+    img[mask > 0] += 40
+    affine = np.diag([-2.0, 2.0, 2.0, 1.0])
+    plan = Plan("x", target_spacing=[1.0, 1.0, 1.0])
+    image, label, props = P.preprocess_volume([img], affine, plan, [mask])
+    assert props["resampled_shape"] == [40, 48, 32]
+    assert image.shape[0] > 20  # slices at 1 mm
+    back = P.restore((label >= 0.5).astype(np.uint8), props)
+    assert back.shape == img.shape
+    assert np.mean(back == mask) > 0.99
+    prob = P.restore(label, props)
+    assert prob.dtype == np.float32 and prob.shape == img.shape
+    # at the planned voxel size nothing is interpolated
+    _, label1, props1 = P.preprocess_volume([img], np.diag([-2.0, 2, 2, 1]), Plan("x", target_spacing=[2.0, 2, 2]),
+                                            [mask])
+    assert props1["resampled_shape"] is None
+    assert np.array_equal(P.restore(label1.astype(np.uint8), props1), mask)
