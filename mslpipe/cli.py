@@ -214,14 +214,15 @@ def demo(
 
 @app.command()
 def compare(
-    scans: Annotated[list[Path] | None, typer.Argument(help="BASELINE FOLLOWUP: two co-registered lesion masks "
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")],
+    scans: Annotated[list[Path] | None, typer.Argument(metavar="BASELINE FOLLOWUP",
+                                                       help="Two co-registered lesion masks "
                                                             "(or FLAIR images, with -d/--checkpoint).")] = None,
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path("change"),
     dataset: Annotated[str | None, typer.Option("-d", "--dataset", help="With --subject: the dataset; with two "
                                                 "images: segment them with its trained folds.")] = None,
     subject: Annotated[str | None, typer.Option(help="Compare this subject's consecutive time points.")] = None,
     pred: Annotated[Path | None, typer.Option(help="With --subject: predicted masks <case>.nii.gz "
-                                                   "[the dataset's mask1].")] = None,
+                                                   "(default: the dataset's mask1 references).")] = None,
     checkpoint: Annotated[list[Path] | None, typer.Option(help="Checkpoint to segment two images.")] = None,
     min_growth_percent: Annotated[float, typer.Option(help="Enlarging/shrinking: relative change of at "
                                                            "least this.")] = 25.0,
@@ -254,10 +255,10 @@ def _counts_text(counts: dict) -> str:
 
 @app.command()
 def export(
-    output: Annotated[Path, typer.Option("-o", "--output", help="The model file (.onnx); MODEL.json goes "
-                                                                "beside it.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The model file (.onnx); MODEL.onnx.json, "
+                                                                "its description, goes beside it.")],
     dataset: Annotated[str | None, typer.Option("-d", "--dataset", help="Export this dataset's trained fold.")] = None,
-    fold: Annotated[int | None, typer.Option(help="Fold to export [the only trained one].")] = None,
+    fold: Annotated[int | None, typer.Option(help="Fold to export (default: the only trained one).")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="A checkpoint file instead of -d.")] = None,
     arch: str | None = None,
     format: Annotated[str, typer.Option("--format", help="onnx (the only format).")] = "onnx",
@@ -272,6 +273,36 @@ def export(
                           exporter=exporter)
     _echo(f"exported {meta['source_checkpoint']} → {output} ({meta['exporter']} exporter, opset {meta['opset']}; "
           f"ONNX Runtime vs torch max logit difference {meta['export_check']['max_abs_logit_diff']:.2g})")
+
+
+@app.command("export-nnunet")
+def export_nnunet(
+    dataset: Name,
+    output: Annotated[Path, typer.Option("-o", "--output", help="The nnU-Net dataset folder "
+                                         "(nnU-Net expects $nnUNet_raw/DatasetNNN_NAME).")],
+    plans: Annotated[bool, typer.Option("--plans", help="Also write the plans entry that makes nnU-Net "
+                                        "train leaky_unet (DIR/nnUNetPlans_leaky_unet.fragment.json).")] = False,
+    nnunet_plans: Annotated[Path | None, typer.Option("--nnunet-plans", help="nnU-Net's nnUNetPlans.json: "
+                                                      "write nnUNetPlans_leaky_unet.json beside it (implies "
+                                                      "--plans).")] = None,
+    preprocessed_dir: Annotated[Path | None, typer.Option("--preprocessed-dir", help="Also write splits_final.json "
+                                                          "here ($nnUNet_preprocessed/DatasetNNN_NAME).")] = None,
+    label_policy: Annotated[str | None, typer.Option(help="mean, union, intersection or mask1, binarised at 0.5 "
+                                                     "[the plan's].")] = None,
+) -> None:
+    """Write a planned dataset in nnU-Net v2's raw format with mslpipe's subject-level folds."""
+    from mslpipe import nnunet_export
+
+    w = nnunet_export.run(dataset, _dirs(), output, label_policy=label_policy, plans=plans,
+                          nnunet_plans=nnunet_plans, preprocessed_dir=preprocessed_dir)
+    _echo(f"exported {len(w['training'])} training and {len(w['test'])} test scans ({w['label_policy']} labels), "
+          f"{len(w['folds'])} folds in splits_final.json → {output}")
+    if "plans" in w:
+        _echo(f"wrote {w['plans']}: nnUNetv2_train DATASET 2d FOLD -p {nnunet_export.PLANS_NAME} "
+              f"(with mslpipe importable)")
+    else:
+        _echo("next: nnUNetv2_plan_and_preprocess -d NNN (nnunetv2 2.8 copies splits_final.json into "
+              "$nnUNet_preprocessed/DatasetNNN_NAME itself; older versions need it copied)")
 
 
 @app.command()

@@ -31,6 +31,9 @@ class Predictor:
     divisor: int
     sources: list[str]
 
+    def predict_case(self, channels: list[np.ndarray], affine: np.ndarray, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+        return predict_case(self, channels, affine, **kwargs)
+
 
 def pick_device(device: str = "auto") -> str:
     import torch
@@ -134,10 +137,5 @@ def predict_case(predictor: Predictor, channels: list[np.ndarray], affine: np.nd
     prob = predict_volume(predictor.models, image, divisor=predictor.divisor, device=predictor.device,
                           batch_size=plan.inference_batch_size, tta=tta)
     prob = preprocess.restore(prob, props)
-    pp = {**plan.postprocessing, **(postprocessing or {})}
-    mask = postprocess.binarize(prob, pp.get("threshold", 0.5))
-    spacing = tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
-    if pp.get("min_lesion_mm3", 0) > 0:
-        mask = postprocess.remove_small_components(mask, spacing, pp["min_lesion_mm3"],
-                                                   connectivity=pp.get("connectivity", 26))
-    return mask.astype(np.uint8), prob
+    mask = postprocess.apply(prob, affine, {**plan.postprocessing, **(postprocessing or {})})
+    return mask, prob

@@ -215,6 +215,19 @@ def save_nifti(
 
 
 # ---------------------------------------------------------------------------- DICOM
+@contextlib.contextmanager
+def _keep_locale() -> Iterator[None]:
+    """ITK resets the process locale to "C" (text I/O then defaults to ASCII); put it back."""
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+@_keep_locale()
 def find_dicom_series(folder: str | os.PathLike) -> list[tuple[str, list[str]]]:
     """List DICOM series under ``folder`` as (series uid, sorted file names); SimpleITK does the sort."""
     import SimpleITK as sitk
@@ -254,6 +267,7 @@ def _check_dicom_spacing(files: list[str], folder: Path) -> None:
         )
 
 
+@_keep_locale()
 def load_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Read the single DICOM series in ``folder`` as (float32 array, nibabel-style RAS affine).
 
@@ -300,6 +314,7 @@ def sitk_to_numpy(image, where: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, affine
 
 
+@_keep_locale()
 def write_dicom_series(folder: str | os.PathLike, data: np.ndarray, affine: np.ndarray) -> Path:
     """Write a volume as a DICOM series (one file per slice): used by tests and for demos."""
     import SimpleITK as sitk

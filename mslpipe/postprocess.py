@@ -55,6 +55,20 @@ def remove_small_components(mask: np.ndarray, spacing: Sequence[float], min_size
     return keep[labels].astype(np.uint8)
 
 
+def apply(prob: np.ndarray, affine: np.ndarray, postprocessing: dict) -> np.ndarray:
+    """The plan's postprocessing of a probability map on a scan's grid: threshold, then drop specks.
+
+    ``postprocessing`` holds ``threshold`` (default 0.5), ``min_lesion_mm3`` (default 0) and
+    ``connectivity`` (default 26); the voxel spacing comes from ``affine``. Returns a uint8 mask.
+    """
+    mask = binarize(prob, postprocessing.get("threshold", 0.5))
+    if postprocessing.get("min_lesion_mm3", 0) > 0:
+        spacing = tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+        mask = remove_small_components(mask, spacing, postprocessing["min_lesion_mm3"],
+                                       connectivity=postprocessing.get("connectivity", 26))
+    return mask.astype(np.uint8)
+
+
 def lesion_table(mask: np.ndarray, affine: np.ndarray, connectivity: int = 26) -> list[dict]:
     """One row per lesion (connected component), in label order.
 

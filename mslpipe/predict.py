@@ -13,10 +13,11 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mslpipe import inference
+from mslpipe import report as lesion_report
 from mslpipe.datasets import check_case_id, discover
 from mslpipe.errors import MslpipeError
 from mslpipe.io import (
@@ -29,6 +30,9 @@ from mslpipe.io import (
     strip_nifti_suffix,
 )
 from mslpipe.plans import Workdirs, load_plan
+
+if TYPE_CHECKING:  # imported where used: the ONNX Runtime path (`--onnx`) must never import torch
+    from mslpipe import inference, onnx_inference
 
 log = logging.getLogger(__name__)
 
@@ -133,15 +137,21 @@ def postprocessing_for(dirs: Workdirs, dataset: str | None, arch: str) -> dict |
 
 
 # ---------------------------------------------------------------------------- the run
-def predict_sources(predictor: inference.Predictor, sources: list[Source], out: Path, *, tta: bool = False,
+def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredictor, sources: list[Source],
+                    out: Path, *, tta: bool = False,
                     postprocessing: dict | None = None, save_probabilities: bool = False,
-                    overwrite: bool = False, progress: Callable[[str], None] | None = None) -> PredictReport:
-    """Segment every source into ``out``; read-ahead and writes overlap the computation."""
-    report = PredictReport()
+                    overwrite: bool = False, progress: Callable[[str], None] | None = None,
+                    report: bool = False) -> PredictReport:
+    """Segment every source into ``out``; read-ahead and writes overlap the computation.
+
+    ``report``: also write each case's lesion table and QC images (:mod:`mslpipe.report`), report
+    skipped cases that have none yet, and rebuild ``report.csv`` and ``report.html`` at the end.
+    """
+    want_report, result = report, PredictReport()
     todo = []
     for src in sources:
         if (out / f"{src.case}.nii.gz").exists() and not overwrite:
-            report.skipped.append(src.case)
+            result.skipped.append(src.case)
         else:
             todo.append(src)
     names = [s.case for s in todo]
@@ -153,50 +163,84 @@ def predict_sources(predictor: inference.Predictor, sources: list[Source], out: 
     def read(src: Source):
         return src.read()
 
-    def write(src: Source, mask: np.ndarray, prob: np.ndarray, affine: np.ndarray) -> None:
+    def write(src: Source, mask: np.ndarray, prob: np.ndarray, affine: np.ndarray,
+              image: np.ndarray | None = None) -> None:
         save_nifti(out / f"{src.case}.nii.gz", mask, affine, dtype=np.uint8)
         if save_probabilities:
             save_nifti(out / "probabilities" / f"{src.case}.nii.gz", prob, affine, dtype=np.float32)
+        if want_report:
+            lesion_report.write_case_report(out, src.case, image, mask, affine)
+            lesion_report.write_report_csv(out)
+
+    def report_skipped(src: Source) -> None:  # finished by an earlier run that wrote no report
+        channels, affine = src.read()
+        lesion_report.write_saved_case_report(out, src.case, channels[0], affine)
+        lesion_report.write_report_csv(out)
 
     with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writer:
         pending: list[tuple[Source, Future]] = []
+        backfill = [(src, writer.submit(report_skipped, src)) for src in sources if want_report
+                    and src.case in result.skipped and not lesion_report.case_json_path(out, src.case).exists()]
         ahead = reader.submit(read, todo[0]) if todo else None
         for i, src in enumerate(todo):
             current = ahead
             ahead = reader.submit(read, todo[i + 1]) if i + 1 < len(todo) else None
             try:
                 channels, affine = current.result()
-                mask, prob = inference.predict_case(predictor, channels, affine, tta=tta,
-                                                    postprocessing=postprocessing, where=src.paths[0])
-                pending.append((src, writer.submit(write, src, mask, prob, affine)))
+                mask, prob = predictor.predict_case(channels, affine, tta=tta, postprocessing=postprocessing,
+                                                    where=src.paths[0])
+                pending.append((src, writer.submit(write, src, mask, prob, affine, channels[0])))
             except MslpipeError as exc:
-                report.failed.append((src.case, str(exc)))
+                result.failed.append((src.case, str(exc)))
                 log.error("%s", exc)
             if progress:
                 progress(src.case)
         for src, fut in pending:
             try:
                 fut.result()
-                report.written.append(src.case)
+                result.written.append(src.case)
             except MslpipeError as exc:
-                report.failed.append((src.case, str(exc)))
+                result.failed.append((src.case, str(exc)))
                 log.error("%s", exc)
-    return report
+        for src, fut in backfill:
+            try:
+                fut.result()
+            except MslpipeError as exc:
+                result.failed.append((src.case, str(exc)))
+                log.error("%s", exc)
+    if want_report:
+        try:
+            lesion_report.write_report_index(out)
+        except MslpipeError as exc:
+            result.failed.append(("report", str(exc)))
+            log.error("%s", exc)
+    return result
 
 
 def run(inp: Path, out: Path, *, dirs: Workdirs, dataset: str | None = None, arch: str | None = None,
         folds: list[int] | None = None, checkpoint: list[Path] | None = None, device: str = "auto",
         tta: bool = False, save_probabilities: bool = False, overwrite: bool = False,
-        compile: bool = False, progress: Callable[[str], None] | None = None) -> PredictReport:
-    if checkpoint:
-        paths = list(checkpoint)
+        compile: bool = False, progress: Callable[[str], None] | None = None,
+        report: bool = False, onnx: Path | None = None) -> PredictReport:
+    """``onnx``: an exported model run by ONNX Runtime on the CPU (no torch); otherwise checkpoints."""
+    if onnx is not None:
+        from mslpipe import onnx_inference
+
+        predictor = onnx_inference.load_onnx_predictor(onnx)
     else:
-        if dataset is None:
-            raise MslpipeError("say which model to use: -d NAME (trained folds) or --checkpoint PATH")
-        arch = arch or load_plan(dirs.plan_dir(dataset) / "plans.json").architecture
-        paths = find_checkpoints(dirs, dataset, arch, folds)
-    predictor = inference.load_predictor(paths, device=device, compile=compile)
+        if checkpoint:
+            paths = list(checkpoint)
+        else:
+            if dataset is None:
+                raise MslpipeError("say which model to use: -d NAME (trained folds), --checkpoint PATH or "
+                                   "--onnx MODEL")
+            arch = arch or load_plan(dirs.plan_dir(dataset) / "plans.json").architecture
+            paths = find_checkpoints(dirs, dataset, arch, folds)
+        from mslpipe import inference
+
+        predictor = inference.load_predictor(paths, device=device, compile=compile)
     sources = gather_sources(inp, len(predictor.plan.channels), dirs, dataset)
     pp = postprocessing_for(dirs, dataset, predictor.plan.architecture)
     return predict_sources(predictor, sources, Path(out), tta=tta, postprocessing=pp,
-                           save_probabilities=save_probabilities, overwrite=overwrite, progress=progress)
+                           save_probabilities=save_probabilities, overwrite=overwrite, progress=progress,
+                           report=report)

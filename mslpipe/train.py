@@ -115,7 +115,7 @@ def _write_log(path: Path, rows: list[dict]) -> None:
 def _read_log(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 

@@ -1,4 +1,4 @@
-"""Stages that string other stages together: `evaluate -d NAME` and `demo`.
+"""Stages that string other stages together: `evaluate -d NAME`, `demo` and `compare`.
 
 Sits above plan/train/predict (it calls them), below the CLI.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from mslpipe import evaluate, plan, postprocess, predict, train
+from mslpipe import evaluate, longitudinal, plan, postprocess, predict, train
 from mslpipe.datasets import discover
 from mslpipe.errors import MslpipeError
 from mslpipe.io import load_image, read_json, save_nifti, write_json
@@ -93,3 +93,73 @@ def demo(out: Path, *, subjects: int = 10, timepoints: int = 2, shape=(64, 72, 4
     summary = evaluate_dataset(name, dirs, device=device)
     return {"dirs": dirs, "plan": planned["plan"], "splits": planned["splits"], "train": trained,
             "summary": summary}
+
+
+# ---------------------------------------------------------------------------- longitudinal change
+def compare_scans(baseline: Path, followup: Path, out: Path, *, dirs: Workdirs, dataset: str | None = None,
+                  checkpoint: list[Path] | None = None, device: str = "auto",
+                  **thresholds) -> longitudinal.Change:
+    """`mslpipe compare BASELINE FOLLOWUP`: two masks, or two FLAIR images and a model to segment them.
+
+    A file whose values are not all 0/1 is taken for an image: with a model (``dataset``'s trained folds
+    or ``checkpoint``) it is segmented into ``out/segmentations/{baseline,followup}/`` first; without one
+    it is refused.
+    """
+    paths, segmented = [], {}
+    for role, path in (("baseline", Path(baseline)), ("followup", Path(followup))):
+        if longitudinal.read_mask(path) is not None or (dataset is None and not checkpoint):
+            paths.append(path)  # a mask, or an image that load_pair refuses with the reason
+            continue
+        seg_dir = out / "segmentations" / role
+        report = predict.run(path, seg_dir, dirs=dirs, dataset=dataset, checkpoint=checkpoint, device=device,
+                             overwrite=True)
+        if report.failed:
+            raise MslpipeError(f"segmenting the {role} scan failed: {report.failed[0][1]}")
+        paths.append(seg_dir / f"{report.written[0]}.nii.gz")
+        segmented[role] = {"image": str(path), "mask": str(paths[-1])}
+    extra = {"segmented": segmented} if segmented else None
+    return longitudinal.compare_files(paths[0], paths[1], out, extra=extra, **thresholds)
+
+
+def compare_subject(dataset: str, subject: str, out: Path, *, dirs: Workdirs, pred: Path | None = None,
+                    **thresholds) -> list[dict[str, Any]]:
+    """`mslpipe compare -d NAME --subject S`: every consecutive pair of the subject's time points.
+
+    Compares the masks in ``pred`` (``<case>.nii.gz``, e.g. `mslpipe predict` output) when given, else
+    the dataset's first rater's reference masks (``mask1``). Writes ``out/<case>_to_<case>/`` per pair
+    and ``out/<subject>_summary.json``.
+    """
+    fingerprint = dirs.plan_dir(dataset) / "fingerprint.json"
+    root = Path(read_json(fingerprint)["source"]) if fingerprint.exists() else dirs.raw / dataset
+    cases = discover(root)
+    chosen = sorted((c for c in cases if c.subject == subject), key=lambda c: c.timepoint)
+    if not chosen:
+        raise MslpipeError(f"no subject {subject!r} (subjects: {', '.join(sorted({c.subject for c in cases}))})",
+                           root)
+    if len(chosen) < 2:
+        raise MslpipeError(f"subject {subject} has one time point only; compare needs two", root)
+
+    def mask_of(case) -> Path:
+        if pred is not None:
+            found = [Path(pred) / f"{case.id}{suffix}" for suffix in (".nii.gz", ".nii")]
+            found = [p for p in found if p.exists()]
+            if not found:
+                raise MslpipeError(f"no predicted mask for {case.id} ({case.id}.nii.gz)", pred)
+            return found[0]
+        if not case.masks:
+            raise MslpipeError(f"case {case.id} has no reference mask; give --pred DIR", root)
+        return case.masks[0]
+
+    pairs = []
+    for before, after in zip(chosen, chosen[1:], strict=False):
+        pair_dir = Path(out) / f"{before.id}_to_{after.id}"
+        source = "predicted masks" if pred is not None else "reference masks (rater 1)"
+        change = longitudinal.compare_files(mask_of(before), mask_of(after), pair_dir, **thresholds,
+                                            extra={"subject": subject, "baseline_case": before.id,
+                                                   "followup_case": after.id, "masks": source})
+        pairs.append({"baseline_case": before.id, "followup_case": after.id, "folder": pair_dir.name,
+                      **{k: change.summary[k] for k in ("counts", "volume_baseline_ml", "volume_followup_ml",
+                                                        "volume_change_ml")}})
+    write_json(Path(out) / f"{subject}_summary.json", {"dataset": dataset, "subject": subject,
+                                                       "masks": source, "pairs": pairs})
+    return pairs

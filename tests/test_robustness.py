@@ -122,3 +122,15 @@ def test_outputs_get_normal_file_permissions(tmp_path):
     path = write_json(tmp_path / "a.json", {"x": 1})
     assert path.stat().st_mode & 0o777 == FILE_MODE
     assert FILE_MODE & 0o044, "group/others can read outputs under the usual umask"
+
+
+def test_dicom_reading_keeps_the_process_locale(tmp_path):
+    """ITK sets the C locale; mslpipe restores it, so later text I/O is not forced to ASCII."""
+    import locale
+
+    from mslpipe.io import load_dicom_series, write_dicom_series
+
+    before = locale.setlocale(locale.LC_ALL)
+    write_dicom_series(tmp_path / "s", np.zeros((4, 4, 3)), np.eye(4))
+    load_dicom_series(tmp_path / "s")
+    assert locale.setlocale(locale.LC_ALL) == before

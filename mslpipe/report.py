@@ -1,0 +1,397 @@
+"""Clinical outputs of ``predict --report``: lesion tables per case, QC overlays, one offline HTML page.
+
+Per case ``OUT/<case>.lesions.csv`` (one row per lesion) and ``OUT/<case>.lesions.json`` (lesion
+count, total volume, the lesions, the QC images), and PNG overlays in ``OUT/qc/``. The dataset-level
+``OUT/report.csv`` and ``OUT/report.html`` are rebuilt from the per-case JSON files present in OUT,
+so reruns and skipped cases stay consistent. ``report.html`` is self-contained: images are embedded
+as base64 data URIs, the CSS is inline, there is no script and no external URL.
+
+A lesion is a connected component (26-connectivity); volumes are voxel counts × the voxel volume
+(|det| of the affine's 3×3 part); centroids are in scanner (world) millimetres through the affine.
+The axial axis is the array axis closest to world S-I.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from mslpipe.errors import MslpipeError
+from mslpipe.io import atomic_path, atomic_write_text, load_mask, read_json, write_json
+from mslpipe.metrics import dice, lesion_counts
+from mslpipe.postprocess import lesion_table
+
+log = logging.getLogger(__name__)
+
+QC_DIR = "qc"
+JSON_SUFFIX = ".lesions.json"
+LESION_FIELDS = ("id", "volume_mm3", "n_voxels", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
+                 "axial_first", "axial_last")
+REPORT_FIELDS = ("case", "lesion_count", "total_volume_ml", "largest_lesion_mm3")
+TOP_SLICES, MIN_GAP = 3, 3  # axial panels per case, at least 3 slices apart
+MAX_LISTED = 10  # lesions listed on the page (the CSV has all)
+PANEL_INCHES, DPI = 2.6, 100  # at most 260 px per panel
+ALPHA = 0.6
+COLOURS = {"lesion": "#ff9900", "tp": "#22dd22", "fp": "#ff2222", "fn": "#3377ff"}
+LEGENDS = {"lesion": "lesion (prediction)", "tp": "true positive (green): predicted and in the reference",
+           "fp": "false positive (red): predicted, not in the reference",
+           "fn": "false negative (blue): in the reference, not predicted"}
+CSS = (
+    "body{font-family:sans-serif;margin:1em;color:#222;background:#fff}"
+    "table{border-collapse:collapse;margin:.3em 0}td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;"
+    "text-align:left}section.case{border-top:2px solid #888;margin-top:1em}.row{display:flex;gap:1em;"
+    "flex-wrap:wrap;align-items:flex-start}.numbers{min-width:320px}.images{display:flex;flex-direction:column}"
+    "figure{margin:0 0 .5em 0}figcaption{font-size:12px;color:#555}img{display:block;max-width:100%}"
+    ".legend{list-style:none;padding:0;font-size:13px}.sw{display:inline-block;width:12px;height:12px;"
+    "margin-right:6px;vertical-align:middle;border:1px solid #333}.none{font-weight:bold}.note{font-size:12px}"
+)
+ORIENTATION_NOTE = (
+    "Slices are reoriented to RAS (nibabel's closest canonical orientation) and drawn with the origin "
+    "at the lower left, in the neurological convention: the patient's left is on the image's left; "
+    "anterior is up in axial views, superior is up in coronal and sagittal views, anterior is on the "
+    "right in sagittal views. Slice numbers are voxel indices of the input scan."
+)
+
+
+# ---------------------------------------------------------------------------- numbers
+def axial_axis(affine: np.ndarray) -> int:
+    """The array axis closest to world S-I (the axis axial slices are taken along)."""
+    import nibabel.orientations as nio
+
+    ornt = nio.io_orientation(np.asarray(affine, dtype=np.float64))
+    hit = np.flatnonzero(ornt[:, 0] == 2)
+    if hit.size:
+        return int(hit[0])
+    cols = np.asarray(affine, dtype=np.float64)[:3, :3]
+    return int(np.argmax(np.abs(cols[2]) / np.linalg.norm(cols, axis=0)))
+
+
+def lesion_summary(mask: np.ndarray, affine: np.ndarray, case: str, connectivity: int = 26) -> dict:
+    """Lesion count, total volume (mL), largest lesion (mm³) and one entry per lesion (label order)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    rows = lesion_table(mask, affine, connectivity)
+    ax = axial_axis(affine)
+    lesions = [{
+        "id": r["label"],
+        "volume_mm3": r["volume_mm3"],
+        "n_voxels": r["n_voxels"],
+        "centroid_mm": r["centroid_mm"],
+        "centroid_voxel": r["centroid_voxel"],
+        "axial_slices": r["slice_range"][ax],
+        "slice_ranges": r["slice_range"],
+    } for r in rows]
+    volumes = [les["volume_mm3"] for les in lesions]
+    return {
+        "case": case,
+        "lesion_count": len(lesions),
+        "total_volume_ml": float(sum(volumes)) / 1000.0,
+        "largest_lesion_mm3": float(max(volumes, default=0.0)),
+        "voxel_volume_mm3": abs(float(np.linalg.det(affine[:3, :3]))),
+        "shape": [int(s) for s in np.shape(mask)],
+        "affine": affine.tolist(),
+        "axial_axis": ax,
+        "connectivity": connectivity,
+        "lesions": lesions,
+    }
+
+
+def _reference_summary(mask: np.ndarray, ref: np.ndarray, connectivity: int) -> dict:
+    pred, truth = np.asarray(mask) != 0, np.asarray(ref) != 0
+    return {"dice": dice(pred, truth), **lesion_counts(pred, truth, connectivity),
+            "tp_voxels": int((pred & truth).sum()), "fp_voxels": int((pred & ~truth).sum()),
+            "fn_voxels": int((~pred & truth).sum())}
+
+
+def _write_lesion_csv(path: Path, summary: dict) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(LESION_FIELDS)
+    for les in summary["lesions"]:
+        writer.writerow([les["id"], round(les["volume_mm3"], 4), les["n_voxels"],
+                         *(round(v, 3) for v in les["centroid_mm"]), *les["axial_slices"]])
+    atomic_write_text(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------------------- pictures
+def _canonical(affine: np.ndarray, arrays: list[np.ndarray]):
+    """Arrays reoriented to RAS, their RAS affine, and the orientation used."""
+    import nibabel.orientations as nio
+
+    ornt = nio.io_orientation(affine)
+    shape = arrays[0].shape
+    canon = [np.asarray(nio.apply_orientation(a, ornt)) for a in arrays]
+    return canon, affine @ nio.inv_ornt_aff(ornt, shape), ornt
+
+
+def _input_index(ornt: np.ndarray, shape: tuple[int, ...], canon_axis: int, k: int) -> int:
+    """The input scan's voxel index of canonical slice ``k`` along ``canon_axis``."""
+    axis = int(np.flatnonzero(ornt[:, 0] == canon_axis)[0])
+    return int(shape[axis] - 1 - k) if ornt[axis, 1] < 0 else int(k)
+
+
+def _brain_threshold(image: np.ndarray) -> float:
+    """Brain (head) voxels are above 5% of the bright end."""
+    bright = float(np.percentile(image, 99.5))
+    return 0.05 * bright if bright > 0 else -np.inf
+
+
+def _window(image: np.ndarray) -> tuple[float, float]:
+    """Grey-level window: the 0.5th to 99.5th percentile of the brain's intensities."""
+    brain = image[image > _brain_threshold(image)]
+    lo, hi = (float(v) for v in np.percentile(brain if brain.size else image, [0.5, 99.5]))
+    return lo, hi if hi > lo else lo + 1.0
+
+
+def _crop_box(image: np.ndarray, lesions: np.ndarray, margin: int = 4) -> tuple[slice, ...]:
+    """The box around the brain (and every lesion voxel), so that the panels show little background."""
+    where = np.argwhere((image > _brain_threshold(image)) | lesions)
+    if where.size == 0:
+        return tuple(slice(0, n) for n in image.shape)
+    lo, hi = np.maximum(where.min(axis=0) - margin, 0), np.minimum(where.max(axis=0) + margin + 1, image.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+
+
+def _overlay(pred: np.ndarray, ref: np.ndarray | None) -> np.ndarray:
+    from matplotlib.colors import to_rgba
+
+    rgba = np.zeros(pred.shape + (4,), dtype=np.float32)
+    if ref is None:
+        parts = {"lesion": pred}
+    else:
+        parts = {"tp": pred & ref, "fp": pred & ~ref, "fn": ~pred & ref}
+    for key, where in parts.items():
+        rgba[where] = to_rgba(COLOURS[key], ALPHA)
+    return rgba
+
+
+def _render(path: Path, panels: list[dict], window: tuple[float, float]) -> None:
+    """One PNG, a row of panels; each panel: image, pred, ref (or None), aspect, title, optional marker."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(PANEL_INCHES * len(panels), PANEL_INCHES + 0.25), dpi=DPI, facecolor="black")
+    FigureCanvasAgg(fig)
+    for i, p in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        # sharp voxels when enlarged; when shrunk, smoothing keeps one-voxel lesions from vanishing
+        smooth = "antialiased" if max(p["image"].shape) > PANEL_INCHES * DPI else "nearest"
+        ax.imshow(p["image"].T, cmap="gray", vmin=window[0], vmax=window[1], origin="lower",
+                  aspect=p["aspect"], interpolation=smooth)
+        ax.imshow(_overlay(p["pred"], p["ref"]).transpose(1, 0, 2), origin="lower", aspect=p["aspect"],
+                  interpolation=smooth)
+        if p.get("marker") is not None:
+            ax.plot(*p["marker"], marker="+", color="yellow", markersize=9, markeredgewidth=1)
+        ax.set_title(p["title"], fontsize=8, color="white")
+        ax.set_axis_off()
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.04)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, facecolor="black")
+
+
+def render_case_images(out_dir: Path, case: str, image: np.ndarray, mask: np.ndarray, affine: np.ndarray,
+                       summary: dict, ref: np.ndarray | None = None) -> list[dict]:
+    """Write ``qc/<case>_slices.png`` (and ``qc/<case>_planes.png`` when there are lesions)."""
+    arrays = [np.nan_to_num(np.asarray(image, dtype=np.float32)), np.asarray(mask) != 0]
+    if ref is not None:
+        arrays.append(np.asarray(ref) != 0)
+    canon, canon_affine, ornt = _canonical(np.asarray(affine, dtype=np.float64), arrays)
+    box = _crop_box(canon[0], np.logical_or.reduce(canon[1:]))
+    offset = np.array([b.start for b in box])
+    img, pred, *rest = (a[box] for a in canon)
+    truth = rest[0] if rest else None
+    shape = np.shape(mask)
+    zooms = np.linalg.norm(canon_affine[:3, :3], axis=0)
+    window = _window(arrays[0])
+
+    def index(axis: int, k: int) -> int:  # the input scan's index of cropped canonical slice k
+        return _input_index(ornt, shape, axis, int(k) + int(offset[axis]))
+    aspects = {2: zooms[1] / zooms[0], 1: zooms[2] / zooms[0], 0: zooms[2] / zooms[1]}
+
+    def panel(axis: int, k: int, title: str, marker=None) -> dict:
+        return {"image": np.take(img, k, axis), "pred": np.take(pred, k, axis),
+                "ref": None if truth is None else np.take(truth, k, axis), "aspect": aspects[axis],
+                "title": title, "marker": marker}
+
+    qc = Path(out_dir) / QC_DIR
+    images = []
+    per_slice = (pred if truth is None else pred | truth).sum(axis=(0, 1))
+    top: list[int] = []  # the slices with the most lesion, at least MIN_GAP apart so that they differ
+    for k in np.argsort(-per_slice, kind="stable"):
+        if per_slice[k] == 0 or len(top) == TOP_SLICES:
+            break
+        if all(abs(int(k) - t) >= MIN_GAP for t in top):
+            top.append(int(k))
+    if top:
+        panels = [panel(2, k, f"axial {index(2, k)}: {int(per_slice[k])} vox") for k in top]
+        which = "prediction and reference" if truth is not None else "prediction"
+        caption = f"axial slices with the most lesion ({which})"
+    else:
+        mid = img.shape[2] // 2
+        panels = [panel(2, mid, f"axial {index(2, mid)}: no lesions found")]
+        caption = "middle axial slice: no lesions found"
+    _render(qc / f"{case}_slices.png", panels, window)
+    images.append({"file": f"{QC_DIR}/{case}_slices.png", "caption": caption})
+    if summary["lesions"]:
+        largest = max(summary["lesions"], key=lambda les: les["volume_mm3"])
+        world = np.append(np.asarray(largest["centroid_mm"], dtype=np.float64), 1.0)
+        c = np.linalg.solve(canon_affine, world)[:3] - offset
+        ijk = [int(np.clip(np.rint(v), 0, n - 1)) for v, n in zip(c, img.shape, strict=True)]
+        names = {2: "axial", 1: "coronal", 0: "sagittal"}
+        marks = {2: (c[0], c[1]), 1: (c[0], c[2]), 0: (c[1], c[2])}
+        panels = [panel(a, ijk[a], f"{names[a]} {index(a, ijk[a])}", marks[a])
+                  for a in (2, 1, 0)]
+        _render(qc / f"{case}_planes.png", panels, window)
+        images.append({"file": f"{QC_DIR}/{case}_planes.png",
+                       "caption": f"three planes through the centroid (+) of the largest lesion, id {largest['id']} "
+                                  f"({largest['volume_mm3']:.1f} mm³)"})
+    else:
+        (qc / f"{case}_planes.png").unlink(missing_ok=True)  # from an earlier run with lesions
+    return images
+
+
+# ---------------------------------------------------------------------------- per case
+def case_json_path(out_dir: Path, case: str) -> Path:
+    return Path(out_dir) / f"{case}{JSON_SUFFIX}"
+
+
+def write_case_report(out_dir: Path, case: str, image: np.ndarray, mask: np.ndarray, affine: np.ndarray,
+                      ref: np.ndarray | None = None, connectivity: int = 26) -> dict:
+    """Write ``<case>.lesions.csv``, ``qc/<case>_*.png`` and, last, ``<case>.lesions.json``; return the JSON."""
+    out_dir = Path(out_dir)
+    try:
+        if np.shape(image) != np.shape(mask) or (ref is not None and np.shape(ref) != np.shape(mask)):
+            raise MslpipeError("image, mask and reference must have the same shape for the report",
+                               case_json_path(out_dir, case))
+        summary = lesion_summary(mask, affine, case, connectivity)
+        if ref is not None:
+            summary["reference"] = _reference_summary(mask, ref, connectivity)
+        _write_lesion_csv(out_dir / f"{case}.lesions.csv", summary)
+        summary["images"] = render_case_images(out_dir, case, image, mask, affine, summary, ref)
+        write_json(case_json_path(out_dir, case), summary)  # last: its presence means the case is complete
+    except MslpipeError:
+        raise
+    except Exception as exc:  # matplotlib, nibabel and numpy raise many types: one line per case
+        raise MslpipeError(f"cannot write the lesion report ({type(exc).__name__}: {exc})",
+                           case_json_path(out_dir, case)) from exc
+    return summary
+
+
+def write_saved_case_report(out_dir: Path, case: str, image: np.ndarray, affine: np.ndarray) -> dict:
+    """Report a case from the mask ``OUT/<case>.nii.gz`` that an earlier run wrote (e.g. without a report)."""
+    mask = load_mask(Path(out_dir) / f"{case}.nii.gz", np.shape(image), affine)
+    return write_case_report(out_dir, case, image, mask, affine)
+
+
+# ---------------------------------------------------------------------------- the whole folder
+def read_case_reports(out_dir: Path) -> list[dict]:
+    """Every per-case JSON in ``out_dir``, sorted by case; unreadable ones are skipped with a warning."""
+    summaries = []
+    for path in sorted(Path(out_dir).glob(f"*{JSON_SUFFIX}")):
+        try:
+            data = read_json(path)
+            if not isinstance(data, dict) or not {"case", "lesion_count", "lesions"} <= data.keys():
+                raise MslpipeError("not a lesion report", path)
+        except MslpipeError as exc:
+            log.warning("left out of the report: %s", exc)
+            continue
+        summaries.append(data)
+    return sorted(summaries, key=lambda s: str(s["case"]))
+
+
+def write_report_csv(out_dir: Path, summaries: list[dict] | None = None) -> Path:
+    """(Re)write ``report.csv``: one row per case with a per-case JSON in ``out_dir``."""
+    summaries = read_case_reports(out_dir) if summaries is None else summaries
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(REPORT_FIELDS)
+    for s in summaries:
+        writer.writerow([s["case"], s["lesion_count"], round(float(s["total_volume_ml"]), 6),
+                         round(float(s["largest_lesion_mm3"]), 4)])
+    return atomic_write_text(Path(out_dir) / "report.csv", buf.getvalue())
+
+
+def write_report_index(out_dir: Path) -> Path:
+    """Rebuild ``report.csv`` and the self-contained ``report.html`` from the per-case files; return the page."""
+    out_dir = Path(out_dir)
+    summaries = read_case_reports(out_dir)
+    write_report_csv(out_dir, summaries)
+    return atomic_write_text(out_dir / "report.html", render_page(out_dir, summaries))
+
+
+def _data_uri(out_dir: Path, name: str) -> str | None:
+    path = out_dir / QC_DIR / Path(str(name)).name  # never outside OUT/qc, whatever the JSON says
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        log.warning("image left out of the report: %s (%s)", path, exc.strerror or exc)
+        return None
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _legend(summary: dict) -> str:
+    keys = ("tp", "fp", "fn") if "reference" in summary else ("lesion",)
+    return "".join(f'<li><span class="sw" style="background:{COLOURS[k]}"></span>{_esc(LEGENDS[k])}</li>'
+                   for k in keys)
+
+
+def _numbers(s: dict) -> str:
+    rows = [("lesions", s["lesion_count"]), ("total lesion volume", f"{float(s['total_volume_ml']):.3f} mL"),
+            ("largest lesion", f"{float(s['largest_lesion_mm3']):.1f} mm³")]
+    ref = s.get("reference")
+    if ref:
+        rows += [("Dice vs reference", f"{float(ref['dice']):.3f}"),
+                 ("reference lesions detected", f"{ref['n_detected_ref_lesions']} of {ref['n_ref_lesions']}"),
+                 ("false-positive lesions", f"{ref['n_fp_pred_lesions']} of {ref['n_pred_lesions']}")]
+    out = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in rows)
+    if not s["lesions"]:
+        return f'<table class="num">{out}</table><p class="none">no lesions found</p>'
+    biggest = sorted(s["lesions"], key=lambda les: -float(les["volume_mm3"]))[:MAX_LISTED]
+    lines = "".join(
+        f"<tr><td>{_esc(les['id'])}</td><td>{float(les['volume_mm3']):.1f}</td><td>{_esc(les['n_voxels'])}</td>"
+        f"<td>{', '.join(f'{float(v):.1f}' for v in les['centroid_mm'])}</td>"
+        f"<td>{_esc(les['axial_slices'][0])}–{_esc(les['axial_slices'][1])}</td></tr>" for les in biggest)
+    more = (f'<p class="note">{len(s["lesions"]) - MAX_LISTED} smaller lesions in {_esc(s["case"])}.lesions.csv</p>'
+            if len(s["lesions"]) > MAX_LISTED else "")
+    return (f'<table class="num">{out}</table><table class="les"><tr><th>id</th><th>mm³</th><th>voxels</th>'
+            f"<th>centroid x, y, z (mm)</th><th>axial slices</th></tr>{lines}</table>{more}")
+
+
+def _case_section(out_dir: Path, s: dict) -> str:
+    figures = []
+    for item in s.get("images", []):
+        uri = _data_uri(out_dir, item.get("file", ""))
+        if uri is None:
+            figures.append(f'<p class="note">image missing: {_esc(item.get("file", ""))}</p>')
+            continue
+        figures.append(f'<figure><img src="{uri}" alt="{_esc(s["case"])}: {_esc(item.get("caption", ""))}">'
+                       f'<figcaption>{_esc(item.get("caption", ""))}</figcaption></figure>')
+    return (f'<section class="case" id="case-{_esc(s["case"])}"><h2>{_esc(s["case"])}</h2><div class="row">'
+            f'<div class="numbers">{_numbers(s)}<ul class="legend">{_legend(s)}</ul></div>'
+            f'<div class="images">{"".join(figures)}</div></div></section>')
+
+
+def render_page(out_dir: Path, summaries: list[dict]) -> str:
+    """The HTML text of ``report.html`` (no script, no external resource)."""
+    rows = "".join(
+        f'<tr><td><a href="#case-{_esc(s["case"])}">{_esc(s["case"])}</a></td><td>{_esc(s["lesion_count"])}</td>'
+        f'<td>{float(s["total_volume_ml"]):.3f}</td><td>{float(s["largest_lesion_mm3"]):.1f}</td></tr>'
+        for s in summaries)
+    sections = "".join(_case_section(Path(out_dir), s) for s in summaries)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>mslpipe lesion report</title>'
+            f"<style>{CSS}</style></head><body><h1>MS lesion report</h1>"
+            f"<p>{len(summaries)} scans. A lesion is a 26-connected component of the predicted mask; volumes are "
+            f"voxel counts × voxel volume; centroids are scanner (world) coordinates in mm. "
+            f"{_esc(ORIENTATION_NOTE)} Intensities are windowed to the 0.5–99.5th percentiles of the brain.</p>"
+            f'<table class="sum"><tr><th>case</th><th>lesions</th><th>total volume (mL)</th>'
+            f"<th>largest lesion (mm³)</th></tr>{rows}</table>{sections}</body></html>\n")
+
