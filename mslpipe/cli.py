@@ -169,6 +169,8 @@ def evaluate_cmd(
     pred: Annotated[Path | None, typer.Option(help="Folder of predicted masks.")] = None,
     ref: Annotated[Path | None, typer.Option(help="Folder of reference masks.")] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="summary.json path.")] = None,
+    qc_report: Annotated[bool, typer.Option("--report", help="With -d: crossval/report.html with TP/FP/FN overlays.")
+                         ] = False,
     device: Device = "auto",
 ) -> None:
     """Dice, IoU, lesion-wise TPR/FPR/F1, volume difference, HD95, ISBI score."""
@@ -184,7 +186,7 @@ def evaluate_cmd(
         raise MslpipeError("give -d NAME, or --pred DIR --ref DIR")
     from mslpipe import workflow
 
-    summary = workflow.evaluate_dataset(dataset, _dirs(), arch=arch, device=device)
+    summary = workflow.evaluate_dataset(dataset, _dirs(), arch=arch, device=device, report=qc_report)
     _echo(_summary_text(summary, evaluate_mod))
 
 

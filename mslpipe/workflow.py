@@ -13,30 +13,30 @@ from typing import Any
 import numpy as np
 
 from mslpipe import evaluate, longitudinal, plan, postprocess, predict, train
+from mslpipe import report as lesion_report
 from mslpipe.datasets import discover
 from mslpipe.errors import MslpipeError
-from mslpipe.io import load_image, read_json, save_nifti, write_json
+from mslpipe.io import load_image, load_mask, read_json, save_nifti, write_json
 from mslpipe.plans import Workdirs, load_plan
 
 log = logging.getLogger(__name__)
 
 
-def _references(fingerprint: dict) -> dict[str, list[Path]]:
-    return {c.id: c.masks for c in discover(fingerprint["source"]) if c.masks}
-
-
 def evaluate_dataset(name: str, dirs: Workdirs, arch: str | None = None, device: str = "auto",
-                     candidates_mm3=(0, 3, 5, 10, 20)) -> dict[str, Any]:
+                     candidates_mm3=(0, 3, 5, 10, 20), report: bool = False) -> dict[str, Any]:
     """Score out-of-fold predictions (cross-validation) and the fold ensemble on the test split.
 
     Chooses the minimum lesion size on the out-of-fold predictions, stores it in
-    ``postprocessing.json`` (which `predict` applies) and writes ``summary.json``.
+    ``postprocessing.json`` (which `predict` applies) and writes ``summary.json``. With ``report``,
+    ``crossval/report.html`` shows each out-of-fold prediction on its FLAIR with true positives,
+    false positives and false negatives against rater 1.
     """
     plan_dir = dirs.plan_dir(name)
     the_plan = load_plan(plan_dir / "plans.json")
     arch = arch or the_plan.architecture
     fingerprint, splits = read_json(plan_dir / "fingerprint.json"), read_json(plan_dir / "splits.json")
-    refs = _references(fingerprint)
+    cases = {c.id: c for c in discover(fingerprint["source"])}
+    refs = {cid: c.masks for cid, c in cases.items() if c.masks}
     root = dirs.results_dir(name, arch)
     oof = sorted(root.glob("fold_[0-9]*/validation/*.nii.gz"))
     if not oof:
@@ -55,6 +55,13 @@ def evaluate_dataset(name: str, dirs: Workdirs, arch: str | None = None, device:
         mask = postprocess.remove_small_components(pred > 0.5, spacing, pp["min_lesion_mm3"], connectivity)
         save_nifti(cv_dir / f"{pair.case}.nii.gz", mask, affine)
         cv_pairs.append(evaluate.CasePair(pair.case, cv_dir / f"{pair.case}.nii.gz", pair.ref_paths))
+        if report:
+            image, _ = load_image(next(iter(cases[pair.case].images.values())))
+            ref = load_mask(pair.ref_paths[0], like_shape=mask.shape, like_affine=affine)
+            lesion_report.write_case_report(cv_dir, pair.case, image, mask, affine, ref=ref,
+                                            connectivity=connectivity)
+    if report:
+        lesion_report.write_report_index(cv_dir)
     summary = evaluate.score_pairs(cv_pairs, connectivity=connectivity, slice_axis=2)
     summary["what"] = ("cross-validation: out-of-fold predictions of each trained fold's final model, "
                        f"postprocessed with min_lesion_mm3={pp['min_lesion_mm3']}")

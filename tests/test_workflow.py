@@ -9,7 +9,7 @@ from mslpipe import workflow
 
 def test_evaluate_dataset(trained, planned):
     d, _ = trained
-    summary = workflow.evaluate_dataset("syn", d, device="cpu")
+    summary = workflow.evaluate_dataset("syn", d, device="cpu", report=True)
     root = d.results_dir("syn", "leaky_unet")
     written = json.loads((root / "summary.json").read_text())
     assert written["per_case"] and "dice" in written["mean"] and "iou" in written["mean"]
@@ -22,6 +22,8 @@ def test_evaluate_dataset(trained, planned):
     test_subjects = set(planned[1]["splits"]["test"])
     assert {r["case"].split("_")[0] for r in summary["test"]["per_case"]} == test_subjects
     assert "slice_dice_study" in summary["mean"]
+    page = (root / "crossval" / "report.html").read_text(encoding="utf-8")
+    assert "false positive" in page and page.count("<img") >= len(written["per_case"]) // 2
 
 
 def test_demo_end_to_end_tiny(tmp_path):
