@@ -1,0 +1,227 @@
+"""Real-data benchmark against nnU-Net v2: same data, same subject folds, same training minutes.
+
+Three arms on mslpipe's subject-level folds of ../shared/data/real-ms-isbi (4 subjects: 4
+leave-one-subject-out folds; training03's three scans always stay together):
+
+* ``nnunet_2d``: nnU-Net's default ``2d`` configuration (its planner, preprocessing, PlainConvUNet,
+  deep supervision, augmentation, sliding-window inference);
+* ``nnunet_leaky_unet``: nnU-Net training mslpipe's ``leaky_unet`` (the plans from
+  ``export-nnunet --nnunet-plans``: only the 2d configuration's network is replaced);
+* ``mslpipe_leaky_unet``: mslpipe's own pipeline and network.
+
+The first two against each other isolate what the network contributes; the last two what the pipeline
+contributes. nnU-Net gets exactly mslpipe's folds through ``splits_final.json``. Each arm trains each fold
+for the same wall-clock budget (``--minutes-per-fold``, 3 by default; nnU-Net stops itself through
+``bench/nnunet/trainers``, mslpipe's epoch count is calibrated on two timed epochs). Every arm's predictions
+are scored by ``mslpipe evaluate --pred --ref`` (the same metric code), per fold and pooled over folds;
+nnU-Net's own validation summary.json is recorded beside it as a cross-check. Inference is timed end to
+end per volume (process start, model loading, reading, writing included) with and without test-time
+mirroring: nnU-Net's default and ``--disable_tta``, mslpipe's default and ``--tta``.
+
+Results accumulate in ``bench/real_data_results.json`` (one entry per arm and fold, with the per-case rows
+of `mslpipe evaluate`; a rerun replaces its own), so the folds and arms can be run in several calls, even on
+different machines of the same kind: every run rewrites the table in bench/RESULTS.md from all entries,
+pooled over folds once every fold of an arm is in. ``--smoke`` proves the wiring on the CPU (synthetic data unless
+``--data``, fold 0, one tiny epoch per arm) and prints its numbers without writing RESULTS.md.
+
+    bash bench/nnunet/setup.sh                                   # once: nnU-Net in bench/nnunet/.venv
+    python bench/real_data.py --smoke                            # CPU wiring check, a few minutes
+    python bench/real_data.py --device cuda --folds 0 --work /tmp/rd   # a GPU run; then --folds 1,2,3
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_data_arms import ARMS, REPO, Setup, pool, run, run_arm  # noqa: E402
+
+from mslpipe import nnunet_export, plan  # noqa: E402
+from mslpipe.datasets import discover  # noqa: E402
+from mslpipe.io import read_json, write_json  # noqa: E402
+from mslpipe.plans import Workdirs  # noqa: E402
+from results import real_data_path, table, write_section  # noqa: E402
+
+RESULTS_JSON = REPO / "bench" / "real_data_results.json"
+SMOKE_ARCH = {"base_channels": 4, "max_channels": 32, "depth": 3}
+SMOKE_OVERRIDES = {"arch_kwargs": SMOKE_ARCH, "batch_size": 4, "num_workers": 0, "inference_batch_size": 16}
+
+
+def prepare(setup: Setup, data: Path, overrides: dict | None) -> dict:
+    """mslpipe plan, export to nnU-Net, nnU-Net plan and preprocess, the patched plans (each once per work)."""
+    w = setup.work / "mslpipe"
+    dirs = Workdirs.resolve(w / "raw", w / "plans", w / "pre", w / "results")
+    timings = {}
+    if not (dirs.plan_dir(setup.name) / "splits.json").exists():
+        t0 = time.perf_counter()
+        plan.run(setup.name, dirs, input_path=data, device=setup.device, test_fraction=0, overrides=overrides)
+        timings["mslpipe_plan_s"] = time.perf_counter() - t0
+    raw = setup.work / "nnUNet_raw" / setup.nnunet_dataset
+    pre = setup.work / "nnUNet_preprocessed" / setup.nnunet_dataset
+    if not (raw / "dataset.json").exists():
+        nnunet_export.run(setup.name, dirs, raw)
+    if not (pre / "nnUNetPlans.json").exists() or not (pre / "nnUNetPlans_2d").is_dir():
+        timings["nnunet_plan_and_preprocess_s"] = run(
+            [setup.nnunet("nnUNetv2_plan_and_preprocess"), "-d", str(setup.dataset_id), "-c", "2d",
+             "--verify_dataset_integrity", "-np", "1" if setup.device == "cpu" else "4"],
+            setup, setup.work / "logs" / "plan_and_preprocess.log")
+    shutil.copyfile(raw / "splits_final.json", pre / "splits_final.json")  # mslpipe's folds, whatever nnU-Net did
+    arch_kwargs = read_json(dirs.plan_dir(setup.name) / "plans.json")["arch_kwargs"]
+    nnunet_export.write_patched_plans(pre / "nnUNetPlans.json", arch_kwargs)
+    setup.folds = read_json(raw / "splits_final.json")
+    cases = {c.id: c for c in discover(raw)}
+    source = {c.id: c for c in discover(read_json(dirs.plan_dir(setup.name) / "fingerprint.json")["source"])}
+    setup.images = {cid: c.images["flair"] for cid, c in cases.items()}
+    setup.raters = {cid: source[cid].masks for cid in cases}  # every rater's own mask, as evaluate expects
+    return timings
+
+
+def pooled(setup: Setup, entries: list[dict], key: str) -> dict | None:
+    """All folds of one arm scored together (each scan is in exactly one validation set), from the
+    per-case rows `mslpipe evaluate` wrote, so earlier runs' folds need no files of theirs."""
+    if {e["fold"] for e in entries} != set(range(len(setup.folds))):
+        return None
+    result = pool([row for e in entries for row in e["inference"][key]["scores"]["rows"]])
+    n = sum(e["inference"][key]["n_volumes"] for e in entries)
+    result["s_per_volume"] = sum(e["inference"][key]["wall_s"] for e in entries) / n
+    return result
+
+
+def _v(x, digits=3):
+    return "—" if x is None else round(x, digits) if isinstance(x, float) else x
+
+
+def render(setup: Setup, results: dict, machine_note: str) -> str:
+    entries = sorted(results["entries"], key=lambda e: (list(ARMS).index(e["arm"]), e["fold"]))
+    score_rows, train_rows = [], []
+    for arm in ARMS:
+        mine = [e for e in entries if e["arm"] == arm]
+        for key in ("tta", "no_tta"):
+            for e in mine:
+                s = e["inference"][key]["scores"]
+                score_rows.append([arm, e["fold"], key, *(_v(s[k]) for k in ("dice", "iou", "lesion_f1", "ltpr",
+                                   "lfpr", "isbi_score")), _v(e["inference"][key]["s_per_volume"], 2)])
+            p = pooled(setup, mine, key) if mine else None
+            if p:
+                score_rows.append([f"**{arm}**", "pooled", key, *(_v(p[k]) for k in ("dice", "iou", "lesion_f1",
+                                   "ltpr", "lfpr", "isbi_score")), _v(p["s_per_volume"], 2)])
+        for e in mine:
+            t = e["training"]
+            own = t.get("nnunet_own_dice")
+            cross = e.get("nnunet_validation_scored_by_mslpipe", {}).get("dice")
+            train_rows.append([arm, e["fold"], _v(e["budget_min"]), t["epochs"], _v(t["s_per_epoch"], 1),
+                               _v(t["time_to_best_s"], 0), _v(t["loop_s"] / 60, 2), _v(t["wall_s"] / 60, 2),
+                               _v(own), _v(cross)])
+    folds = "; ".join(f"fold {k}: val {', '.join(f['val'])}" for k, f in enumerate(setup.folds))
+    budgets = " / ".join(f"{b:g}" for b in sorted({e["budget_min"] for e in entries}))
+    return (
+        f"Budget: {budgets} training minutes per fold and arm; card: {machine_note}. "
+        f"Folds (by subject, identical for all arms): {folds}. Scores: `mslpipe evaluate --pred --ref` against "
+        "every rater; ISBI score needs ≥ 2 scans (— otherwise). Seconds per volume: the whole predict command "
+        "(process start and model loading included) divided by the volumes it segmented; `tta` is nnU-Net's "
+        "default (mirroring) and mslpipe's `--tta`, `no_tta` nnU-Net's `--disable_tta` and mslpipe's default.\n\n"
+        + table(["arm", "fold", "inference", "Dice", "IoU", "lesion F1", "LTPR", "LFPR", "ISBI", "s/volume"],
+                score_rows)
+        + "\n\nTraining. Loop minutes: epochs with their validation (the budgeted part); wall minutes: the whole "
+        "train command (start-up, nnU-Net's final validation or mslpipe's validation export included). Time to "
+        "best: seconds from the first epoch to the end of the epoch each system's own selection metric peaked "
+        "at. Own Dice: nnU-Net's validation summary.json; cross-check: the same predictions scored by mslpipe.\n\n"
+        + table(["arm", "fold", "budget min", "epochs", "s/epoch", "time to best s", "loop min", "wall min",
+                 "nnU-Net own Dice", "cross-check Dice"], train_rows))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=None, help="ISBI-layout data [../shared/data/real-ms-isbi]")
+    ap.add_argument("--work", type=Path, default=None, help="work folder; reuse it to add folds [a temporary one]")
+    ap.add_argument("--device", default=None, choices=["cuda", "cpu"], help="[cuda; cpu with --smoke]")
+    ap.add_argument("--minutes-per-fold", type=float, default=3.0)
+    ap.add_argument("--folds", default="all", help="e.g. 0 or 0,1 or all")
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
+    ap.add_argument("--dataset-id", type=int, default=501, help="nnU-Net dataset id (DatasetNNN_NAME)")
+    ap.add_argument("--nnunet-bin", type=Path, default=None,
+                    help="folder with nnUNetv2_* [bench/nnunet/.venv/bin if there, else PATH]")
+    ap.add_argument("--compile", action="store_true", help="torch.compile in every arm (nnUNet_compile=t)")
+    ap.add_argument("--mslpipe-s-per-epoch", type=float, default=None,
+                    help="mslpipe's seconds per epoch on this card (from an earlier run's table): skips the "
+                         "two-epoch calibration run")
+    ap.add_argument("--smoke", action="store_true", help="CPU wiring check: fold 0, one tiny epoch, no RESULTS.md")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="the entries' JSON, kept across runs [bench/real_data_results.json; WORK/results.json "
+                         "with --smoke]")
+    ap.add_argument("--no-write", action="store_true", help="print the table only")
+    args = ap.parse_args()
+
+    venv_bin = REPO / "bench" / "nnunet" / ".venv" / "bin"
+    nnunet_bin = args.nnunet_bin or (venv_bin if (venv_bin / "nnUNetv2_train").exists() else None)
+    work = (args.work or Path(tempfile.mkdtemp(prefix="mslpipe-real-data-"))).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    overrides = None
+    if args.smoke:
+        data, name, budget = args.data, "smoke", min(args.minutes_per_fold, 0.5)
+        overrides = SMOKE_OVERRIDES
+        if data is None:
+            from mslpipe.synth import make_dataset
+
+            data = work / "synthetic"
+            if not data.exists():
+                make_dataset(data, subjects=4, timepoints=1, shape=(40, 44, 32), seed=3, raters=1)
+    else:
+        data, name, budget = args.data or real_data_path(), "real", args.minutes_per_fold
+        if not (Path(data) / "training").is_dir():
+            sys.exit(f"real data not found at {data}")
+    device = args.device or ("cpu" if args.smoke else "cuda")
+    setup = Setup(work=work, name=name, dataset_id=args.dataset_id, device=device, budget_min=budget,
+                  nnunet_bin=nnunet_bin, smoke=args.smoke, compile=args.compile, s_per_epoch=args.mslpipe_s_per_epoch)
+    timings = prepare(setup, Path(data), overrides)
+    print(f"work folder {work}; preparation {timings or 'reused'}", flush=True)
+    folds = [0] if args.smoke else (list(range(len(setup.folds))) if args.folds == "all"
+                                    else [int(f) for f in args.folds.split(",")])
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        sys.exit(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
+    # The GPU comparison's entries are kept in the repository; smoke and CPU runs stay in their work folder.
+    results_path = args.results or (work / "results.json" if args.smoke or device == "cpu" else RESULTS_JSON)
+    results = read_json(results_path) if results_path.exists() else {"entries": []}
+    from mslpipe.inference import pick_device
+
+    for fold in folds:
+        for arm in arms:
+            t0 = time.perf_counter()
+            print(f"fold {fold} {arm} ...", flush=True)
+            entry = run_arm(setup, arm, fold, 3 if args.smoke else None)
+            entry["device_name"] = pick_device_name(pick_device(device))
+            results["entries"] = [e for e in results["entries"] if (e["arm"], e["fold"]) != (arm, fold)] + [entry]
+            write_json(results_path, results)
+            print(f"fold {fold} {arm}: {time.perf_counter() - t0:.0f} s, Dice (tta/no tta) "
+                  f"{entry['inference']['tta']['scores']['dice']} / {entry['inference']['no_tta']['scores']['dice']}",
+                  flush=True)
+    cards = sorted({e["device_name"] for e in results["entries"]})
+    body = render(setup, results, ", ".join(cards))
+    print(body)
+    if args.smoke or device == "cpu":
+        print("\n(smoke or CPU run: nothing written to bench/RESULTS.md; the table is the GPU comparison's)")
+    elif not args.no_write:
+        if len(cards) > 1:
+            print(f"warning: entries from several cards {cards}: the table says so")
+        write_section("real_data", "Real data: mslpipe vs nnU-Net v2, same folds, same training minutes", body)
+
+
+def pick_device_name(device: str) -> str:
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""The three arms of bench/real_data.py: how each one trains, predicts and is timed (helpers only)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINER = "nnUNetTrainerBudget"
+ARMS = {
+    # arm name: (system, nnU-Net plans name or None)
+    "nnunet_2d": ("nnunet", "nnUNetPlans"),
+    "nnunet_leaky_unet": ("nnunet", "nnUNetPlans_leaky_unet"),
+    "mslpipe_leaky_unet": ("mslpipe", None),
+}
+
+
+@dataclass
+class Setup:
+    """Everything the arms share: folders, environment, device and budget."""
+
+    work: Path
+    name: str
+    dataset_id: int
+    device: str
+    budget_min: float
+    nnunet_bin: Path | None
+    smoke: bool
+    compile: bool
+    s_per_epoch: float | None = None  # mslpipe's seconds per epoch, if known (skips the calibration run)
+    folds: list[dict] = field(default_factory=list)  # nnU-Net splits_final.json (case ids)
+    raters: dict[str, list[Path]] = field(default_factory=dict)  # case -> reference masks
+    images: dict[str, Path] = field(default_factory=dict)  # case -> FLAIR image (the export's copy)
+
+    @property
+    def nnunet_dataset(self) -> str:
+        return f"Dataset{self.dataset_id:03d}_{self.name}"
+
+    def mslpipe_globals(self, results: Path | None = None) -> list[str]:
+        w = self.work / "mslpipe"
+        return ["--raw", str(w / "raw"), "--plans", str(w / "plans"), "--preprocessed", str(w / "pre"),
+                "--results", str(results or w / "results")]
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(nnUNet_raw=str(self.work / "nnUNet_raw"), nnUNet_preprocessed=str(self.work / "nnUNet_preprocessed"),
+                   nnUNet_results=str(self.work / "nnUNet_results"),
+                   nnUNet_extTrainer=str(REPO / "bench" / "nnunet" / "trainers"),
+                   nnUNet_compile="t" if self.compile else "f",
+                   MSLPIPE_BUDGET_MINUTES=str(self.budget_min), PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+        if self.device == "cpu":  # nnU-Net's defaults start 8 worker processes: too many for 2 cores
+            env.update(nnUNet_def_n_proc="1", nnUNet_n_proc_DA="1")
+        if self.smoke:
+            env.update(MSLPIPE_NNUNET_ITERATIONS="3", MSLPIPE_NNUNET_MAX_EPOCHS="1")
+        return env
+
+    def nnunet(self, tool: str) -> str:
+        if self.nnunet_bin is not None:
+            return str(self.nnunet_bin / tool)
+        found = shutil.which(tool)
+        if found is None:
+            sys.exit(f"{tool} not found: run bash bench/nnunet/setup.sh or give --nnunet-bin")
+        return found
+
+
+def run(cmd: list[str], setup: Setup, log: Path) -> float:
+    """Run ``cmd`` with the benchmark's environment, its output to ``log``; return the wall seconds."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=setup.env(), cwd=setup.work)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{cmd[0]} … failed ({proc.returncode}); end of {log}:\n{tail}")
+    return seconds
+
+
+def mslpipe(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mslpipe", *args]
+
+
+# ---------------------------------------------------------------------------- folders of cases
+def link_folder(folder: Path, files: dict[str, Path]) -> Path:
+    """A fresh folder of symbolic links ``name -> file``."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for name, target in files.items():
+        (folder / name).symlink_to(Path(target).resolve())
+    return folder
+
+
+def refs_folder(setup: Setup, cases: list[str], folder: Path) -> Path:
+    return link_folder(folder, {f"{c}_mask{r + 1}.nii.gz": m for c in cases for r, m in enumerate(setup.raters[c])})
+
+
+def score(setup: Setup, pred: Path, ref: Path, out: Path) -> dict:
+    """Score with `mslpipe evaluate --pred --ref` (the same metric code for every arm)."""
+    run(mslpipe("evaluate", "--pred", str(pred), "--ref", str(ref), "-o", str(out)), setup, out.with_suffix(".log"))
+    summary = json.loads(out.read_text())
+    keep = ("dice", "iou", "precision", "recall", "ltpr", "lfpr", "lesion_f1", "abs_volume_diff_ml")
+    return {**{k: summary["mean"].get(k) for k in keep}, "isbi_score": summary.get("isbi_score"),
+            "n_cases": summary["n_cases"], "rows": summary["per_case"]}
+
+
+def pool(rows: list[dict]) -> dict:
+    """Scores of several folds' (case, rater) rows together: means over rows, ISBI per rater then averaged."""
+    import math
+
+    from mslpipe.metrics import isbi_score
+
+    keep = ("dice", "iou", "precision", "recall", "ltpr", "lfpr", "lesion_f1", "abs_volume_diff_ml")
+    out: dict = {k: (sum(v) / len(v) if (v := [r[k] for r in rows if r.get(k) is not None]) else None)
+                 for k in keep}
+    isbi = [isbi_score([r for r in rows if r["rater"] == rater])["score"] for rater in {r["rater"] for r in rows}]
+    isbi = [v for v in isbi if not math.isnan(v)]
+    out["isbi_score"] = sum(isbi) / len(isbi) if isbi else None
+    out["n_cases"] = len({r["case"] for r in rows})
+    return out
+
+
+# ---------------------------------------------------------------------------- nnU-Net
+def nnunet_fold_dir(setup: Setup, plans: str, fold: int) -> Path:
+    return (setup.work / "nnUNet_results" / setup.nnunet_dataset / f"{TRAINER}__{plans}__2d" / f"fold_{fold}")
+
+
+def train_nnunet(setup: Setup, plans: str, fold: int, logs: Path) -> dict:
+    fold_dir = nnunet_fold_dir(setup, plans, fold)
+    shutil.rmtree(fold_dir, ignore_errors=True)
+    wall = run([setup.nnunet("nnUNetv2_train"), str(setup.dataset_id), "2d", str(fold), "-tr", TRAINER, "-p", plans,
+                "-device", setup.device], setup, logs / "train.log")
+    budget = json.loads((fold_dir / "budget_log.json").read_text())
+    own = json.loads((fold_dir / "validation" / "summary.json").read_text())
+    secs = budget["epoch_seconds"]
+    return {"wall_s": wall, "epochs": budget["epochs"], "s_per_epoch": sorted(secs)[len(secs) // 2],
+            "loop_s": budget["loop_seconds"], "time_to_best_s": budget["time_to_best_s"],
+            "best_epoch": budget["best_epoch"], "selection": "EMA pseudo Dice on patches (nnU-Net)",
+            "nnunet_own_dice": own["foreground_mean"]["Dice"], "validation_dir": str(fold_dir / "validation")}
+
+
+def predict_nnunet(setup: Setup, plans: str, fold: int, inputs: Path, out: Path, tta: bool, logs: Path) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [setup.nnunet("nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", str(setup.dataset_id), "-c",
+           "2d", "-p", plans, "-tr", TRAINER, "-f", str(fold), "-device", setup.device]
+    if not tta:
+        cmd.append("--disable_tta")
+    if setup.device == "cpu":
+        cmd += ["-npp", "1", "-nps", "1"]
+    return run(cmd, setup, logs / f"predict_{'tta' if tta else 'notta'}.log")
+
+
+# ---------------------------------------------------------------------------- mslpipe
+def _log_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def train_mslpipe(setup: Setup, fold: int, logs: Path, iterations: int | None) -> dict:
+    """Epochs are fixed before training, so the budget is met by calibration: time two epochs in a
+    throw-away run, then train ``floor(budget / seconds per epoch)`` epochs (the poly schedule spans them)."""
+    name, dev = setup.name, setup.device
+    extra = ["--iterations", str(iterations)] if iterations else []
+    extra += ["--compile"] if setup.compile else []
+    probe_s, epochs = 0.0, 1
+    if setup.s_per_epoch:  # known from an earlier run on the same card: no probe
+        epochs = max(1, int(setup.budget_min * 60 // setup.s_per_epoch))
+    elif not setup.smoke:
+        probe = setup.work / "mslpipe" / "probe"
+        shutil.rmtree(probe, ignore_errors=True)
+        probe_s = run(mslpipe(*setup.mslpipe_globals(probe), "train", "-d", name, "--fold", str(fold), "--epochs", "2",
+                              "--device", dev, *extra), setup, logs / "probe.log")
+        per_epoch = float(_log_rows(probe / name / "leaky_unet" / f"fold_{fold}" / "log.csv")[-1]["seconds"])
+        epochs = max(1, int(setup.budget_min * 60 // per_epoch))
+        shutil.rmtree(probe, ignore_errors=True)
+    fold_dir = setup.work / "mslpipe" / "results" / name / "leaky_unet" / f"fold_{fold}"
+    shutil.rmtree(fold_dir, ignore_errors=True)
+    wall = run(mslpipe(*setup.mslpipe_globals(), "train", "-d", name, "--fold", str(fold), "--epochs", str(epochs),
+                       "--device", dev, *extra), setup, logs / "train.log")
+    rows = _log_rows(fold_dir / "log.csv")
+    secs = [float(r["seconds"]) for r in rows]
+    dice = [float(r["val_dice"]) for r in rows]
+    best = max(range(len(dice)), key=lambda i: dice[i]) if dice else None
+    return {"wall_s": wall, "epochs": len(rows), "s_per_epoch": sorted(secs)[len(secs) // 2] if secs else None,
+            "loop_s": sum(secs), "time_to_best_s": sum(secs[: best + 1]) if best is not None else None,
+            "best_epoch": best, "selection": "whole-volume validation Dice (mslpipe)", "probe_s": probe_s,
+            "planned_epochs": epochs}
+
+
+def predict_mslpipe(setup: Setup, fold: int, inputs: Path, out: Path, tta: bool, logs: Path) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = mslpipe(*setup.mslpipe_globals(), "predict", "-d", setup.name, "-i", str(inputs), "-o", str(out),
+                  "--folds", str(fold), "--device", setup.device)
+    if tta:
+        cmd.append("--tta")
+    return run(cmd, setup, logs / f"predict_{'tta' if tta else 'notta'}.log")
+
+
+# ---------------------------------------------------------------------------- one arm, one fold
+def run_arm(setup: Setup, arm: str, fold: int, iterations: int | None = None) -> dict:
+    system, plans = ARMS[arm]
+    val = setup.folds[fold]["val"]
+    base = setup.work / "runs" / arm / f"fold_{fold}"
+    logs = base / "logs"
+    shutil.rmtree(logs, ignore_errors=True)
+    refs = refs_folder(setup, val, base / "refs")
+    entry: dict = {"arm": arm, "fold": fold, "val": val, "train": setup.folds[fold]["train"],
+                   "budget_min": setup.budget_min, "device": setup.device}
+    if system == "nnunet":
+        entry["training"] = train_nnunet(setup, plans, fold, logs)
+        # nnU-Net's own validation predictions, scored by mslpipe too: a cross-check of the metric code
+        entry["nnunet_validation_scored_by_mslpipe"] = score(
+            setup, Path(entry["training"]["validation_dir"]), refs, base / "scores" / "nnunet_validation.json")
+        inputs = link_folder(base / "inputs", {f"{c}_0000.nii.gz": setup.images[c] for c in val})
+    else:
+        entry["training"] = train_mslpipe(setup, fold, logs, iterations)
+        inputs = link_folder(base / "inputs", {f"{c}.nii.gz": setup.images[c] for c in val})
+    entry["inference"] = {}
+    for tta in (True, False):
+        key = "tta" if tta else "no_tta"
+        out = base / f"pred_{key}"
+        if system == "nnunet":
+            wall = predict_nnunet(setup, plans, fold, inputs, out, tta, logs)
+        else:
+            wall = predict_mslpipe(setup, fold, inputs, out, tta, logs)
+        scores = score(setup, out, refs, base / "scores" / f"{key}.json")
+        entry["inference"][key] = {"wall_s": wall, "n_volumes": len(val), "s_per_volume": wall / len(val),
+                                   "pred_dir": str(out), "scores": scores}
+    return entry
