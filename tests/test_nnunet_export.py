@@ -281,7 +281,8 @@ def test_real_nnunet_builds_and_trains_leaky_unet(tmp_path):
     patched = nnunet_export.write_patched_plans(plans, {"base_channels": 4, "max_channels": 32, "depth": 3})
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([str(NNUNET_PYTHON), str(REPO / "bench" / "nnunet" / "check_builder.py"), str(patched)],
-                         capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, cwd=tmp_path, timeout=600)
+                         capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, cwd=tmp_path,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["ok"] and report["class"] == nnunet_export.NETWORK_CLASS
