@@ -134,3 +134,21 @@ def test_dicom_reading_keeps_the_process_locale(tmp_path):
     write_dicom_series(tmp_path / "s", np.zeros((4, 4, 3)), np.eye(4))
     load_dicom_series(tmp_path / "s")
     assert locale.setlocale(locale.LC_ALL) == before
+
+
+def test_overwrite_replaces_a_symlink_never_its_target(model, synth_root, tmp_path):
+    """An output name that is a symlink out of the folder is replaced, the file it points to untouched."""
+    from mslpipe import predict
+
+    src = next((synth_root / "training").glob("training01/preprocessed/*.nii.gz"))
+    data, affine = load_image(src)
+    save_nifti(tmp_path / "in" / "a.nii.gz", data, affine, dtype=np.float32)
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep me", encoding="utf-8")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a.nii.gz").symlink_to(outside)
+    report = predict.run(tmp_path / "in", tmp_path / "out", dirs=None, checkpoint=[model], device="cpu",
+                         overwrite=True)
+    assert report.written == ["a"]
+    assert outside.read_text(encoding="utf-8") == "keep me"
+    assert not (tmp_path / "out" / "a.nii.gz").is_symlink()
