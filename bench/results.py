@@ -10,6 +10,7 @@ import datetime as _dt
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -60,7 +61,7 @@ def table(headers: list[str], rows: list[list]) -> str:
 def write_section(name: str, title: str, body: str) -> Path:
     """Replace (or append) the section ``name`` of RESULTS.md, atomically."""
     stamp = (f"_{machine()}; {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-             f"commit {commit()}; `python bench/{name}.py`_")
+             f"commit {commit()}; `python bench/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`_")
     section = f"<!-- BEGIN {name} -->\n## {title}\n\n{stamp}\n\n{body.strip()}\n<!-- END {name} -->\n"
     text = RESULTS.read_text() if RESULTS.exists() else HEADER
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->\n"

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from mslpipe import architectures, checkpoints, postprocess, preprocess
+from mslpipe import architectures, checkpoints, preprocess
 from mslpipe.errors import MslpipeError
 from mslpipe.plans import Plan
 
@@ -133,9 +133,10 @@ def predict_case(predictor: Predictor, channels: list[np.ndarray], affine: np.nd
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Segment one scan: returns (uint8 mask, float32 probabilities), both on the scan's grid."""
     plan = predictor.plan
-    image, _, props = preprocess.preprocess_volume(channels, affine, plan, where=where)
-    prob = predict_volume(predictor.models, image, divisor=predictor.divisor, device=predictor.device,
-                          batch_size=plan.inference_batch_size, tta=tta)
-    prob = preprocess.restore(prob, props)
-    mask = postprocess.apply(prob, affine, {**plan.postprocessing, **(postprocessing or {})})
-    return mask, prob
+
+    def run(image: np.ndarray) -> np.ndarray:
+        return predict_volume(predictor.models, image, divisor=predictor.divisor, device=predictor.device,
+                              batch_size=plan.inference_batch_size, tta=tta)
+
+    return preprocess.segment(run, channels, affine, plan, {**plan.postprocessing, **(postprocessing or {})},
+                              where=where)

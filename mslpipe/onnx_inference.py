@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from scipy.special import expit
 
-from mslpipe import postprocess, preprocess
+from mslpipe import preprocess
 from mslpipe.errors import MslpipeError
 from mslpipe.io import read_json
 from mslpipe.plans import Plan
@@ -134,9 +134,10 @@ def predict_case(predictor: OnnxPredictor, channels: list[np.ndarray], affine: n
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Segment one scan: (uint8 mask, float32 probabilities) on the scan's grid, as ``inference.predict_case``."""
     plan = predictor.plan
-    image, _, props = preprocess.preprocess_volume(channels, affine, plan, where=where)
-    prob = predict_volume(predictor.session, predictor.input_name, image, divisor=predictor.divisor,
-                          batch_size=plan.inference_batch_size, tta=tta)
-    prob = preprocess.restore(prob, props)
-    mask = postprocess.apply(prob, affine, {**predictor.postprocessing, **(postprocessing or {})})
-    return mask, prob
+
+    def run(image: np.ndarray) -> np.ndarray:
+        return predict_volume(predictor.session, predictor.input_name, image, divisor=predictor.divisor,
+                              batch_size=plan.inference_batch_size, tta=tta)
+
+    return preprocess.segment(run, channels, affine, plan,
+                              {**predictor.postprocessing, **(postprocessing or {})}, where=where)

@@ -8,12 +8,14 @@ same code, so what the network sees at prediction time is what it saw in trainin
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
+from mslpipe import postprocess
 from mslpipe.datasets import Case
 from mslpipe.errors import MslpipeError
 from mslpipe.io import load_image, load_mask, read_json, save_npy, write_json
@@ -184,6 +186,18 @@ def restore(pred: np.ndarray, props: dict[str, Any], fill: float = 0) -> np.ndar
         order = 1 if np.issubdtype(pred.dtype, np.floating) else 0
         canonical = _zoom_to(canonical, tuple(props["canonical_shape"]), order=order)
     return from_canonical(canonical, np.asarray(props["ornt"]))
+
+
+def segment(run_volume: Callable[[np.ndarray], np.ndarray], channels: list[np.ndarray], affine: np.ndarray,
+            plan: Plan, postprocessing: dict, where: object = None) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocess a scan, run ``run_volume`` (S×C×H×W → S×H×W probabilities), map back, postprocess.
+
+    Returns (uint8 mask, float32 probabilities) on the scan's own grid. Shared by the torch and the
+    ONNX Runtime predictors, so both do exactly the same before and after the network.
+    """
+    image, _, props = preprocess_volume(channels, affine, plan, where=where)
+    prob = restore(run_volume(image), props)
+    return postprocess.apply(prob, affine, postprocessing), prob
 
 
 # ---------------------------------------------------------------------------- a dataset
