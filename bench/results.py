@@ -49,6 +49,9 @@ def commit() -> str:
         return "unknown"
 
 
+COMMIT_AT_START = None  # set on import: the code that ran, not what is checked out when results are written
+
+
 def table(headers: list[str], rows: list[list]) -> str:
     def fmt(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -61,7 +64,7 @@ def table(headers: list[str], rows: list[list]) -> str:
 def write_section(name: str, title: str, body: str) -> Path:
     """Replace (or append) the section ``name`` of RESULTS.md, atomically."""
     stamp = (f"_{machine()}; {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-             f"commit {commit()}; `python bench/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`_")
+             f"commit {COMMIT_AT_START}; `python bench/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`_")
     section = f"<!-- BEGIN {name} -->\n## {title}\n\n{stamp}\n\n{body.strip()}\n<!-- END {name} -->\n"
     text = RESULTS.read_text() if RESULTS.exists() else HEADER
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->\n"
@@ -73,3 +76,6 @@ def write_section(name: str, title: str, body: str) -> Path:
     tmp.write_text(text)
     os.replace(tmp, RESULTS)
     return RESULTS
+
+
+COMMIT_AT_START = commit()

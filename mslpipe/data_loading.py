@@ -222,8 +222,10 @@ class SliceSampler(IterableDataset):
         self.n_slices: list[int] = []
         self.fg_slices: list[np.ndarray] = []
         channels = len(plan.channels)
+        subjects = []
         for case in self.cases:
             image, _, props = open_case(self.pre_dir, case)
+            subjects.append(str(props.get("subject", case)))
             if image.shape[1] != channels:
                 raise MslpipeError(f"{image.shape[1]} channels but the plan has {channels} "
                                    f"({plan.channels}): preprocess again", self.pre_dir / f"{case}.npy")
@@ -231,6 +233,11 @@ class SliceSampler(IterableDataset):
             self.fg_slices.append(np.asarray(sorted(set(props["fg_slices"])), dtype=np.int64))
         self.channels = channels
         self.fg_cases = np.asarray([i for i, f in enumerate(self.fg_slices) if f.size], dtype=np.int64)
+        # Subjects weigh equally, not scans: a patient with five time points must not dominate training.
+        per_subject = {s: subjects.count(s) for s in subjects}
+        weights = np.asarray([1.0 / per_subject[s] for s in subjects])
+        self.case_p = weights / weights.sum()
+        self.fg_p = weights[self.fg_cases] / weights[self.fg_cases].sum() if self.fg_cases.size else None
         if self.n_fg and not self.fg_cases.size:
             log.warning("no training case has lesion slices: foreground oversampling is off")
         if self.aug.enabled:
@@ -256,10 +263,10 @@ class SliceSampler(IterableDataset):
               label_out: np.ndarray) -> None:
         """Fill one zeroed (C, Hp, Wp) / (Hp, Wp) pair with a cropped or padded slice."""
         if foreground:
-            ci = int(self.fg_cases[rng.integers(len(self.fg_cases))])
+            ci = int(rng.choice(self.fg_cases, p=self.fg_p))
             s = int(self.fg_slices[ci][rng.integers(len(self.fg_slices[ci]))])
         else:
-            ci = int(rng.integers(len(self.cases)))
+            ci = int(rng.choice(len(self.cases), p=self.case_p))
             s = int(rng.integers(self.n_slices[ci]))
         image, seg = self._case(ci)
         _, _, h, w = image.shape

@@ -298,3 +298,28 @@ def test_resolve_num_workers(monkeypatch):
     assert resolve_num_workers(8, plan, batches=3) == 3
     with pytest.raises(MslpipeError):
         resolve_num_workers(-1, plan, batches=3)
+
+
+def test_subjects_weigh_equally_not_scans(tmp_path):
+    """One subject with four scans and one with a single scan are drawn about equally often."""
+    import json as _json
+
+    from mslpipe.data_loading import SliceSampler
+    from mslpipe.io import save_npy, write_json
+    from mslpipe.plans import Augmentation, Plan
+
+    cases = []
+    for i, subject in enumerate(["many"] * 4 + ["one"]):
+        case = f"{subject}_{i}"
+        value = 1.0 if subject == "many" else 2.0
+        save_npy(tmp_path / f"{case}.npy", np.full((4, 1, 8, 8), value, np.float32))
+        save_npy(tmp_path / f"{case}_seg.npy", np.ones((4, 8, 8), np.float32))
+        write_json(tmp_path / f"{case}.json", {"case": case, "subject": subject, "fg_slices": [0, 1, 2, 3]})
+        cases.append(case)
+    assert _json.loads((tmp_path / "one_4.json").read_text(encoding="utf-8"))["subject"] == "one"
+    plan = Plan("x", patch_size=[8, 8], batch_size=50, oversample_foreground=0.5,
+                augmentation=Augmentation(enabled=False))
+    sampler = SliceSampler(tmp_path, cases, plan, batches=4, seed=0)
+    values = np.concatenate([sampler.make_batch(0, i)["image"][:, 0, 0, 0].numpy() for i in range(4)])
+    share_one = float(np.mean(values == 2.0))
+    assert 0.35 < share_one < 0.65, share_one  # case-weighted sampling would give 0.2
