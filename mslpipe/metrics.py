@@ -44,8 +44,9 @@ EMPTY_CASE_RULES = (
 
 SLICE_DICE_NOTE = (
     "slice_dice_study is the mean of per-slice 2D Dice along the slice axis, counting slices empty "
-    "in both masks as Dice 1 (as the original study did); it reads higher than volume Dice because "
-    "most slices of a brain hold no lesion."
+    "in both masks as Dice 1 (as the original study did); it usually reads higher than volume Dice "
+    "because most slices of a brain hold no lesion, and lower when false positives land on lesion-free "
+    "slices (each then scores 0)."
 )
 
 
@@ -223,7 +224,8 @@ def slice_dice(pred: np.ndarray, ref: np.ndarray, axis: int = 2) -> float:
     """Mean over the 2D slices along ``axis`` of per-slice Dice, as the original study computed it.
 
     A slice empty in both masks counts as Dice 1 and is included in the mean, so on brains where
-    most slices hold no lesion this reads higher than volume-level :func:`dice`.
+    most slices hold no lesion this usually reads higher than volume-level :func:`dice`; a false
+    positive on a lesion-free slice scores that slice 0.
     """
     p, r = _pair(pred, ref)
     other = tuple(a for a in range(p.ndim) if a != axis % p.ndim)
