@@ -38,6 +38,8 @@ control flow (the input check in ``forward`` only looks at shapes).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -178,29 +180,10 @@ class LeakyUNet(nn.Module):
         return self.head(x)
 
 
-def leaky_unet(
-    in_channels: int,
-    out_channels: int = 1,
-    *,
-    activation: str = "leakyrelu",
-    negative_slope: float = 0.01,
-    norm_first: bool = True,
-    convs_per_block: int = 2,
-    max_channels: int = 1024,
-    base_channels: int = 64,
-    depth: int = 4,
-    dropout: float = 0.0,
-) -> LeakyUNet:
+def leaky_unet(in_channels: int, out_channels: int = 1, **kwargs) -> LeakyUNet:
     """The original study's U-Net (batch norm, leaky ReLU, bilinear upsampling), 31.39 M params."""
-    return LeakyUNet(
-        in_channels,
-        out_channels,
-        activation=activation,
-        negative_slope=negative_slope,
-        norm_first=norm_first,
-        convs_per_block=convs_per_block,
-        max_channels=max_channels,
-        base_channels=base_channels,
-        depth=depth,
-        dropout=dropout,
-    )
+    return LeakyUNet(in_channels, out_channels, **kwargs)
+
+
+# The registry checks option names against the factory's signature: show it the class's.
+leaky_unet.__signature__ = inspect.signature(LeakyUNet)
