@@ -77,7 +77,7 @@ def measure(arch: str, kwargs: dict, device: str, data, affine, args) -> list:
     model = inference.prepare_model(architectures.build(arch, **kwargs), device).eval()
     divisor = architectures.required_divisor(arch, **kwargs)
     image, _, _ = preprocess.preprocess_volume([data], affine, plan)
-    padded, _ = inference._pad_to(image, divisor)
+    padded, _ = preprocess.pad_to_multiple(image, divisor)
     x = torch.from_numpy(padded).to(device)
     if device == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)

@@ -87,14 +87,6 @@ def load_predictor(paths: list[Path], device: str = "auto", compile: bool = Fals
     return Predictor(models, plan, device, divisor, [str(p) for p in paths])
 
 
-def _pad_to(image: np.ndarray, divisor: int) -> tuple[np.ndarray, tuple[int, int]]:
-    h, w = image.shape[-2:]
-    ph, pw = (-h) % divisor, (-w) % divisor
-    if ph or pw:
-        image = np.pad(image, ((0, 0), (0, 0), (0, ph), (0, pw)))
-    return image, (h, w)
-
-
 def predict_volume(models: list[Any], image: np.ndarray, *, divisor: int, device: str,
                    batch_size: int = 64, tta: bool = False, return_logits: bool = False) -> np.ndarray:
     """Run every slice of an S×C×H×W volume through the networks.
@@ -106,7 +98,7 @@ def predict_volume(models: list[Any], image: np.ndarray, *, divisor: int, device
 
     if return_logits and (len(models) != 1 or tta):
         raise ValueError("return_logits needs exactly one model and no TTA")
-    padded, (h, w) = _pad_to(image, divisor)
+    padded, (h, w) = preprocess.pad_to_multiple(image, divisor)
     out = np.empty((image.shape[0], h, w), dtype=np.float32)
     flips = [()] + ([(2,), (3,), (2, 3)] if tta else [])
     use_amp = device == "cuda"

@@ -100,20 +100,12 @@ def load_onnx_predictor(path: str | Path, threads: int | None = None) -> OnnxPre
     return OnnxPredictor(session, inputs[0].name, plan, int(meta["divisor"]), pp, meta, [str(path)])
 
 
-def _pad_to(image: np.ndarray, divisor: int) -> tuple[np.ndarray, tuple[int, int]]:
-    h, w = image.shape[-2:]
-    ph, pw = (-h) % divisor, (-w) % divisor
-    if ph or pw:
-        image = np.pad(image, ((0, 0), (0, 0), (0, ph), (0, pw)))
-    return image, (h, w)
-
-
 def predict_volume(session: Any, input_name: str, image: np.ndarray, *, divisor: int, batch_size: int = 64,
                    tta: bool = False, return_logits: bool = False) -> np.ndarray:
     """S×C×H×W volume → S×H×W foreground probabilities (or, with ``return_logits``, logits without TTA)."""
     if return_logits and tta:
         raise ValueError("return_logits needs no TTA")
-    padded, (h, w) = _pad_to(np.asarray(image, dtype=np.float32), divisor)
+    padded, (h, w) = preprocess.pad_to_multiple(np.asarray(image, dtype=np.float32), divisor)
     out = np.empty((image.shape[0], h, w), dtype=np.float32)
     flips = [()] + ([(2,), (3,), (2, 3)] if tta else [])
     for start in range(0, padded.shape[0], batch_size):

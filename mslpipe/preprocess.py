@@ -188,6 +188,15 @@ def restore(pred: np.ndarray, props: dict[str, Any], fill: float = 0) -> np.ndar
     return from_canonical(canonical, np.asarray(props["ornt"]))
 
 
+def pad_to_multiple(image: np.ndarray, divisor: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Zero-pad an S×C×H×W stack at the end of H and W to multiples of ``divisor``; return it and (H, W)."""
+    h, w = image.shape[-2:]
+    ph, pw = (-h) % divisor, (-w) % divisor
+    if ph or pw:
+        image = np.pad(image, ((0, 0), (0, 0), (0, ph), (0, pw)))
+    return image, (h, w)
+
+
 def segment(run_volume: Callable[[np.ndarray], np.ndarray], channels: list[np.ndarray], affine: np.ndarray,
             plan: Plan, postprocessing: dict, where: object = None) -> tuple[np.ndarray, np.ndarray]:
     """Preprocess a scan, run ``run_volume`` (S×C×H×W → S×H×W probabilities), map back, postprocess.

@@ -167,7 +167,8 @@ class LeakyUNet(nn.Module):
         self.decoders = nn.ModuleList(block(w[i + 1] + w[i], w[i]) for i in reversed(range(depth)))
         self.head = nn.Conv2d(w[0], out_channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def decode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder, bottleneck and decoder; returns every decoder level's output, deepest first."""
         check_input(x, self.required_divisor, self.arch_name)
         skips: list[torch.Tensor] = []
         for encoder in self.encoders:
@@ -175,9 +176,14 @@ class LeakyUNet(nn.Module):
             skips.append(x)
             x = self.pool(x)
         x = self.bottleneck(x)
+        levels: list[torch.Tensor] = []
         for i, decoder in enumerate(self.decoders):
             x = decoder(torch.cat([skips[-1 - i], self.up(x)], dim=1))
-        return self.head(x)
+            levels.append(x)
+        return levels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.decode(x)[-1])
 
 
 def leaky_unet(in_channels: int, out_channels: int = 1, **kwargs) -> LeakyUNet:

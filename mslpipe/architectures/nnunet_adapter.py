@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mslpipe.architectures.leaky_unet import LeakyUNet, check_input
+from mslpipe.architectures.leaky_unet import LeakyUNet
 
 __all__ = ["DeepSupervisionSwitch", "NnUNetLeakyUNet"]
 
@@ -61,20 +61,9 @@ class NnUNetLeakyUNet(LeakyUNet):
                                       for level in range(1, self.depth))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        check_input(x, self.required_divisor, self.arch_name)
-        skips: list[torch.Tensor] = []
-        for encoder in self.encoders:
-            x = encoder(x)
-            skips.append(x)
-            x = self.pool(x)
-        x = self.bottleneck(x)
-        coarse: list[torch.Tensor] = []
-        for i, decoder in enumerate(self.decoders):
-            x = decoder(torch.cat([skips[-1 - i], self.up(x)], dim=1))
-            level = self.depth - 1 - i
-            if self.decoder.deep_supervision and level > 0:
-                coarse.append(self.ds_heads[level - 1](x))
-        out = self.head(x)
+        levels = self.decode(x)  # deepest first: levels[i] is at 1/2**(depth-1-i) resolution
+        out = self.head(levels[-1])
         if not self.decoder.deep_supervision:
             return out
-        return [out, *reversed(coarse)]
+        # nnU-Net wants full resolution first, then each coarser level.
+        return [out, *(self.ds_heads[level - 1](levels[self.depth - 1 - level]) for level in range(1, self.depth))]
