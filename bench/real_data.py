@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_data_arms import ARMS, REPO, Setup, pool, run, run_arm  # noqa: E402
+from real_data_arms import ARMS, DEFAULT_ARMS, REPO, Setup, pool, run, run_arm  # noqa: E402
 
 from mslpipe import nnunet_export, plan  # noqa: E402
 from mslpipe.datasets import discover  # noqa: E402
@@ -52,7 +52,7 @@ SMOKE_ARCH = {"base_channels": 4, "max_channels": 32, "depth": 3}
 SMOKE_OVERRIDES = {"arch_kwargs": SMOKE_ARCH, "batch_size": 4, "num_workers": 0, "inference_batch_size": 16}
 
 
-def prepare(setup: Setup, data: Path, overrides: dict | None) -> dict:
+def prepare(setup: Setup, data: Path, overrides: dict | None, arms: list[str]) -> dict:
     """mslpipe plan, export to nnU-Net, nnU-Net plan and preprocess, the patched plans (each once per work)."""
     w = setup.work / "mslpipe"
     dirs = Workdirs.resolve(w / "raw", w / "plans", w / "pre", w / "results")
@@ -61,6 +61,11 @@ def prepare(setup: Setup, data: Path, overrides: dict | None) -> dict:
         t0 = time.perf_counter()
         plan.run(setup.name, dirs, input_path=data, device=setup.device, test_fraction=0, overrides=overrides)
         timings["mslpipe_plan_s"] = time.perf_counter() - t0
+    full = setup.mslpipe_name("mslpipe_leaky_unet_full")
+    if "mslpipe_leaky_unet_full" in arms and not (dirs.plan_dir(full) / "splits.json").exists():
+        # the GPU plan's network width (leaky_unet's defaults), everything else as planned for this device
+        plan.run(full, dirs, input_path=data, device=setup.device, test_fraction=0,
+                 overrides={**(overrides or {}), "arch_kwargs": {}})
     raw = setup.work / "nnUNet_raw" / setup.nnunet_dataset
     pre = setup.work / "nnUNet_preprocessed" / setup.nnunet_dataset
     if not (raw / "dataset.json").exists():
@@ -135,14 +140,40 @@ def render(setup: Setup, results: dict, machine_note: str) -> str:
                  "nnU-Net own Dice", "cross-check Dice"], train_rows))
 
 
+def render_speed(setup: Setup, results: dict, machine_note: str) -> str:
+    """The CPU speed table: seconds per volume of each arm's predict command, with and without TTA."""
+    rows = []
+    default = {e["fold"]: e["inference"]["tta"]["s_per_volume"] for e in results["entries"] if e["arm"] == "nnunet_2d"}
+    for e in sorted(results["entries"], key=lambda e: (list(ARMS).index(e["arm"]), e["fold"])):
+        for key, label in (("no_tta", "no"), ("tta", "yes")):
+            inf = e["inference"][key]
+            ratio = default[e["fold"]] / inf["s_per_volume"] if e["fold"] in default else None
+            rows.append([e["arm"], e.get("network", "—"), label, e["fold"], inf["n_volumes"],
+                         _v(inf["s_per_volume"], 1), _v(ratio, 2)])
+    iterations = " / ".join(map(str, sorted({e.get("iterations") or 0 for e in results["entries"]})))
+    folds = ", ".join(str(f) for f in sorted({e["fold"] for e in results["entries"]}))
+    return (
+        f"{machine_note}. Every arm was trained for one epoch of {iterations} iterations on this CPU (fold "
+        f"{folds}): only speed is measured, "
+        "so no scores are shown. Seconds per volume: the whole predict command (process start, model loading, "
+        "reading, preprocessing, writing) divided by the volumes it segmented. TTA: nnU-Net's default is "
+        "mirroring (`--disable_tta` turns it off); mslpipe's default is none (`--tta` adds 3 mirrored passes). "
+        "nnU-Net runs its own planner's 2d configuration with `-npp 1 -nps 1`. `mslpipe_leaky_unet` is the "
+        "network mslpipe plans for a CPU (narrowed); `mslpipe_leaky_unet_full` the full-width study network a "
+        "GPU plan trains, run here on the CPU.\n\n"
+        + table(["arm", "network (training patch, batch)", "TTA", "fold", "volumes", "s/volume",
+                 "× faster than nnU-Net's default (with TTA)"], rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help="ISBI-layout data [../shared/data/real-ms-isbi]")
     ap.add_argument("--work", type=Path, default=None, help="work folder; reuse it to add folds [a temporary one]")
     ap.add_argument("--device", default=None, choices=["cuda", "cpu"], help="[cuda; cpu with --smoke]")
     ap.add_argument("--minutes-per-fold", type=float, default=3.0)
-    ap.add_argument("--folds", default="all", help="e.g. 0 or 0,1 or all")
-    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
+    ap.add_argument("--folds", default=None, help="e.g. 0 or 0,1 or all [all; 1 with --cpu-speed]")
+    ap.add_argument("--arms", default=None,
+                    help=f"comma-separated subset of {', '.join(ARMS)} [{','.join(DEFAULT_ARMS)}]")
     ap.add_argument("--dataset-id", type=int, default=501, help="nnU-Net dataset id (DatasetNNN_NAME)")
     ap.add_argument("--nnunet-bin", type=Path, default=None,
                     help="folder with nnUNetv2_* [bench/nnunet/.venv/bin if there, else PATH]")
@@ -151,6 +182,13 @@ def main() -> None:
                     help="mslpipe's seconds per epoch on this card (from an earlier run's table): skips the "
                          "two-epoch calibration run")
     ap.add_argument("--smoke", action="store_true", help="CPU wiring check: fold 0, one tiny epoch, no RESULTS.md")
+    ap.add_argument("--cpu-speed", action="store_true",
+                    help="CPU inference speed of briefly trained models (one epoch of --iterations); writes its own "
+                         "section of bench/RESULTS.md [folds 1, arms nnunet_2d,mslpipe_leaky_unet,"
+                         "mslpipe_leaky_unet_full]")
+    ap.add_argument("--iterations", type=int, default=None,
+                    help="train one epoch of this many iterations in every arm instead of a time budget "
+                         "[3 with --smoke, 10 with --cpu-speed]")
     ap.add_argument("--results", type=Path, default=None,
                     help="the entries' JSON, kept across runs [bench/real_data_results.json; WORK/results.json "
                          "with --smoke]")
@@ -175,17 +213,24 @@ def main() -> None:
         data, name, budget = args.data or real_data_path(), "real", args.minutes_per_fold
         if not (Path(data) / "training").is_dir():
             sys.exit(f"real data not found at {data}")
-    device = args.device or ("cpu" if args.smoke else "cuda")
-    setup = Setup(work=work, name=name, dataset_id=args.dataset_id, device=device, budget_min=budget,
-                  nnunet_bin=nnunet_bin, smoke=args.smoke, compile=args.compile, s_per_epoch=args.mslpipe_s_per_epoch)
-    timings = prepare(setup, Path(data), overrides)
-    print(f"work folder {work}; preparation {timings or 'reused'}", flush=True)
-    folds = [0] if args.smoke else (list(range(len(setup.folds))) if args.folds == "all"
-                                    else [int(f) for f in args.folds.split(",")])
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if args.cpu_speed and (args.smoke or args.device == "cuda"):
+        sys.exit("--cpu-speed runs on the CPU with the real data: not with --smoke or --device cuda")
+    device = args.device or ("cpu" if args.smoke or args.cpu_speed else "cuda")
+    iterations = args.iterations or (3 if args.smoke else 10 if args.cpu_speed else None)
+    arms = [a.strip() for a in (args.arms or ",".join(
+        ("nnunet_2d", "mslpipe_leaky_unet", "mslpipe_leaky_unet_full") if args.cpu_speed else DEFAULT_ARMS)
+    ).split(",") if a.strip()]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         sys.exit(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
+    setup = Setup(work=work, name=name, dataset_id=args.dataset_id, device=device, budget_min=budget,
+                  nnunet_bin=nnunet_bin, compile=args.compile, s_per_epoch=args.mslpipe_s_per_epoch,
+                  iterations=iterations, speed_only=args.cpu_speed)
+    timings = prepare(setup, Path(data), overrides, arms)
+    print(f"work folder {work}; preparation {timings or 'reused'}", flush=True)
+    folds_arg = args.folds or ("1" if args.cpu_speed else "all")
+    folds = [0] if args.smoke else (list(range(len(setup.folds))) if folds_arg == "all"
+                                    else [int(f) for f in folds_arg.split(",")])
     # The GPU comparison's entries are kept in the repository; smoke and CPU runs stay in their work folder.
     results_path = args.results or (work / "results.json" if args.smoke or device == "cpu" else RESULTS_JSON)
     results = read_json(results_path) if results_path.exists() else {"entries": []}
@@ -195,7 +240,7 @@ def main() -> None:
         for arm in arms:
             t0 = time.perf_counter()
             print(f"fold {fold} {arm} ...", flush=True)
-            entry = run_arm(setup, arm, fold, 3 if args.smoke else None)
+            entry = run_arm(setup, arm, fold)
             entry["device_name"] = pick_device_name(pick_device(device))
             results["entries"] = [e for e in results["entries"] if (e["arm"], e["fold"]) != (arm, fold)] + [entry]
             write_json(results_path, results)
@@ -203,6 +248,12 @@ def main() -> None:
                   f"{entry['inference']['tta']['scores']['dice']} / {entry['inference']['no_tta']['scores']['dice']}",
                   flush=True)
     cards = sorted({e["device_name"] for e in results["entries"]})
+    if args.cpu_speed:
+        body = render_speed(setup, results, ", ".join(cards))
+        print(body)
+        if not args.no_write:
+            write_section("real_data_cpu_speed", "CPU inference: mslpipe vs nnU-Net v2, seconds per volume", body)
+        return
     body = render(setup, results, ", ".join(cards))
     print(body)
     if args.smoke or device == "cpu":

@@ -15,11 +15,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TRAINER = "nnUNetTrainerBudget"
 ARMS = {
-    # arm name: (system, nnU-Net plans name or None)
+    # arm name: (system, nnU-Net plans name, or the suffix of mslpipe's dataset name)
     "nnunet_2d": ("nnunet", "nnUNetPlans"),
     "nnunet_leaky_unet": ("nnunet", "nnUNetPlans_leaky_unet"),
-    "mslpipe_leaky_unet": ("mslpipe", None),
+    "mslpipe_leaky_unet": ("mslpipe", ""),
+    # CPU speed only: the full-width network a GPU plan trains, planned and run on the CPU. On a GPU the
+    # plain arm already is full width.
+    "mslpipe_leaky_unet_full": ("mslpipe", "_full"),
 }
+DEFAULT_ARMS = ("nnunet_2d", "nnunet_leaky_unet", "mslpipe_leaky_unet")
 
 
 @dataclass
@@ -32,9 +36,10 @@ class Setup:
     device: str
     budget_min: float
     nnunet_bin: Path | None
-    smoke: bool
     compile: bool
     s_per_epoch: float | None = None  # mslpipe's seconds per epoch, if known (skips the calibration run)
+    iterations: int | None = None  # brief training: one epoch of this many iterations in every arm, no budget
+    speed_only: bool = False  # skip nnU-Net's final validation (its scores are not wanted)
     folds: list[dict] = field(default_factory=list)  # nnU-Net splits_final.json (case ids)
     raters: dict[str, list[Path]] = field(default_factory=dict)  # case -> reference masks
     images: dict[str, Path] = field(default_factory=dict)  # case -> FLAIR image (the export's copy)
@@ -42,6 +47,9 @@ class Setup:
     @property
     def nnunet_dataset(self) -> str:
         return f"Dataset{self.dataset_id:03d}_{self.name}"
+
+    def mslpipe_name(self, arm: str) -> str:
+        return self.name + ARMS[arm][1]
 
     def mslpipe_globals(self, results: Path | None = None) -> list[str]:
         w = self.work / "mslpipe"
@@ -58,8 +66,10 @@ class Setup:
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
         if self.device == "cpu":  # nnU-Net's defaults start 8 worker processes: too many for 2 cores
             env.update(nnUNet_def_n_proc="1", nnUNet_n_proc_DA="1")
-        if self.smoke:
-            env.update(MSLPIPE_NNUNET_ITERATIONS="3", MSLPIPE_NNUNET_MAX_EPOCHS="1")
+        if self.iterations:
+            env.update(MSLPIPE_NNUNET_ITERATIONS=str(self.iterations), MSLPIPE_NNUNET_MAX_EPOCHS="1")
+        if self.speed_only:
+            env.update(MSLPIPE_NNUNET_SKIP_VALIDATION="1")
         return env
 
     def nnunet(self, tool: str) -> str:
@@ -140,12 +150,15 @@ def train_nnunet(setup: Setup, plans: str, fold: int, logs: Path) -> dict:
     wall = run([setup.nnunet("nnUNetv2_train"), str(setup.dataset_id), "2d", str(fold), "-tr", TRAINER, "-p", plans,
                 "-device", setup.device], setup, logs / "train.log")
     budget = json.loads((fold_dir / "budget_log.json").read_text())
-    own = json.loads((fold_dir / "validation" / "summary.json").read_text())
     secs = budget["epoch_seconds"]
-    return {"wall_s": wall, "epochs": budget["epochs"], "s_per_epoch": sorted(secs)[len(secs) // 2],
-            "loop_s": budget["loop_seconds"], "time_to_best_s": budget["time_to_best_s"],
-            "best_epoch": budget["best_epoch"], "selection": "EMA pseudo Dice on patches (nnU-Net)",
-            "nnunet_own_dice": own["foreground_mean"]["Dice"], "validation_dir": str(fold_dir / "validation")}
+    out = {"wall_s": wall, "epochs": budget["epochs"], "s_per_epoch": sorted(secs)[len(secs) // 2],
+           "loop_s": budget["loop_seconds"], "time_to_best_s": budget["time_to_best_s"],
+           "best_epoch": budget["best_epoch"], "selection": "EMA pseudo Dice on patches (nnU-Net)",
+           "batch_size": budget["batch_size"], "patch_size": budget["patch_size"]}
+    if not setup.speed_only:
+        own = json.loads((fold_dir / "validation" / "summary.json").read_text())
+        out.update(nnunet_own_dice=own["foreground_mean"]["Dice"], validation_dir=str(fold_dir / "validation"))
+    return out
 
 
 def predict_nnunet(setup: Setup, plans: str, fold: int, inputs: Path, out: Path, tta: bool, logs: Path) -> float:
@@ -165,16 +178,19 @@ def _log_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def train_mslpipe(setup: Setup, fold: int, logs: Path, iterations: int | None) -> dict:
+def train_mslpipe(setup: Setup, arm: str, fold: int, logs: Path) -> dict:
     """Epochs are fixed before training, so the budget is met by calibration: time two epochs in a
-    throw-away run, then train ``floor(budget / seconds per epoch)`` epochs (the poly schedule spans them)."""
-    name, dev = setup.name, setup.device
-    extra = ["--iterations", str(iterations)] if iterations else []
+    throw-away run, then train ``floor(budget / seconds per epoch)`` epochs (the poly schedule spans them).
+    With ``setup.iterations``: one epoch of that many iterations, no calibration."""
+    name, dev = setup.mslpipe_name(arm), setup.device
+    extra = ["--iterations", str(setup.iterations)] if setup.iterations else []
     extra += ["--compile"] if setup.compile else []
     probe_s, epochs = 0.0, 1
-    if setup.s_per_epoch:  # known from an earlier run on the same card: no probe
+    if setup.iterations:
+        pass
+    elif setup.s_per_epoch:  # known from an earlier run on the same card: no probe
         epochs = max(1, int(setup.budget_min * 60 // setup.s_per_epoch))
-    elif not setup.smoke:
+    else:
         probe = setup.work / "mslpipe" / "probe"
         shutil.rmtree(probe, ignore_errors=True)
         probe_s = run(mslpipe(*setup.mslpipe_globals(probe), "train", "-d", name, "--fold", str(fold), "--epochs", "2",
@@ -196,17 +212,39 @@ def train_mslpipe(setup: Setup, fold: int, logs: Path, iterations: int | None) -
             "planned_epochs": epochs}
 
 
-def predict_mslpipe(setup: Setup, fold: int, inputs: Path, out: Path, tta: bool, logs: Path) -> float:
+def predict_mslpipe(setup: Setup, arm: str, fold: int, inputs: Path, out: Path, tta: bool, logs: Path) -> float:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = mslpipe(*setup.mslpipe_globals(), "predict", "-d", setup.name, "-i", str(inputs), "-o", str(out),
+    cmd = mslpipe(*setup.mslpipe_globals(), "predict", "-d", setup.mslpipe_name(arm), "-i", str(inputs), "-o", str(out),
                   "--folds", str(fold), "--device", setup.device)
     if tta:
         cmd.append("--tta")
     return run(cmd, setup, logs / f"predict_{'tta' if tta else 'notta'}.log")
 
 
+def describe_network(setup: Setup, arm: str) -> str:
+    """The arm's network in a few words, from its plans (for the tables)."""
+    system, plans = ARMS[arm]
+    if system == "nnunet":
+        cfg = json.loads((setup.work / "nnUNet_preprocessed" / setup.nnunet_dataset / f"{plans}.json").read_text())
+        cfg = cfg["configurations"]["2d"]
+        arch = cfg["architecture"]
+        feats = arch["arch_kwargs"].get("features_per_stage") or []
+        width = f" {feats[0]}→{feats[-1]} features," if feats else ""
+        name = arch["network_class_name"].rsplit(".", 1)[-1]
+        return f"{name}{width} patch {'×'.join(map(str, cfg['patch_size']))}, batch {cfg['batch_size']}"
+    from mslpipe import architectures
+
+    plan = json.loads((setup.work / "mslpipe" / "plans" / setup.mslpipe_name(arm) / "plans.json").read_text())
+    in_channels = len(plan["channels"]) * (2 * plan.get("context_slices", 0) + 1)
+    model = architectures.build(plan["architecture"], in_channels=in_channels, **plan["arch_kwargs"])
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    kwargs = ", ".join(f"{k} {v}" for k, v in plan["arch_kwargs"].items()) or "full width"
+    return (f"{plan['architecture']} ({kwargs}; {params:.2f} M), patch {'×'.join(map(str, plan['patch_size']))}, "
+            f"batch {plan['batch_size']}")
+
+
 # ---------------------------------------------------------------------------- one arm, one fold
-def run_arm(setup: Setup, arm: str, fold: int, iterations: int | None = None) -> dict:
+def run_arm(setup: Setup, arm: str, fold: int) -> dict:
     system, plans = ARMS[arm]
     val = setup.folds[fold]["val"]
     base = setup.work / "runs" / arm / f"fold_{fold}"
@@ -214,15 +252,17 @@ def run_arm(setup: Setup, arm: str, fold: int, iterations: int | None = None) ->
     shutil.rmtree(logs, ignore_errors=True)
     refs = refs_folder(setup, val, base / "refs")
     entry: dict = {"arm": arm, "fold": fold, "val": val, "train": setup.folds[fold]["train"],
-                   "budget_min": setup.budget_min, "device": setup.device}
+                   "budget_min": setup.budget_min, "device": setup.device, "iterations": setup.iterations,
+                   "network": describe_network(setup, arm)}
     if system == "nnunet":
         entry["training"] = train_nnunet(setup, plans, fold, logs)
-        # nnU-Net's own validation predictions, scored by mslpipe too: a cross-check of the metric code
-        entry["nnunet_validation_scored_by_mslpipe"] = score(
-            setup, Path(entry["training"]["validation_dir"]), refs, base / "scores" / "nnunet_validation.json")
+        if not setup.speed_only:
+            # nnU-Net's own validation predictions, scored by mslpipe too: a cross-check of the metric code
+            entry["nnunet_validation_scored_by_mslpipe"] = score(
+                setup, Path(entry["training"]["validation_dir"]), refs, base / "scores" / "nnunet_validation.json")
         inputs = link_folder(base / "inputs", {f"{c}_0000.nii.gz": setup.images[c] for c in val})
     else:
-        entry["training"] = train_mslpipe(setup, fold, logs, iterations)
+        entry["training"] = train_mslpipe(setup, arm, fold, logs)
         inputs = link_folder(base / "inputs", {f"{c}.nii.gz": setup.images[c] for c in val})
     entry["inference"] = {}
     for tta in (True, False):
@@ -231,7 +271,7 @@ def run_arm(setup: Setup, arm: str, fold: int, iterations: int | None = None) ->
         if system == "nnunet":
             wall = predict_nnunet(setup, plans, fold, inputs, out, tta, logs)
         else:
-            wall = predict_mslpipe(setup, fold, inputs, out, tta, logs)
+            wall = predict_mslpipe(setup, arm, fold, inputs, out, tta, logs)
         scores = score(setup, out, refs, base / "scores" / f"{key}.json")
         entry["inference"][key] = {"wall_s": wall, "n_volumes": len(val), "s_per_volume": wall / len(val),
                                    "pred_dir": str(out), "scores": scores}

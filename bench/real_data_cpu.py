@@ -3,8 +3,10 @@
 Plans ../shared/data/real-ms-isbi with no held-out test set (4 subjects → leave-one-subject-out
 folds; training03's three scans always stay together), trains every fold with the CPU plan's
 narrow leaky_unet for a fixed number of epochs, then runs `evaluate` (out-of-fold predictions,
-postprocessing chosen on them). Writes its section of bench/RESULTS.md. This measures the
-pipeline on real data under a small compute budget; it is not the full-width GPU model.
+postprocessing chosen on them). With several ``--context-slices`` values it runs the whole
+cross-validation once per value (2D and 2.5D input, everything else equal) and tables them side by
+side. Writes its section of bench/RESULTS.md. This measures the pipeline on real data under a small
+compute budget; it is not the full-width GPU model.
 """
 
 from __future__ import annotations
@@ -21,42 +23,61 @@ from mslpipe.plans import Workdirs  # noqa: E402
 from results import real_data_path, table, write_section  # noqa: E402
 
 REAL = real_data_path()
+KEYS = ["dice", "iou", "precision", "recall", "ltpr", "lfpr", "lesion_f1", "abs_volume_diff_ml", "slice_dice_study"]
+HEADERS = ["Dice", "IoU", "PPV", "TPR", "LTPR", "LFPR", "lesion F1", "|ΔV| mL", "slice Dice (study)"]
+
+
+def _r(v):
+    return round(v, 3) if v is not None else "—"
+
+
+def cross_validate(work: Path, context: int | None, epochs: int, iterations: int) -> dict:
+    """Plan (with ``context_slices`` when given), train every fold, evaluate; the plan, summary and minutes."""
+    dirs = Workdirs.resolve(work / "raw", work / "plans", work / "pre", work / "results")
+    overrides = None if context is None else {"context_slices": context}
+    planned = plan.run("real", dirs, input_path=REAL, device="cpu", test_fraction=0, overrides=overrides)
+    p = planned["plan"]
+    minutes = []
+    for k in range(len(planned["splits"]["folds"])):
+        t0 = time.perf_counter()
+        train.run("real", dirs, k, epochs=epochs, iterations=iterations, device="cpu", show_progress=False,
+                  resume=(dirs.fold_dir("real", p.architecture, k) / "checkpoint_latest.pt").exists())
+        minutes.append((time.perf_counter() - t0) / 60)
+    summary = workflow.evaluate_dataset("real", dirs, device="cpu")
+    return {"plan": p, "splits": planned["splits"], "summary": summary, "minutes": minutes}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--iterations", type=int, default=40)
+    ap.add_argument("--context-slices", default=None,
+                    help="comma-separated neighbours per side to compare, e.g. 0,1 [the plan's default only]")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     args = ap.parse_args()
     if not (REAL / "training").is_dir():
         sys.exit(f"real data not found at {REAL}")
     work = args.work or Path(tempfile.mkdtemp(prefix="mslpipe-real-"))
-    dirs = Workdirs.resolve(work / "raw", work / "plans", work / "pre", work / "results")
-    planned = plan.run("real", dirs, input_path=REAL, device="cpu", test_fraction=0)
-    p = planned["plan"]
-    minutes = []
-    for k in range(len(planned["splits"]["folds"])):
-        t0 = time.perf_counter()
-        train.run("real", dirs, k, epochs=args.epochs, iterations=args.iterations, device="cpu",
-                  show_progress=False, resume=(dirs.fold_dir("real", p.architecture, k) / "checkpoint_latest.pt")
-                  .exists())
-        minutes.append((time.perf_counter() - t0) / 60)
-    summary = workflow.evaluate_dataset("real", dirs, device="cpu")
-    keys = ["dice", "iou", "precision", "recall", "ltpr", "lfpr", "lesion_f1", "abs_volume_diff_ml",
-            "slice_dice_study"]
-    rows = [[r["case"], *(round(r[k], 3) if r[k] is not None else "—" for k in keys)] for r in summary["per_case"]]
-    rows.append(["**mean**", *(round(summary["mean"][k], 3) if summary["mean"][k] is not None else "—"
-                               for k in keys)])
-    folds = "; ".join(f"fold {k}: val {f['val']}" for k, f in enumerate(planned["splits"]["folds"]))
-    body = (f"Out-of-fold predictions, {len(minutes)} leave-one-subject-out folds ({folds}). Network: "
+    variants = [None] if args.context_slices is None else [int(v) for v in args.context_slices.split(",")]
+    runs = [cross_validate(work / f"ctx{v}", v, args.epochs, args.iterations) for v in variants]
+    first = runs[0]
+    p = first["plan"]
+    folds = "; ".join(f"fold {k}: val {f['val']}" for k, f in enumerate(first["splits"]["folds"]))
+    compare = [[f"{r['plan'].input_channels} ({r['plan'].context_slices} per side)",
+                *(_r(r["summary"]["mean"][k]) for k in KEYS), _r(r["summary"].get("isbi_score")),
+                r["summary"]["postprocessing"]["min_lesion_mm3"], " / ".join(f"{m:.1f}" for m in r["minutes"])]
+               for r in runs]
+    body = (f"Out-of-fold predictions, {len(first['minutes'])} leave-one-subject-out folds ({folds}). Network: "
             f"{p.architecture} {p.arch_kwargs}, patch {p.patch_size}, batch {p.batch_size}, {args.epochs} epochs × "
-            f"{args.iterations} iterations, SGD lr {p.optimizer['lr']}; training minutes per fold: "
-            f"{', '.join(f'{m:.1f}' for m in minutes)}. Postprocessing chosen on these predictions: "
-            f"min lesion {summary['postprocessing']['min_lesion_mm3']} mm³. ISBI score "
-            f"{summary.get('isbi_score')}.\n\n"
-            + table(["case", "Dice", "IoU", "PPV", "TPR", "LTPR", "LFPR", "lesion F1", "|ΔV| mL", "slice Dice (study)"],
-                    rows))
+            f"{args.iterations} iterations, SGD lr {p.optimizer['lr']}, the same seed in every variant. Input slices: "
+            "the slice itself plus its neighbours on either side as channels (2.5D). Postprocessing (minimum lesion "
+            "size) chosen on each variant's own out-of-fold predictions.\n\n"
+            + table(["input slices", *(f"mean {h}" for h in HEADERS), "ISBI score", "min lesion mm³",
+                     "training minutes per fold"], compare))
+    for r in runs:
+        rows = [[c["case"], *(_r(c[k]) for k in KEYS)] for c in r["summary"]["per_case"]]
+        body += (f"\n\nPer scan, {r['plan'].input_channels} input slice(s):\n\n"
+                 + table(["case", *HEADERS], rows))
     print(body)
     write_section("real_data_cpu", "Real data, CPU plan, cross-validation", body)
 

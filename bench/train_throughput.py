@@ -70,12 +70,13 @@ def main() -> None:
     if args.workers is not None:
         p = apply_overrides(p, {"num_workers": args.workers})
     cases = [c["case"] for c in planned["fingerprint"]["cases"]]
-    model = inference.prepare_model(architectures.build(p.architecture, **p.arch_kwargs), device).train()
+    model = inference.prepare_model(architectures.build(p.architecture, in_channels=p.input_channels,
+                                                         **p.arch_kwargs), device).train()
     opt = train.make_optimizer(model, p)
     step = step_fn(model, opt, train.make_loss(), device, args.compile)
     b, (h, w) = p.batch_size, p.patch_size
 
-    x = torch.randn(b, 1, h, w, device=device)
+    x = torch.randn(b, p.input_channels, h, w, device=device)
     y = (torch.rand(b, 1, h, w, device=device) > 0.97).float()
     if device == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)

@@ -69,16 +69,19 @@ def plan_cmd(
     seed: int = 12345,
     folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 5,
     test_fraction: Annotated[float, typer.Option(help="Share of subjects held out as test set.")] = 0.1,
+    context_slices: Annotated[int | None, typer.Option(
+        help="Neighbouring slices per side fed as extra channels (0 = plain 2D) [the planner's choice].")] = None,
 ) -> None:
     """Verify the data, fingerprint it, write plans and subject-level splits, preprocess."""
     from mslpipe import plan as plan_mod
 
     result = plan_mod.run(dataset, _dirs(), input, device=device, arch=arch, seed=seed, n_folds=folds,
-                          test_fraction=test_fraction)
+                          test_fraction=test_fraction, overrides={"context_slices": context_slices})
     p, s = result["plan"], result["splits"]
     _echo(f"plan {p.hash} for {dataset}: {result['fingerprint']['n_cases']} scans, "
           f"{result['fingerprint']['n_subjects']} subjects; {p.architecture} {p.arch_kwargs or '(full width)'} "
-          f"on {p.target_device}, patch {p.patch_size[0]}×{p.patch_size[1]}, batch {p.batch_size}")
+          f"on {p.target_device}, {p.input_channels} input slice(s), patch {p.patch_size[0]}×{p.patch_size[1]}, "
+          f"batch {p.batch_size}")
     _echo(f"splits: test {s['test']}, {len(s['folds'])} folds; preprocessed {len(result['preprocessed'])} "
           f"new scans → {result['plan_dir']}")
     if s.get("warning"):

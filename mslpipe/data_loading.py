@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mslpipe import preprocess
 from mslpipe.errors import MslpipeError
 from mslpipe.io import read_json
 from mslpipe.plans import Augmentation, Plan
@@ -231,7 +232,8 @@ class SliceSampler(IterableDataset):
                                    f"({plan.channels}): preprocess again", self.pre_dir / f"{case}.npy")
             self.n_slices.append(int(image.shape[0]))
             self.fg_slices.append(np.asarray(sorted(set(props["fg_slices"])), dtype=np.int64))
-        self.channels = channels
+        self.context = int(plan.context_slices)
+        self.channels = plan.input_channels
         self.fg_cases = np.asarray([i for i, f in enumerate(self.fg_slices) if f.size], dtype=np.int64)
         # Subjects weigh equally, not scans: a patient with five time points must not dominate training.
         per_subject = {s: subjects.count(s) for s in subjects}
@@ -283,7 +285,11 @@ class SliceSampler(IterableDataset):
                 log.debug("case %s slice %d is listed in fg_slices but has no lesion", self.cases[ci], s)
         y0, dy, hh = _place(h, self.patch[0], rng, centre[0])
         x0, dx, ww = _place(w, self.patch[1], rng, centre[1])
-        image_out[:, dy:dy + hh, dx:dx + ww] = image[s, :, y0:y0 + hh, x0:x0 + ww]
+        if self.context:
+            image_out[:, dy:dy + hh, dx:dx + ww] = preprocess.with_context(
+                image[:, :, y0:y0 + hh, x0:x0 + ww], np.asarray([s]), self.context)[0]
+        else:
+            image_out[:, dy:dy + hh, dx:dx + ww] = image[s, :, y0:y0 + hh, x0:x0 + ww]
         label_out[dy:dy + hh, dx:dx + ww] = seg[s, y0:y0 + hh, x0:x0 + ww]
 
     def make_batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:

@@ -112,7 +112,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, postprocessing: dict
 
     predictor = inference.load_predictor([Path(checkpoint)], device="cpu")
     model, plan, divisor = predictor.models[0].float().eval(), predictor.plan, predictor.divisor
-    example = torch.randn(2, len(plan.channels), 4 * divisor, 6 * divisor)
+    example = torch.randn(2, plan.input_channels, 4 * divisor, 6 * divisor)
     with atomic_path(out, suffix=".onnx") as tmp:
         try:
             with _quiet():
@@ -121,7 +121,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, postprocessing: dict
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise MslpipeError(f"{plan.architecture} cannot be exported to ONNX with the {exporter} exporter "
                                f"({reason[:300]})", checkpoint) from exc
-        check = _check(model, tmp, divisor, len(plan.channels))
+        check = _check(model, tmp, divisor, plan.input_channels)
     pp = {**plan.postprocessing, **(postprocessing or {})}
     meta = {
         "format": onnx_inference.FORMAT,

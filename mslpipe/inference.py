@@ -16,7 +16,7 @@ import numpy as np
 
 from mslpipe import architectures, checkpoints, preprocess
 from mslpipe.errors import MslpipeError
-from mslpipe.plans import Plan
+from mslpipe.plans import CPU_INFERENCE_BATCH, Plan
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def load_predictor(paths: list[Path], device: str = "auto", compile: bool = Fals
         if plan is not None and this_plan.preprocessing_hash() != plan.preprocessing_hash():
             raise MslpipeError("checkpoint was trained with different preprocessing than the others", path)
         plan = plan or this_plan
-        model = architectures.build(this_plan.architecture, in_channels=len(this_plan.channels),
+        model = architectures.build(this_plan.architecture, in_channels=this_plan.input_channels,
                                     **this_plan.arch_kwargs)
         try:
             model.load_state_dict(payload["model"])
@@ -88,14 +88,19 @@ def load_predictor(paths: list[Path], device: str = "auto", compile: bool = Fals
 
 
 def predict_volume(models: list[Any], image: np.ndarray, *, divisor: int, device: str,
-                   batch_size: int = 64, tta: bool = False, return_logits: bool = False) -> np.ndarray:
-    """Run every slice of an S×C×H×W volume through the networks.
+                   batch_size: int = 64, tta: bool = False, return_logits: bool = False,
+                   context: int = 0) -> np.ndarray:
+    """Run every slice of an S×C×H×W volume through the networks (each slice with ``context``
+    neighbours on either side as extra channels, see :func:`mslpipe.preprocess.with_context`).
 
     Returns S×H×W foreground probabilities averaged over models (and mirrored inputs when
-    ``tta``), or with ``return_logits`` the logits of a single model without TTA.
+    ``tta``), or with ``return_logits`` the logits of a single model without TTA. On a CPU at most
+    ``CPU_INFERENCE_BATCH`` slices go through at once (a GPU plan's batch would exhaust the memory).
     """
     import torch
 
+    if device == "cpu":
+        batch_size = min(batch_size, CPU_INFERENCE_BATCH)
     if return_logits and (len(models) != 1 or tta):
         raise ValueError("return_logits needs exactly one model and no TTA")
     padded, (h, w) = preprocess.pad_to_multiple(image, divisor)
@@ -104,7 +109,8 @@ def predict_volume(models: list[Any], image: np.ndarray, *, divisor: int, device
     use_amp = device == "cuda"
     with torch.inference_mode(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_amp):
         for start in range(0, padded.shape[0], batch_size):
-            batch = torch.from_numpy(padded[start:start + batch_size]).to(device, non_blocking=True)
+            index = np.arange(start, min(start + batch_size, padded.shape[0]))
+            batch = torch.from_numpy(preprocess.with_context(padded, index, context)).to(device, non_blocking=True)
             if device == "cuda":
                 batch = batch.contiguous(memory_format=torch.channels_last)
             acc = None
@@ -128,7 +134,7 @@ def predict_case(predictor: Predictor, channels: list[np.ndarray], affine: np.nd
 
     def run(image: np.ndarray) -> np.ndarray:
         return predict_volume(predictor.models, image, divisor=predictor.divisor, device=predictor.device,
-                              batch_size=plan.inference_batch_size, tta=tta)
+                              batch_size=plan.inference_batch_size, tta=tta, context=plan.context_slices)
 
     return preprocess.segment(run, channels, affine, plan, {**plan.postprocessing, **(postprocessing or {})},
                               where=where)

@@ -22,7 +22,7 @@ from scipy.special import expit
 from mslpipe import preprocess
 from mslpipe.errors import MslpipeError
 from mslpipe.io import read_json
-from mslpipe.plans import Plan
+from mslpipe.plans import CPU_INFERENCE_BATCH, Plan
 
 log = logging.getLogger(__name__)
 
@@ -93,23 +93,24 @@ def load_onnx_predictor(path: str | Path, threads: int | None = None) -> OnnxPre
     if len(inputs) != 1 or len(inputs[0].shape) != 4:
         raise MslpipeError("ONNX model must take one N×C×H×W input", path)
     n_channels = inputs[0].shape[1]
-    if isinstance(n_channels, int) and n_channels != len(plan.channels):
-        raise MslpipeError(f"ONNX model takes {n_channels} channels but its description lists "
-                           f"{len(plan.channels)}", path)
+    if isinstance(n_channels, int) and n_channels != plan.input_channels:
+        raise MslpipeError(f"ONNX model takes {n_channels} channels but its description's plan gives "
+                           f"{plan.input_channels}", path)
     pp = {**plan.postprocessing, **meta["postprocessing"]}
     return OnnxPredictor(session, inputs[0].name, plan, int(meta["divisor"]), pp, meta, [str(path)])
 
 
 def predict_volume(session: Any, input_name: str, image: np.ndarray, *, divisor: int, batch_size: int = 64,
-                   tta: bool = False, return_logits: bool = False) -> np.ndarray:
-    """S×C×H×W volume → S×H×W foreground probabilities (or, with ``return_logits``, logits without TTA)."""
+                   tta: bool = False, return_logits: bool = False, context: int = 0) -> np.ndarray:
+    """S×C×H×W volume → S×H×W foreground probabilities (or, with ``return_logits``, logits without TTA);
+    ``context`` neighbouring slices on either side as extra channels, as in ``inference.predict_volume``."""
     if return_logits and tta:
         raise ValueError("return_logits needs no TTA")
     padded, (h, w) = preprocess.pad_to_multiple(np.asarray(image, dtype=np.float32), divisor)
     out = np.empty((image.shape[0], h, w), dtype=np.float32)
     flips = [()] + ([(2,), (3,), (2, 3)] if tta else [])
     for start in range(0, padded.shape[0], batch_size):
-        batch = padded[start:start + batch_size]
+        batch = preprocess.with_context(padded, np.arange(start, min(start + batch_size, padded.shape[0])), context)
         acc = None
         for axes in flips:
             x = np.ascontiguousarray(np.flip(batch, axes) if axes else batch)
@@ -129,7 +130,8 @@ def predict_case(predictor: OnnxPredictor, channels: list[np.ndarray], affine: n
 
     def run(image: np.ndarray) -> np.ndarray:
         return predict_volume(predictor.session, predictor.input_name, image, divisor=predictor.divisor,
-                              batch_size=plan.inference_batch_size, tta=tta)
+                              batch_size=min(plan.inference_batch_size, CPU_INFERENCE_BATCH), tta=tta,
+                              context=plan.context_slices)
 
     return preprocess.segment(run, channels, affine, plan,
                               {**predictor.postprocessing, **(postprocessing or {})}, where=where)

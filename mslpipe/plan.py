@@ -18,7 +18,7 @@ from mslpipe import architectures, preprocess
 from mslpipe.datasets import Case, discover
 from mslpipe.errors import MslpipeError
 from mslpipe.io import write_json
-from mslpipe.plans import Plan, Workdirs, save_plan
+from mslpipe.plans import CPU_INFERENCE_BATCH, Plan, Workdirs, save_plan
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,9 @@ def fingerprint_case(case: Case) -> dict[str, Any]:
     return fp
 
 
-def verify_and_fingerprint(cases: list[Case], progress: Callable[[str], None] | None = None) -> dict:
+def verify_and_fingerprint(cases: list[Case], progress: Callable[[str], None] | None = None,
+                           root: Path | None = None) -> dict:
+    """Check every case and take the dataset's fingerprint; ``root`` names the folder in dataset-wide errors."""
     per_case = []
     for case in cases:
         if not case.test_only and not case.masks:
@@ -76,10 +78,16 @@ def verify_and_fingerprint(cases: list[Case], progress: Callable[[str], None] | 
             progress(case.id)
     labelled = [c for c in per_case if not c["test_only"]]
     if not labelled:
-        raise MslpipeError("no labelled (training) cases found")
-    raters = {c["n_raters"] for c in labelled}
+        raise MslpipeError("no labelled (training) cases found: every case is a test case without masks", root)
+    counts = [c["n_raters"] for c in labelled]
+    raters = set(counts)
     if len(raters) > 1:
-        raise MslpipeError(f"cases have different numbers of raters {sorted(raters)}")
+        usual = max(sorted(raters), key=counts.count)
+        odd = next(c for c in labelled if c["n_raters"] != usual)
+        case = next(k for k in cases if k.id == odd["case"])
+        raise MslpipeError(f"case {odd['case']} has {odd['n_raters']} rater mask(s) but {counts.count(usual)} of "
+                           f"{len(counts)} labelled cases have {usual}; every case needs the same raters",
+                           (case.masks or list(case.images.values()))[0])
 
     def median(key, sub=None):
         vals = [c[key] if sub is None else c[key][sub] for c in labelled]
@@ -137,7 +145,7 @@ def make_plan(fingerprint: dict, name: str, device: str, arch: str = "leaky_unet
     else:
         plan.batch_size = int(np.clip(12 * (128 * 128) // pixels, 2, 16))
         plan.epochs, plan.iterations_per_epoch, plan.num_workers = 20, 40, 1
-        plan.inference_batch_size = 16
+        plan.inference_batch_size = CPU_INFERENCE_BATCH
     plan.validate()
     return plan.finalised()
 
@@ -186,7 +194,7 @@ def run(name: str, dirs: Workdirs, input_path: Path | None = None, device: str =
     root = Path(input_path) if input_path else dirs.raw / name
     cases = discover(root)
     step = (lambda stage: (lambda cid: progress(stage, cid))) if progress else (lambda stage: None)
-    fingerprint = verify_and_fingerprint(cases, step("verify"))
+    fingerprint = verify_and_fingerprint(cases, step("verify"), root)
     fingerprint["dataset"] = name
     fingerprint["source"] = str(root.resolve())
     device = resolve_device(device)

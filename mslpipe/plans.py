@@ -19,6 +19,9 @@ from mslpipe.io import read_json, write_json
 PLAN_VERSION = 1
 
 LABEL_POLICIES = ("mean", "union", "intersection", "mask1")
+# Slices per forward pass on a CPU, whatever the plan says: a GPU plan's batch of 256 full-width slices would
+# need tens of GB of activations, and bigger batches gain nothing on a few cores.
+CPU_INFERENCE_BATCH = 16
 
 
 @dataclass
@@ -55,6 +58,9 @@ class Plan:
     label_policy: str = "mean"
     n_raters: int = 1
     slice_axis: int = 2
+    # 2.5D input: the network sees this many neighbouring slices on each side of the one it segments,
+    # stacked as channels (the study fed 3 channels of one replicated grey slice). 0 = plain 2D.
+    context_slices: int = 0
     # Voxel size (mm, RAS axis order) the network works at; scans more than 5% off are resampled.
     target_spacing: list[float] | None = None
     patch_size: list[int] = field(default_factory=lambda: [224, 192])
@@ -93,11 +99,18 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def input_channels(self) -> int:
+        """The network's input channels: every modality, for the slice and its context neighbours."""
+        return len(self.channels) * (2 * self.context_slices + 1)
+
     def compute_hash(self) -> str:
         """Hash of everything that changes preprocessing or training (not the hash itself)."""
         d = self.to_dict()
         d.pop("hash", None)
         d.pop("mslpipe_version", None)
+        if not d.get("context_slices"):  # added later: plans written before it keep their hash
+            d.pop("context_slices", None)
         blob = json.dumps(d, sort_keys=True, default=list).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -168,6 +181,8 @@ class Plan:
              and all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in self.patch_size),
              "patch_size must be two positive integers")
         need(len(self.channels) >= 1, "at least one channel")
+        need(isinstance(self.context_slices, int) and not isinstance(self.context_slices, bool)
+             and 0 <= self.context_slices <= 4, "context_slices must be an integer from 0 to 4")
         need(self.batch_size >= 1 and self.epochs >= 1 and self.iterations_per_epoch >= 1,
              "batch_size, epochs and iterations_per_epoch must be positive")
         need(0.0 <= self.oversample_foreground <= 1.0, "oversample_foreground must lie in [0, 1]")

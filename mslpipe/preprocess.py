@@ -188,6 +188,18 @@ def restore(pred: np.ndarray, props: dict[str, Any], fill: float = 0) -> np.ndar
     return from_canonical(canonical, np.asarray(props["ornt"]))
 
 
+def with_context(volume: np.ndarray, index: np.ndarray, context: int) -> np.ndarray:
+    """Slices ``index`` of an S×C×H×W volume, each with ``context`` neighbours on either side stacked as
+    channels (N×C·(2·context+1)×H×W, neighbours in slice order; the edge slice repeats past the ends)."""
+    index = np.asarray(index, dtype=np.int64)
+    if context == 0:
+        return np.asarray(volume[index])
+    offsets = np.arange(-context, context + 1)
+    rows = np.clip(index[:, None] + offsets[None, :], 0, volume.shape[0] - 1)
+    stacked = np.asarray(volume[rows.ravel()])
+    return stacked.reshape(len(index), -1, *volume.shape[2:])
+
+
 def pad_to_multiple(image: np.ndarray, divisor: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Zero-pad an S×C×H×W stack at the end of H and W to multiples of ``divisor``; return it and (H, W)."""
     h, w = image.shape[-2:]
@@ -224,8 +236,21 @@ def load_case(case: Case) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray
     return channels, affine, masks
 
 
+def source_digest(case: Case) -> str:
+    """SHA-256 over the contents of a case's images and masks (in channel and rater order)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for role, path in [*sorted(case.images.items()), *((f"mask{i + 1}", m) for i, m in enumerate(case.masks))]:
+        digest.update(role.encode())
+        with open(path, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
+
+
 def run(cases: list[Case], plan: Plan, out_dir: Path, progress=None) -> list[str]:
-    """Preprocess every case into ``out_dir``; skip cases already done with the same plan.
+    """Preprocess every case into ``out_dir``; skip cases already done with the same plan from the
+    same source files (a content digest, so an edited or replaced scan or mask is preprocessed again).
 
     Returns the ids that were (re)written.
     """
@@ -234,9 +259,11 @@ def run(cases: list[Case], plan: Plan, out_dir: Path, progress=None) -> list[str
     written = []
     for case in cases:
         props_path = out_dir / f"{case.id}.json"
+        digest = source_digest(case)
         if props_path.exists() and (out_dir / f"{case.id}.npy").exists():
             try:
-                if read_json(props_path).get("preprocessing_hash") == key:
+                done = read_json(props_path)
+                if done.get("preprocessing_hash") == key and done.get("source_digest") == digest:
                     if progress:
                         progress(case.id)
                     continue
@@ -246,7 +273,7 @@ def run(cases: list[Case], plan: Plan, out_dir: Path, progress=None) -> list[str
         image, label, props = preprocess_volume(channels, affine, plan, masks, where=case.images["flair"]
                                                 if "flair" in case.images else None)
         props.update(case=case.id, subject=case.subject, timepoint=case.timepoint,
-                     preprocessing_hash=key, test_only=case.test_only)
+                     preprocessing_hash=key, source_digest=digest, test_only=case.test_only)
         save_npy(out_dir / f"{case.id}.npy", image)
         if label is not None:
             save_npy(out_dir / f"{case.id}_seg.npy", label)

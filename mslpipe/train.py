@@ -155,7 +155,8 @@ def validate(model, cases: list[str], pre_dir: Path, plan: Plan, device: str, di
     for case in cases:
         image, seg, _ = data_loading.load_case_arrays(pre_dir, case)
         logits = inference.predict_volume([model], image, divisor=divisor, device=device,
-                                          batch_size=plan.inference_batch_size, return_logits=True)
+                                          batch_size=plan.inference_batch_size, return_logits=True,
+                                          context=plan.context_slices)
         with torch.no_grad():
             losses.append(float(loss_fn(torch.from_numpy(logits)[:, None], torch.from_numpy(seg)[:, None])))
         pred = logits > 0
@@ -169,7 +170,7 @@ def export_validation(model, cases: list[str], pre_dir: Path, plan: Plan, device
     for case in cases:
         image, _, props = data_loading.load_case_arrays(pre_dir, case)
         prob = inference.predict_volume([model], image, divisor=divisor, device=device,
-                                        batch_size=plan.inference_batch_size)
+                                        batch_size=plan.inference_batch_size, context=plan.context_slices)
         mask = restore((prob >= plan.postprocessing.get("threshold", 0.5)).astype(np.uint8), props)
         save_nifti(out_dir / f"{case}.nii.gz", mask, np.asarray(props["affine"]))
 
@@ -211,7 +212,7 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
     np.random.seed(plan.seed + rank)
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
-    model = architectures.build(plan.architecture, in_channels=len(plan.channels), **plan.arch_kwargs)
+    model = architectures.build(plan.architecture, in_channels=plan.input_channels, **plan.arch_kwargs)
     init_output_prior(model, plan.output_prior)
     model = inference.prepare_model(model, device)
     opt = make_optimizer(model, plan)

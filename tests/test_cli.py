@@ -52,6 +52,18 @@ def test_work_folders_move_with_environment(tmp_path, synth_root):
     assert (tmp_path / "preprocessed" / "syn").is_dir()
 
 
+def test_plan_context_slices_option(tmp_path, synth_root):
+    out = run_cli("plan", "-d", "syn", "-i", synth_root, "--device", "cpu", "--context-slices", "7", cwd=tmp_path)
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "context_slices" in out.stderr and not (tmp_path / "plans").exists()
+    out = run_cli("plan", "-d", "syn", "-i", synth_root, "--device", "cpu", "--context-slices", "2", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "5 input slice(s)" in out.stdout
+    import json
+
+    assert json.loads((tmp_path / "plans" / "syn" / "plans.json").read_text())["context_slices"] == 2
+
+
 def test_evaluate_pred_ref(tmp_path):
     ref = np.zeros((10, 10, 10), np.uint8)
     ref[2:5, 2:5, 2:5] = 1

@@ -323,3 +323,26 @@ def test_subjects_weigh_equally_not_scans(tmp_path):
     values = np.concatenate([sampler.make_batch(0, i)["image"][:, 0, 0, 0].numpy() for i in range(4)])
     share_one = float(np.mean(values == 2.0))
     assert 0.35 < share_one < 0.65, share_one  # case-weighted sampling would give 0.2
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_context_slices_stack_the_neighbours(pre, channels):
+    """2.5D: the middle channels are the 2D batch's slice, the others its neighbours in order (edges repeat)."""
+    rng = np.random.default_rng(6)
+    name = random_case(pre, "big", rng, s=10, h=48, w=40, c=channels, fg=(0, 9))  # lesions at both ends
+    stored, _, _ = load_case_arrays(pre, name)
+    flat = make_train_loader(pre, [name], make_plan(channels=channels), batches=3, seed=7)
+    deep = make_train_loader(pre, [name], dataclasses.replace(make_plan(channels=channels), context_slices=1),
+                             batches=3, seed=7)
+    edges = 0
+    for b2, b3 in zip(flat, deep, strict=True):
+        assert b3["image"].shape == (6, 3 * channels, PATCH, PATCH)
+        torch.testing.assert_close(b3["label"], b2["label"])
+        for img2, img3 in zip(b2["image"].numpy(), b3["image"].numpy(), strict=True):
+            np.testing.assert_array_equal(img3[channels:2 * channels], img2)  # same draws, same crop
+            s, y, x = locate(stored, img2)
+            for k, t in enumerate((max(s - 1, 0), s, min(s + 1, 9))):
+                np.testing.assert_array_equal(img3[k * channels:(k + 1) * channels],
+                                              stored[t, :, y:y + PATCH, x:x + PATCH])
+            edges += s in (0, 9)
+    assert edges  # the foreground slices at both ends were drawn: the clamped edge was exercised

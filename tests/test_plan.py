@@ -195,6 +195,20 @@ def test_rerun_rewrites_nothing_and_changed_option_reprocesses(tmp_path, synth_r
     assert fourth["preprocessed"] == []
 
 
+def test_changed_source_file_is_preprocessed_again(tmp_path, tiny_root):
+    root = tmp_path / "ds"
+    shutil.copytree(tiny_root, root)
+    d = _workdirs(tmp_path / "work")
+    plan.run("ds", d, input_path=root, device="cpu")
+    out = d.preprocessed_dir("ds")
+    before = np.load(out / "training02_01_seg.npy")
+    data, affine = load_image(_mask(root))
+    save_nifti(_mask(root), np.zeros_like(data), affine)  # the rater's mask is corrected after planning
+    again = plan.run("ds", d, input_path=root, device="cpu")
+    assert again["preprocessed"] == ["training02_01"]
+    assert before.any() and not np.load(out / "training02_01_seg.npy").any()
+
+
 def test_test_only_scans_are_preprocessed_but_not_split(tmp_path, tiny_root):
     root = tmp_path / "ds"
     shutil.copytree(tiny_root, root)
@@ -349,10 +363,26 @@ def _empty(root):
     return root, ("no cases found",)
 
 
+def _no_labelled(root):
+    """Only test scans (ISBI's testdata_website layout): nothing to plan from; the message names the folder."""
+    blob = _break_image(root).read_bytes()
+    shutil.rmtree(root)
+    folder = root / "testdata_website" / "test01" / "preprocessed"
+    folder.mkdir(parents=True)
+    (folder / "test01_01_flair_pp.nii.gz").write_bytes(blob)
+    return root, ("no labelled", "test case")
+
+
+def _extra_rater(root):
+    """One case has a second rater's mask, the others one: the message names that case and a file of it."""
+    shutil.copyfile(_mask(root), _mask(root).with_name("training02_01_mask2.nii.gz"))
+    return _mask(root), ("training02_01", "2 rater mask", "have 1")
+
+
 @pytest.mark.parametrize(
     "breaker",
     [_corrupt, _nan, _four_d, _missing_mask, _non_binary_mask, _mask_shape, _mask_affine, _all_zero,
-     _duplicate, _empty],
+     _duplicate, _empty, _no_labelled, _extra_rater],
     ids=lambda f: f.__name__.strip("_"),
 )
 def test_bad_input_is_refused_and_nothing_is_written(tmp_path, tiny_root, breaker):

@@ -48,6 +48,24 @@ def test_round_trip_with_stable_hash(tmp_path):
     assert Plan(dataset="ms").compute_hash() == Plan(dataset="ms").compute_hash()
 
 
+def test_plans_written_before_context_slices_keep_their_hash(tmp_path):
+    """A plan saved before the field existed has none; it loads as plain 2D with its hash still valid."""
+    import hashlib
+
+    old = _plan().finalised().to_dict()
+    del old["context_slices"]
+    # the hash as mslpipe computed it before the field existed
+    body = {k: v for k, v in old.items() if k not in ("hash", "mslpipe_version")}
+    old["hash"] = hashlib.sha256(json.dumps(body, sort_keys=True, default=list).encode()).hexdigest()[:16]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    loaded = load_plan(path)
+    assert loaded.context_slices == 0 and loaded.input_channels == len(loaded.channels)
+    deeper = apply_overrides(loaded, {"context_slices": 2})
+    assert deeper.hash != loaded.hash and deeper.input_channels == 5 * len(loaded.channels)
+    assert deeper.preprocessing_hash() == loaded.preprocessing_hash()  # context is built on the fly
+
+
 def test_hash_ignores_mslpipe_version(tmp_path):
     plan = _plan().finalised()
     other = Plan.from_dict({**plan.to_dict(), "mslpipe_version": "9.9.9"})
@@ -119,6 +137,10 @@ def test_hand_edited_plan_is_refused(tmp_path):
         ("batch_size", "many", ("invalid plan",)),
         ("oversample_foreground", 1.5, ("oversample_foreground",)),
         ("postprocessing", {"connectivity": 4}, ("connectivity",)),
+        ("context_slices", -1, ("context_slices",)),
+        ("context_slices", 5, ("context_slices",)),
+        ("context_slices", 1.0, ("context_slices",)),
+        ("context_slices", True, ("context_slices",)),
     ],
 )
 def test_invalid_values_are_refused(tmp_path, field, value, words):

@@ -158,3 +158,38 @@ def test_read_only_output_folder_fails_cleanly(model, scan, tmp_path):
     finally:
         out.chmod(0o755)
         shutil.rmtree(out)
+
+
+def test_cpu_inference_caps_a_gpu_plans_batch():
+    """A GPU plan's inference batch (hundreds of slices) goes through a CPU in chunks of CPU_INFERENCE_BATCH."""
+    import torch
+
+    from mslpipe.plans import CPU_INFERENCE_BATCH
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.shape[0])
+            return x[:, :1] * 2.0
+
+    image = np.random.default_rng(0).normal(size=(40, 1, 8, 8)).astype(np.float32)
+    logits = inference.predict_volume([Probe()], image, divisor=8, device="cpu", batch_size=256, return_logits=True)
+    assert max(seen) == CPU_INFERENCE_BATCH and sum(seen) == 40
+    np.testing.assert_allclose(logits, image[:, 0] * 2.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_context_slices_reach_the_network_in_order(batch_size):
+    """With context 1 the network sees (previous, this, next) slice as channels, at every batch boundary."""
+    import torch
+
+    class Previous(torch.nn.Module):
+        def forward(self, x):
+            assert x.shape[1] == 3
+            return x[:, :1]
+
+    image = np.random.default_rng(1).normal(size=(7, 1, 8, 8)).astype(np.float32)
+    logits = inference.predict_volume([Previous()], image, divisor=8, device="cpu", batch_size=batch_size,
+                                      return_logits=True, context=1)
+    np.testing.assert_array_equal(logits, image[[0, 0, 1, 2, 3, 4, 5], 0])

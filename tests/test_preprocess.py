@@ -13,6 +13,7 @@ from mslpipe.preprocess import (
     normalise,
     preprocess_volume,
     restore,
+    with_context,
 )
 
 SHAPE = (24, 28, 20)
@@ -294,3 +295,14 @@ def test_scans_at_another_voxel_size_are_resampled_and_mapped_back():
                                             [mask])
     assert props1["resampled_shape"] is None
     assert np.array_equal(P.restore(label1.astype(np.uint8), props1), mask)
+
+
+def test_with_context_stacks_neighbours_in_order_and_repeats_edges():
+    volume = np.arange(5 * 2 * 3 * 4, dtype=np.float32).reshape(5, 2, 3, 4)  # S=5 slices of C=2 channels
+    np.testing.assert_array_equal(with_context(volume, np.array([1, 3]), 0), volume[[1, 3]])
+    out = with_context(volume, np.array([0, 2, 4]), 1)
+    assert out.shape == (3, 6, 3, 4)
+    for row, s in enumerate((0, 2, 4)):
+        expected = np.concatenate([volume[max(s - 1, 0)], volume[s], volume[min(s + 1, 4)]])
+        np.testing.assert_array_equal(out[row], expected)
+    assert with_context(volume, np.array([0]), 2).shape == (1, 10, 3, 4)

@@ -13,9 +13,10 @@ the budget is expected to hold (re-estimated after every epoch), so the learning
 of the budget as it would at epoch 1000. ``nnUNetTrainerBudgetNoDS`` is the same without deep supervision.
 
 Optional: ``MSLPIPE_NNUNET_ITERATIONS`` (training iterations per epoch; validation gets a fifth),
-``MSLPIPE_NNUNET_MAX_EPOCHS`` (a hard cap; smoke runs). At the end ``budget_log.json`` in the fold folder
-records every epoch's seconds and EMA pseudo Dice, the best epoch (the one ``checkpoint_best.pth`` holds) and
-the time to it.
+``MSLPIPE_NNUNET_MAX_EPOCHS`` (a hard cap; smoke runs), ``MSLPIPE_NNUNET_SKIP_VALIDATION=1`` (no final
+validation of the fold: speed-only runs, where a briefly trained model's scores mean nothing). At the end
+``budget_log.json`` in the fold folder records every epoch's seconds and EMA pseudo Dice, the best epoch (the
+one ``checkpoint_best.pth`` holds) and the time to it.
 """
 
 from __future__ import annotations
@@ -71,6 +72,12 @@ class nnUNetTrainerBudget(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming conve
             self.lr_scheduler.max_steps = max(expected, self.current_epoch + 1)
         self._write_budget_log(start, epoch_times)
         self.on_train_end()
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if os.environ.get("MSLPIPE_NNUNET_SKIP_VALIDATION") == "1":
+            self.print_to_log_file("final validation skipped (MSLPIPE_NNUNET_SKIP_VALIDATION=1)")
+            return
+        super().perform_actual_validation(save_probabilities)
 
     def _write_budget_log(self, start: float, epoch_times: list[float]) -> None:
         if self.local_rank != 0:
