@@ -306,3 +306,14 @@ def test_with_context_stacks_neighbours_in_order_and_repeats_edges():
         expected = np.concatenate([volume[max(s - 1, 0)], volume[s], volume[min(s + 1, 4)]])
         np.testing.assert_array_equal(out[row], expected)
     assert with_context(volume, np.array([0]), 2).shape == (1, 10, 3, 4)
+
+
+@pytest.mark.parametrize("scale", [0.003, 7.5, 4096.0])
+def test_network_input_ignores_the_scanners_intensity_scale(scale):
+    """Scanners store FLAIR in arbitrary units: a rescaled scan gives the network the same input."""
+    image, _, _ = _head(seed=3)
+    plan = Plan(dataset="t", crop_margin=1)
+    reference, _, props = preprocess_volume([image], _affine_ras(), plan)
+    scaled, _, scaled_props = preprocess_volume([image * np.float32(scale)], _affine_ras(), plan)
+    assert scaled_props["crop_box"] == props["crop_box"]
+    np.testing.assert_allclose(scaled, reference, atol=1e-4)
