@@ -184,3 +184,26 @@ def test_cli_export_and_bad_requests(trained, tmp_path):
         lines = bad.stderr.strip().splitlines()
         assert bad.returncode == 1 and len(lines) == 1 and words in lines[0], bad.stderr
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_two_and_a_half_d_model_trains_predicts_and_exports(synth_root, tmp_path):
+    """context_slices=1 end to end: 3-channel network, predict through torch and ONNX Runtime alike."""
+    from mslpipe import plan, train
+    from mslpipe.plans import Workdirs
+
+    tiny = {"arch_kwargs": {"base_channels": 4, "max_channels": 32, "depth": 3}, "batch_size": 8, "num_workers": 0}
+    d = Workdirs.resolve(tmp_path / "raw", tmp_path / "plans", tmp_path / "pre", tmp_path / "results")
+    planned = plan.run("ctx", d, input_path=synth_root, device="cpu", overrides={**tiny, "context_slices": 1})
+    assert planned["plan"].input_channels == 3
+    result = train.run("ctx", d, 0, epochs=1, iterations=2, device="cpu", show_progress=False)
+    checkpoint = result["fold_dir"] / "checkpoint_final.pt"
+    model = inference.load_predictor([checkpoint], device="cpu").models[0]
+    assert next(model.parameters()).shape[1] == 3  # the first convolution takes 3 slices
+    out = tmp_path / "ctx.onnx"
+    meta = export.export_onnx(checkpoint, out)
+    assert meta["export_check"]["max_abs_logit_diff"] < LOGIT_TOLERANCE
+    scan = next((synth_root / "training").glob("training01/preprocessed/*_flair_pp.nii.gz"))
+    channels, affine = load_image(scan)
+    _, p_torch = inference.predict_case(inference.load_predictor([checkpoint], device="cpu"), [channels], affine)
+    _, p_onnx = onnx_inference.predict_case(onnx_inference.load_onnx_predictor(out), [channels], affine)
+    assert np.max(np.abs(p_onnx - p_torch)) < 1e-4
