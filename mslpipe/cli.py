@@ -32,11 +32,13 @@ def _echo(text: str) -> None:
 
 @app.callback()
 def _global(
-    raw: Annotated[Path | None, typer.Option(envvar="MSLPIPE_RAW", help="Raw datasets folder [./raw_data].")] = None,
-    plans: Annotated[Path | None, typer.Option(envvar="MSLPIPE_PLANS", help="Plans folder [./plans].")] = None,
+    raw: Annotated[Path | None, typer.Option(envvar="MSLPIPE_RAW",
+                                             help="Raw datasets folder (default: ./raw_data).")] = None,
+    plans: Annotated[Path | None, typer.Option(envvar="MSLPIPE_PLANS", help="Plans folder (default: ./plans).")] = None,
     preprocessed: Annotated[Path | None, typer.Option(envvar="MSLPIPE_PREPROCESSED",
-                                                      help="Preprocessed folder [./preprocessed].")] = None,
-    results: Annotated[Path | None, typer.Option(envvar="MSLPIPE_RESULTS", help="Results folder [./results].")] = None,
+                                                      help="Preprocessed folder (default: ./preprocessed).")] = None,
+    results: Annotated[Path | None, typer.Option(envvar="MSLPIPE_RESULTS",
+                                                 help="Results folder (default: ./results).")] = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="More log output.")] = False,
 ) -> None:
@@ -63,14 +65,16 @@ def synth(
 @app.command("plan")
 def plan_cmd(
     dataset: Name,
-    input: Annotated[Path | None, typer.Option("-i", "--input", help="Dataset folder [raw_data/NAME].")] = None,
+    input: Annotated[Path | None, typer.Option("-i", "--input",
+                                               help="Dataset folder (default: raw_data/NAME).")] = None,
     device: Device = "auto",
     arch: Annotated[str, typer.Option(help="Registered architecture (see `mslpipe archs`).")] = "leaky_unet",
     seed: int = 12345,
     folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 5,
     test_fraction: Annotated[float, typer.Option(help="Share of subjects held out as test set.")] = 0.1,
     context_slices: Annotated[int | None, typer.Option(
-        help="Neighbouring slices per side fed as extra channels (0 = plain 2D) [the planner's choice].")] = None,
+        help="Neighbouring slices per side fed as extra channels, 0 = plain 2D "
+             "(default: the planner's choice).")] = None,
 ) -> None:
     """Verify the data, fingerprint it, write plans and subject-level splits, preprocess."""
     from mslpipe import plan as plan_mod
@@ -139,7 +143,7 @@ def predict(
     dataset: Annotated[str | None, typer.Option("-d", "--dataset", help="Use this dataset's trained folds.")] = None,
     arch: str | None = None,
     folds: Annotated[list[str] | None, typer.Option(help="Folds to ensemble, e.g. --folds 0,1,2 "
-                                                         "[every trained fold].")] = None,
+                                                         "(default: every trained fold).")] = None,
     checkpoint: Annotated[list[Path] | None, typer.Option(help="Checkpoint file(s) instead of -d.")] = None,
     device: Device = "auto",
     tta: Annotated[bool, typer.Option("--tta", help="Average over mirrored inputs.")] = False,
@@ -293,7 +297,7 @@ def export_nnunet(
     preprocessed_dir: Annotated[Path | None, typer.Option("--preprocessed-dir", help="Also write splits_final.json "
                                                           "here ($nnUNet_preprocessed/DatasetNNN_NAME).")] = None,
     label_policy: Annotated[str | None, typer.Option(help="mean, union, intersection or mask1, binarised at 0.5 "
-                                                     "[the plan's].")] = None,
+                                                     "(default: the plan's).")] = None,
 ) -> None:
     """Write a planned dataset in nnU-Net v2's raw format with mslpipe's subject-level folds."""
     from mslpipe import nnunet_export

@@ -26,6 +26,14 @@ def test_help_lists_every_stage():
         assert cmd in out.stdout
 
 
+def test_help_shows_the_defaults_in_brackets():
+    """Defaults written in help texts survive rich's markup (square brackets would be eaten as tags)."""
+    out = subprocess.run([sys.executable, "-m", "mslpipe", "plan", "--help"], capture_output=True, **TEXT,
+                         env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0
+    assert "raw_data/NAME" in out.stdout and "the planner's choice" in out.stdout
+
+
 def test_missing_dataset_is_one_line_error(tmp_path):
     out = run_cli("plan", "-d", "nothing", cwd=tmp_path)
     assert out.returncode == 1
