@@ -243,8 +243,11 @@ def source_digest(case: Case) -> str:
     digest = hashlib.sha256()
     for role, path in [*sorted(case.images.items()), *((f"mask{i + 1}", m) for i, m in enumerate(case.masks))]:
         digest.update(role.encode())
-        with open(path, "rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
+        try:
+            with open(path, "rb") as f:
+                digest.update(hashlib.file_digest(f, "sha256").digest())
+        except OSError as exc:
+            raise MslpipeError(f"cannot read ({exc.strerror or exc})", path) from exc
     return digest.hexdigest()
 
 

@@ -317,3 +317,19 @@ def test_network_input_ignores_the_scanners_intensity_scale(scale):
     scaled, _, scaled_props = preprocess_volume([image * np.float32(scale)], _affine_ras(), plan)
     assert scaled_props["crop_box"] == props["crop_box"]
     np.testing.assert_allclose(scaled, reference, atol=1e-4)
+
+
+def test_source_digest_of_a_vanished_file_names_it(tmp_path):
+    from mslpipe.datasets import Case
+    from mslpipe.preprocess import source_digest
+
+    image = tmp_path / "a_flair.nii.gz"
+    image.write_bytes(b"x")
+    case = Case("a", "a", 1, {"flair": image}, [tmp_path / "gone_mask1.nii.gz"])
+    with pytest.raises(MslpipeError) as info:
+        source_digest(case)
+    assert "gone_mask1.nii.gz" in str(info.value) and "cannot read" in str(info.value)
+    image2 = tmp_path / "b_flair.nii.gz"
+    image2.write_bytes(b"y")
+    one, two = (source_digest(Case("a", "a", 1, {"flair": f}, [])) for f in (image, image2))
+    assert one != two
