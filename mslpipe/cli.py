@@ -74,7 +74,7 @@ def plan_cmd(
     test_fraction: Annotated[float, typer.Option(help="Share of subjects held out as test set.")] = 0.1,
     context_slices: Annotated[int | None, typer.Option(
         help="Neighbouring slices per side fed as extra channels, 0 = plain 2D "
-             "(default: the planner's choice).")] = None,
+             "(default: 1, i.e. 3 slices).")] = None,
 ) -> None:
     """Verify the data, fingerprint it, write plans and subject-level splits, preprocess."""
     from mslpipe import plan as plan_mod

@@ -31,7 +31,7 @@ def test_help_shows_the_defaults_in_brackets():
     out = subprocess.run([sys.executable, "-m", "mslpipe", "plan", "--help"], capture_output=True, **TEXT,
                          env={**os.environ, "COLUMNS": "200"})
     assert out.returncode == 0
-    assert "raw_data/NAME" in out.stdout and "the planner's choice" in out.stdout
+    assert "raw_data/NAME" in out.stdout and "(default: 1, i.e. 3 slices)" in out.stdout
 
 
 def test_missing_dataset_is_one_line_error(tmp_path):

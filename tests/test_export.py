@@ -62,13 +62,14 @@ def test_export_writes_model_and_description(exported):
     assert isinstance(dims[0], str) and isinstance(dims[2], str) and isinstance(dims[3], str)  # dynamic N, H, W
 
 
-@pytest.mark.parametrize("shape", [(3, 1, 48, 40), (1, 1, 32, 56), (5, 1, 16, 16)])
+@pytest.mark.parametrize("shape", [(3, 48, 40), (1, 32, 56), (5, 16, 16)])
 def test_onnx_runtime_matches_torch(exported, shape):
     out, _, checkpoint = exported
-    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     predictor = onnx_inference.load_onnx_predictor(out)
+    n, h, w = shape
+    x = np.random.default_rng(1).standard_normal((n, predictor.plan.input_channels, h, w)).astype(np.float32)
     got = predictor.session.run(None, {predictor.input_name: x})[0]
-    assert got.shape == (shape[0], 1, *shape[2:])
+    assert got.shape == (n, 1, h, w)
     assert np.max(np.abs(got - _torch_logits(checkpoint, x))) < LOGIT_TOLERANCE
 
 
@@ -77,8 +78,9 @@ def test_legacy_exporter_also_matches(trained, tmp_path):
     checkpoint = result["fold_dir"] / "checkpoint_final.pt"
     meta = export.export_onnx(checkpoint, tmp_path / "legacy.onnx", exporter="torchscript")
     assert meta["exporter"] == "torchscript" and meta["opset"] == 17
-    x = np.random.default_rng(2).standard_normal((2, 1, 24, 64)).astype(np.float32)
-    session = onnx_inference.load_onnx_predictor(tmp_path / "legacy.onnx").session
+    predictor = onnx_inference.load_onnx_predictor(tmp_path / "legacy.onnx")
+    x = np.random.default_rng(2).standard_normal((2, predictor.plan.input_channels, 24, 64)).astype(np.float32)
+    session = predictor.session
     assert np.max(np.abs(session.run(None, {"image": x})[0] - _torch_logits(checkpoint, x))) < LOGIT_TOLERANCE
 
 
@@ -186,19 +188,21 @@ def test_cli_export_and_bad_requests(trained, tmp_path):
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_two_and_a_half_d_model_trains_predicts_and_exports(synth_root, tmp_path):
-    """context_slices=1 end to end: 3-channel network, predict through torch and ONNX Runtime alike."""
+@pytest.mark.parametrize("context", [0, 2])
+def test_other_input_slices_train_predict_and_export(synth_root, tmp_path, context):
+    """Plain 2D and 5-slice plans end to end (the shared fixtures use the default 3 slices): the network's first
+    convolution takes 2·context+1 slices; torch and ONNX Runtime predict alike."""
     from mslpipe import plan, train
     from mslpipe.plans import Workdirs
 
     tiny = {"arch_kwargs": {"base_channels": 4, "max_channels": 32, "depth": 3}, "batch_size": 8, "num_workers": 0}
     d = Workdirs.resolve(tmp_path / "raw", tmp_path / "plans", tmp_path / "pre", tmp_path / "results")
-    planned = plan.run("ctx", d, input_path=synth_root, device="cpu", overrides={**tiny, "context_slices": 1})
-    assert planned["plan"].input_channels == 3
+    planned = plan.run("ctx", d, input_path=synth_root, device="cpu", overrides={**tiny, "context_slices": context})
+    assert planned["plan"].input_channels == 2 * context + 1
     result = train.run("ctx", d, 0, epochs=1, iterations=2, device="cpu", show_progress=False)
     checkpoint = result["fold_dir"] / "checkpoint_final.pt"
     model = inference.load_predictor([checkpoint], device="cpu").models[0]
-    assert next(model.parameters()).shape[1] == 3  # the first convolution takes 3 slices
+    assert next(model.parameters()).shape[1] == 2 * context + 1
     out = tmp_path / "ctx.onnx"
     meta = export.export_onnx(checkpoint, out)
     assert meta["export_check"]["max_abs_logit_diff"] < LOGIT_TOLERANCE
