@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mslpipe import architectures, inference, predict, preprocess  # noqa: E402
 from mslpipe.io import load_image, save_nifti  # noqa: E402
+from mslpipe.plan import DEFAULT_CONTEXT_SLICES  # noqa: E402
 from mslpipe.plans import Plan  # noqa: E402
 from results import real_data_path, table, write_section  # noqa: E402
 
@@ -72,12 +73,14 @@ def bare_forward(model, x: torch.Tensor, device: str, batch: int, compile: bool)
 
 
 def measure(arch: str, kwargs: dict, device: str, data, affine, args) -> list:
-    plan = Plan(dataset="bench", architecture=arch, arch_kwargs=kwargs,
+    plan = Plan(dataset="bench", architecture=arch, arch_kwargs=kwargs, context_slices=DEFAULT_CONTEXT_SLICES,
                 inference_batch_size=args.batch if device == "cuda" else 16)
-    model = inference.prepare_model(architectures.build(arch, **kwargs), device).eval()
+    model = inference.prepare_model(architectures.build(arch, in_channels=plan.input_channels, **kwargs),
+                                    device).eval()
     divisor = architectures.required_divisor(arch, **kwargs)
     image, _, _ = preprocess.preprocess_volume([data], affine, plan)
     padded, _ = preprocess.pad_to_multiple(image, divisor)
+    padded = preprocess.with_context(padded, np.arange(padded.shape[0]), plan.context_slices)  # what predict feeds
     x = torch.from_numpy(padded).to(device)
     if device == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -99,7 +102,7 @@ def measure(arch: str, kwargs: dict, device: str, data, affine, args) -> list:
         sync(device)
         t_folder = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    slices = f"{n} × {padded.shape[2]}×{padded.shape[3]}"
+    slices = f"{n} × {padded.shape[2]}×{padded.shape[3]}, {plan.input_channels} input slice(s)"
     return [f"{arch} {kwargs or '(full width)'}", f"{params:.2f} M", slices,
             round(t_bare, 4), round(n / t_bare, 1), round(t_case, 4), round(t_case / t_bare, 2),
             round(args.volumes / t_folder, 3)]
