@@ -140,7 +140,7 @@ def render(setup: Setup, results: dict, machine_note: str) -> str:
                  "nnU-Net own Dice", "cross-check Dice"], train_rows))
 
 
-def render_speed(setup: Setup, results: dict, machine_note: str) -> str:
+def render_speed(results: dict, machine_note: str) -> str:
     """The CPU speed table: seconds per volume of each arm's predict command, with and without TTA."""
     rows = []
     default = {e["fold"]: e["inference"]["tta"]["s_per_volume"] for e in results["entries"] if e["arm"] == "nnunet_2d"}
@@ -249,7 +249,7 @@ def main() -> None:
                   flush=True)
     cards = sorted({e["device_name"] for e in results["entries"]})
     if args.cpu_speed:
-        body = render_speed(setup, results, ", ".join(cards))
+        body = render_speed(results, ", ".join(cards))
         print(body)
         if not args.no_write:
             write_section("real_data_cpu_speed", "CPU inference: mslpipe vs nnU-Net v2, seconds per volume", body)

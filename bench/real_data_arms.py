@@ -185,9 +185,9 @@ def train_mslpipe(setup: Setup, arm: str, fold: int, logs: Path) -> dict:
     name, dev = setup.mslpipe_name(arm), setup.device
     extra = ["--iterations", str(setup.iterations)] if setup.iterations else []
     extra += ["--compile"] if setup.compile else []
-    probe_s, epochs = 0.0, 1
+    probe_s, epochs = 0.0, 1  # one epoch with setup.iterations
     if setup.iterations:
-        pass
+        epochs = 1
     elif setup.s_per_epoch:  # known from an earlier run on the same card: no probe
         epochs = max(1, int(setup.budget_min * 60 // setup.s_per_epoch))
     else:

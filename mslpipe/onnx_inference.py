@@ -103,9 +103,11 @@ def load_onnx_predictor(path: str | Path, threads: int | None = None) -> OnnxPre
 def predict_volume(session: Any, input_name: str, image: np.ndarray, *, divisor: int, batch_size: int = 64,
                    tta: bool = False, return_logits: bool = False, context: int = 0) -> np.ndarray:
     """S×C×H×W volume → S×H×W foreground probabilities (or, with ``return_logits``, logits without TTA);
-    ``context`` neighbouring slices on either side as extra channels, as in ``inference.predict_volume``."""
+    ``context`` neighbouring slices on either side as extra channels, as in ``inference.predict_volume``;
+    ONNX Runtime runs on the CPU, so at most ``CPU_INFERENCE_BATCH`` slices go through at once."""
     if return_logits and tta:
         raise ValueError("return_logits needs no TTA")
+    batch_size = min(batch_size, CPU_INFERENCE_BATCH)
     padded, (h, w) = preprocess.pad_to_multiple(np.asarray(image, dtype=np.float32), divisor)
     out = np.empty((image.shape[0], h, w), dtype=np.float32)
     flips = [()] + ([(2,), (3,), (2, 3)] if tta else [])
@@ -130,8 +132,7 @@ def predict_case(predictor: OnnxPredictor, channels: list[np.ndarray], affine: n
 
     def run(image: np.ndarray) -> np.ndarray:
         return predict_volume(predictor.session, predictor.input_name, image, divisor=predictor.divisor,
-                              batch_size=min(plan.inference_batch_size, CPU_INFERENCE_BATCH), tta=tta,
-                              context=plan.context_slices)
+                              batch_size=plan.inference_batch_size, tta=tta, context=plan.context_slices)
 
     return preprocess.segment(run, channels, affine, plan,
                               {**predictor.postprocessing, **(postprocessing or {})}, where=where)
