@@ -125,16 +125,18 @@ def main() -> None:
     configs.append(("nnunet2d", {}))
     if device == "cpu":
         args.repeats, args.volumes = min(args.repeats, 3), min(args.volumes, 3)
-    rows = [measure(a, k, device, data, affine, args) for a, k in configs]
     headers = ["network", "params", "slices per volume", "bare forward s/volume", "bare slices/s",
                "mslpipe compute s/volume", "compute / bare", "end-to-end volumes/s (read+predict+write)"]
     baseline = "bf16 + channels_last + torch.compile" if device == "cuda" else "fp32 eager, batch 16"
-    body = (f"Input: {what}, brain-cropped by mslpipe's preprocessing. Bare forward: {baseline}, the same "
-            f"tensors. Median of {args.repeats} repeats after warm-up; end-to-end over {args.volumes} volumes. "
-            "Random weights (speed only). `nnunet2d` is nnU-Net's 2D network architecture run through "
-            "mslpipe's inference path, not nnU-Net's own predictor.\n\n" + table(headers, rows))
-    print(body)
-    write_section(f"predict_speed_{device}", f"Inference speed ({device})", body)
+    rows = []
+    for a, k in configs:  # the section is rewritten after each network: a run cut short keeps what it measured
+        rows.append(measure(a, k, device, data, affine, args))
+        body = (f"Input: {what}, brain-cropped by mslpipe's preprocessing. Bare forward: {baseline}, the same "
+                f"tensors. Median of {args.repeats} repeats after warm-up; end-to-end over {args.volumes} volumes. "
+                "Random weights (speed only). `nnunet2d` is nnU-Net's 2D network architecture run through "
+                "mslpipe's inference path, not nnU-Net's own predictor.\n\n" + table(headers, rows))
+        print(body, flush=True)
+        write_section(f"predict_speed_{device}", f"Inference speed ({device})", body)
 
 
 if __name__ == "__main__":

@@ -70,14 +70,16 @@ def prepare(setup: Setup, data: Path, overrides: dict | None, arms: list[str]) -
     pre = setup.work / "nnUNet_preprocessed" / setup.nnunet_dataset
     if not (raw / "dataset.json").exists():
         nnunet_export.run(setup.name, dirs, raw)
-    if not (pre / "nnUNetPlans.json").exists() or not (pre / "nnUNetPlans_2d").is_dir():
-        timings["nnunet_plan_and_preprocess_s"] = run(
-            [setup.nnunet("nnUNetv2_plan_and_preprocess"), "-d", str(setup.dataset_id), "-c", "2d",
-             "--verify_dataset_integrity", "-np", "1" if setup.device == "cpu" else "4"],
-            setup, setup.work / "logs" / "plan_and_preprocess.log")
-    shutil.copyfile(raw / "splits_final.json", pre / "splits_final.json")  # mslpipe's folds, whatever nnU-Net did
-    arch_kwargs = read_json(dirs.plan_dir(setup.name) / "plans.json")["arch_kwargs"]
-    nnunet_export.write_patched_plans(pre / "nnUNetPlans.json", arch_kwargs)
+    # mslpipe-only runs (a GPU machine without nnU-Net's wheels) need the export's folds and file lists only
+    if any(ARMS[a][0] == "nnunet" for a in arms):
+        if not (pre / "nnUNetPlans.json").exists() or not (pre / "nnUNetPlans_2d").is_dir():
+            timings["nnunet_plan_and_preprocess_s"] = run(
+                [setup.nnunet("nnUNetv2_plan_and_preprocess"), "-d", str(setup.dataset_id), "-c", "2d",
+                 "--verify_dataset_integrity", "-np", "1" if setup.device == "cpu" else "4"],
+                setup, setup.work / "logs" / "plan_and_preprocess.log")
+        shutil.copyfile(raw / "splits_final.json", pre / "splits_final.json")  # mslpipe's folds, whatever nnU-Net did
+        arch_kwargs = read_json(dirs.plan_dir(setup.name) / "plans.json")["arch_kwargs"]
+        nnunet_export.write_patched_plans(pre / "nnUNetPlans.json", arch_kwargs)
     setup.folds = read_json(raw / "splits_final.json")
     cases = {c.id: c for c in discover(raw)}
     source = {c.id: c for c in discover(read_json(dirs.plan_dir(setup.name) / "fingerprint.json")["source"])}

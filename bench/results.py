@@ -39,6 +39,9 @@ def machine() -> str:
 
 
 def commit() -> str:
+    """HEAD's short hash (+ a flag for uncommitted changes); $MSLPIPE_COMMIT where there is no git (device copies)."""
+    if os.environ.get("MSLPIPE_COMMIT"):
+        return os.environ["MSLPIPE_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=RESULTS.parent, check=True).stdout.strip()
