@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mslpipe import architectures, inference, predict, preprocess  # noqa: E402
+from mslpipe import architectures, inference, predict, preprocess, train  # noqa: E402
 from mslpipe.io import load_image, save_nifti  # noqa: E402
 from mslpipe.plan import DEFAULT_CONTEXT_SLICES  # noqa: E402
 from mslpipe.plans import Plan  # noqa: E402
@@ -75,8 +75,9 @@ def bare_forward(model, x: torch.Tensor, device: str, batch: int, compile: bool)
 def measure(arch: str, kwargs: dict, device: str, data, affine, args) -> list:
     plan = Plan(dataset="bench", architecture=arch, arch_kwargs=kwargs, context_slices=DEFAULT_CONTEXT_SLICES,
                 inference_batch_size=args.batch if device == "cuda" else 16)
-    model = inference.prepare_model(architectures.build(arch, in_channels=plan.input_channels, **kwargs),
-                                    device).eval()
+    net = architectures.build(arch, in_channels=plan.input_channels, **kwargs)
+    train.init_output_prior(net, plan.output_prior)  # as training starts: sparse masks, not coin flips
+    model = inference.prepare_model(net, device).eval()
     divisor = architectures.required_divisor(arch, **kwargs)
     image, _, _ = preprocess.preprocess_volume([data], affine, plan)
     padded, _ = preprocess.pad_to_multiple(image, divisor)
@@ -133,8 +134,9 @@ def main() -> None:
         rows.append(measure(a, k, device, data, affine, args))
         body = (f"Input: {what}, brain-cropped by mslpipe's preprocessing. Bare forward: {baseline}, the same "
                 f"tensors. Median of {args.repeats} repeats after warm-up; end-to-end over {args.volumes} volumes. "
-                "Random weights (speed only). `nnunet2d` is nnU-Net's 2D network architecture run through "
-                "mslpipe's inference path, not nnU-Net's own predictor.\n\n" + table(headers, rows))
+                "Random weights with the output bias at the lesion prior, as training starts (speed only; the "
+                "masks come out sparse, as a trained model's do). `nnunet2d` is nnU-Net's 2D network architecture "
+                "run through mslpipe's inference path, not nnU-Net's own predictor.\n\n" + table(headers, rows))
         print(body, flush=True)
         write_section(f"predict_speed_{device}", f"Inference speed ({device})", body)
 

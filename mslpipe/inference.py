@@ -104,13 +104,15 @@ def predict_volume(models: list[Any], image: np.ndarray, *, divisor: int, device
     if return_logits and (len(models) != 1 or tta):
         raise ValueError("return_logits needs exactly one model and no TTA")
     padded, (h, w) = preprocess.pad_to_multiple(image, divisor)
-    out = np.empty((image.shape[0], h, w), dtype=np.float32)
     flips = [()] + ([(2,), (3,), (2, 3)] if tta else [])
     use_amp = device == "cuda"
     with torch.inference_mode(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_amp):
+        # the volume goes to the device once (a few MB); the neighbour stacks are built there
+        volume = torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32)).to(device)
+        out = torch.empty((image.shape[0], h, w), dtype=torch.float32, device=device)
         for start in range(0, padded.shape[0], batch_size):
             index = np.arange(start, min(start + batch_size, padded.shape[0]))
-            batch = torch.from_numpy(preprocess.with_context(padded, index, context)).to(device, non_blocking=True)
+            batch = preprocess.with_context(volume, index, context)
             if device == "cuda":
                 batch = batch.contiguous(memory_format=torch.channels_last)
             acc = None
@@ -122,8 +124,8 @@ def predict_volume(models: list[Any], image: np.ndarray, *, divisor: int, device
                     y = y if return_logits else torch.sigmoid(y)
                     acc = y if acc is None else acc + y
             acc = acc / (len(models) * len(flips))
-            out[start:start + batch_size] = acc[:, 0, :h, :w].cpu().numpy()
-    return out
+            out[start:start + batch_size] = acc[:, 0, :h, :w]
+    return out.cpu().numpy()
 
 
 def predict_case(predictor: Predictor, channels: list[np.ndarray], affine: np.ndarray, *,

@@ -50,19 +50,41 @@ def brain_mask(image: np.ndarray, fraction: float = 0.05) -> np.ndarray:
     """Voxels of the head/brain: above a small fraction of the bright end, holes filled.
 
     Robust to skull-stripped scans with an exactly zero background and to scans whose
-    background carries small interpolation values of either sign.
+    background carries small interpolation values of either sign. The morphology runs inside the
+    thresholded voxels' bounding box (plus a margin of 2), which gives the same mask as on the whole
+    volume: outside the box everything is background and connected to the volume's border.
     """
     positive = image[image > 0]
     if positive.size == 0:
         return np.zeros(image.shape, dtype=bool)
     threshold = fraction * float(np.percentile(positive, 99.5))
-    mask = image > threshold
+    full = image > threshold
+    out = np.zeros(image.shape, dtype=bool)
+    if not full.any():
+        return out
+    box = tuple(slice(a, b) for a, b in bounding_box(full, 2))
+    mask = full[box]
     mask = ndimage.binary_opening(mask, iterations=1) if mask.sum() > 1000 else mask
     labels, n = ndimage.label(mask)
     if n > 1:  # keep components holding at least 1% of the mask (drops specks of background noise)
-        sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
-        mask = np.isin(labels, 1 + np.flatnonzero(sizes >= 0.01 * sizes.max()))
-    return ndimage.binary_fill_holes(mask)
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        sizes[0] = 0
+        mask = (sizes >= 0.01 * sizes.max())[labels]
+    out[box] = fill_holes(mask)
+    return out
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_fill_holes`` (face connectivity), by labelling the background once:
+    background components that touch no face of the array are holes. Same result, a fraction of
+    the time on brain-sized volumes."""
+    background, _ = ndimage.label(~mask)
+    on_border = np.zeros(int(background.max()) + 1, dtype=bool)
+    for axis in range(mask.ndim):
+        for end in (0, -1):
+            on_border[np.take(background, end, axis=axis)] = True
+    on_border[0] = True  # label 0 is the mask itself
+    return mask | ~on_border[background]
 
 
 def normalise(image: np.ndarray, brain: np.ndarray, lower_pct: float, upper_pct: float
@@ -93,10 +115,14 @@ def combine_raters(masks: list[np.ndarray], policy: str) -> np.ndarray:
 
 
 def bounding_box(mask: np.ndarray, margin: int) -> list[list[int]]:
-    coords = np.argwhere(mask)
-    lo = np.maximum(coords.min(axis=0) - margin, 0)
-    hi = np.minimum(coords.max(axis=0) + 1 + margin, mask.shape)
-    return [[int(a), int(b)] for a, b in zip(lo, hi, strict=True)]
+    """[[start, stop], ...] per axis of the non-zero voxels, ``margin`` wider, clipped to the array."""
+    box = []
+    for axis, n in enumerate(mask.shape):
+        hit = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            raise ValueError("bounding_box of an empty mask")
+        box.append([int(max(hit[0] - margin, 0)), int(min(hit[-1] + 1 + margin, n))])
+    return box
 
 
 # ---------------------------------------------------------------------------- one volume
@@ -188,15 +214,22 @@ def restore(pred: np.ndarray, props: dict[str, Any], fill: float = 0) -> np.ndar
     return from_canonical(canonical, np.asarray(props["ornt"]))
 
 
-def with_context(volume: np.ndarray, index: np.ndarray, context: int) -> np.ndarray:
+def with_context(volume, index: np.ndarray, context: int):
     """Slices ``index`` of an S×C×H×W volume, each with ``context`` neighbours on either side stacked as
-    channels (N×C·(2·context+1)×H×W, neighbours in slice order; the edge slice repeats past the ends)."""
+    channels (N×C·(2·context+1)×H×W, neighbours in slice order; the edge slice repeats past the ends).
+
+    ``volume`` is a NumPy array (or memory map; an array comes back) or a torch tensor (a tensor on
+    the same device comes back, so a predictor can build its batches on the GPU).
+    """
     index = np.asarray(index, dtype=np.int64)
-    if context == 0:
-        return np.asarray(volume[index])
     offsets = np.arange(-context, context + 1)
-    rows = np.clip(index[:, None] + offsets[None, :], 0, volume.shape[0] - 1)
-    stacked = np.asarray(volume[rows.ravel()])
+    rows = np.clip(index[:, None] + offsets[None, :], 0, volume.shape[0] - 1).ravel()
+    if isinstance(volume, np.ndarray):
+        stacked = np.asarray(volume[rows])
+    else:  # a torch tensor
+        import torch
+
+        stacked = volume[torch.as_tensor(rows, device=volume.device)]
     return stacked.reshape(len(index), -1, *volume.shape[2:])
 
 

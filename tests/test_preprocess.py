@@ -8,8 +8,10 @@ import pytest
 from mslpipe.errors import MslpipeError
 from mslpipe.plans import Plan
 from mslpipe.preprocess import (
+    bounding_box,
     brain_mask,
     combine_raters,
+    fill_holes,
     normalise,
     preprocess_volume,
     restore,
@@ -120,6 +122,58 @@ def test_brain_mask_with_small_background_noise(noise):
 def test_brain_mask_of_empty_image():
     assert not brain_mask(np.zeros(SHAPE, np.float32)).any()
     assert not brain_mask(-np.ones(SHAPE, np.float32)).any()
+
+
+def _brain_mask_on_whole_volume(image: np.ndarray, fraction: float = 0.05) -> np.ndarray:
+    """brain_mask's definition, spelt with scipy's own functions on the whole volume (the slow way)."""
+    from scipy import ndimage
+
+    positive = image[image > 0]
+    if positive.size == 0:
+        return np.zeros(image.shape, dtype=bool)
+    mask = image > fraction * float(np.percentile(positive, 99.5))
+    mask = ndimage.binary_opening(mask, iterations=1) if mask.sum() > 1000 else mask
+    labels, n = ndimage.label(mask)
+    if n > 1:
+        sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
+        mask = np.isin(labels, 1 + np.flatnonzero(sizes >= 0.01 * sizes.max()))
+    return ndimage.binary_fill_holes(mask)
+
+
+def test_brain_mask_equals_whole_volume_morphology():
+    """Cropping to the thresholded box and filling holes by labelling change nothing: random smooth
+    volumes (blobs that touch the borders, several components, holes), big enough for the opening."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        shape = tuple(int(v) for v in rng.integers(4, 26, size=3))
+        image = ndimage.gaussian_filter(rng.normal(size=shape), rng.uniform(0.5, 3.0)) + rng.uniform(-0.3, 0.3)
+        np.testing.assert_array_equal(brain_mask(image), _brain_mask_on_whole_volume(image))
+    image, _, _ = _head()
+    image[_ball(3.0)] = 0.0  # a hole inside the big component
+    np.testing.assert_array_equal(brain_mask(image), _brain_mask_on_whole_volume(image))
+
+
+def test_fill_holes_equals_scipy():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    for ndim in (2, 3):
+        for _ in range(30):
+            mask = rng.random(tuple(int(v) for v in rng.integers(1, 14, size=ndim))) < rng.uniform(0.2, 0.9)
+            np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+    shell = _ball(8.0) & ~_ball(5.0)
+    assert fill_holes(shell).sum() == _ball(8.0).sum()
+
+
+def test_bounding_box():
+    mask = np.zeros((10, 12, 8), dtype=bool)
+    mask[2:5, 7, 0] = True
+    assert bounding_box(mask, 0) == [[2, 5], [7, 8], [0, 1]]
+    assert bounding_box(mask, 3) == [[0, 8], [4, 11], [0, 4]]
+    with pytest.raises(ValueError):
+        bounding_box(np.zeros((3, 3), dtype=bool), 1)
 
 
 # ---------------------------------------------------------------------------- normalise
@@ -306,6 +360,19 @@ def test_with_context_stacks_neighbours_in_order_and_repeats_edges():
         expected = np.concatenate([volume[max(s - 1, 0)], volume[s], volume[min(s + 1, 4)]])
         np.testing.assert_array_equal(out[row], expected)
     assert with_context(volume, np.array([0]), 2).shape == (1, 10, 3, 4)
+
+
+@pytest.mark.parametrize("context", [0, 1, 2])
+def test_with_context_on_a_tensor_matches_the_array(context):
+    import torch
+
+    volume = np.random.default_rng(0).normal(size=(6, 2, 3, 4)).astype(np.float32)
+    index = np.array([0, 3, 5])
+    out = with_context(torch.from_numpy(volume), index, context)
+    assert isinstance(out, torch.Tensor)
+    np.testing.assert_array_equal(out.numpy(), with_context(volume, index, context))
+    memmap_like = np.lib.stride_tricks.as_strided(volume)  # an ndarray view: an ndarray comes back
+    assert type(with_context(memmap_like, index, context)) is np.ndarray
 
 
 @pytest.mark.parametrize("scale", [0.003, 7.5, 4096.0])
