@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None)
     args = ap.parse_args()
     device = inference.pick_device(args.device)
-    iters = args.iterations or (150 if device == "cuda" else 8)
+    iters = args.iterations or (150 if device == "cuda" else 20)
     tmp = Path(tempfile.mkdtemp())
     dirs = Workdirs.resolve(tmp / "raw", tmp / "plans", tmp / "pre", tmp / "results")
     if (REAL / "training").is_dir():
