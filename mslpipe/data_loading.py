@@ -139,6 +139,9 @@ def build_augmentation(aug: Augmentation):
       all channels together, not each channel.
     * noise: RandGaussianNoised with the std drawn from U(0, ``noise_std``) per sample.
     * blur: RandGaussianSmoothd, sigma per axis drawn from ``blur_sigma``.
+    * low resolution: RandSimulateLowResolutiond (nnU-Net's SimulateLowResolutionTransform) on
+      "image": down by a zoom drawn from ``low_res_zoom`` with nearest neighbour, back up bilinearly;
+      after contrast, before gamma, as nnU-Net orders them. Off (``p_low_res`` 0) in older plans.
     """
     from monai.transforms import (
         Compose,
@@ -152,6 +155,7 @@ def build_augmentation(aug: Augmentation):
         RandRotated,
         RandScaleIntensityd,
         RandScaleIntensityFixedMeand,
+        RandSimulateLowResolutiond,
         RandZoomd,
     )
 
@@ -175,6 +179,8 @@ def build_augmentation(aug: Augmentation):
         RandScaleIntensityd("image", factors=(lo_b - 1.0, hi_b - 1.0), prob=aug.p_brightness),
         RandScaleIntensityFixedMeand("image", factors=(lo_c - 1.0, hi_c - 1.0), prob=aug.p_contrast,
                                      fixed_mean=True, preserve_range=True, channel_wise=True),
+        RandSimulateLowResolutiond("image", prob=aug.p_low_res, downsample_mode="nearest", upsample_mode="bilinear",
+                                   zoom_range=tuple(aug.low_res_zoom)) if aug.p_low_res > 0 else None,
         RandAdjustContrastd("image", prob=aug.p_gamma, gamma=tuple(aug.gamma_range), retain_stats=True),
     ]
     for axis in aug.mirror_axes:

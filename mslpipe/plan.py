@@ -27,6 +27,9 @@ CPU_ARCH_KWARGS = {"base_channels": 16, "max_channels": 256}
 # grey slices had). Over two seeds of the real-data CPU cross-validation (bench/RESULTS.md) it gave a higher
 # mean lesion F1 (0.433 against 0.368) and ISBI score (0.596 against 0.527) than one slice, mean Dice level.
 DEFAULT_CONTEXT_SLICES = 1
+# nnU-Net's default share of samples that simulate a coarser scanner (down by a zoom in [0.5, 1], back up):
+# mslpipe will meet scans from scanners it never saw, many of them at coarser resolutions than ISBI's.
+DEFAULT_P_LOW_RES = 0.25
 
 
 # ---------------------------------------------------------------------------- verify + fingerprint
@@ -134,6 +137,7 @@ def make_plan(fingerprint: dict, name: str, device: str, arch: str = "leaky_unet
                 architecture=arch, target_device=device, seed=seed)
     plan.label_policy = "mean" if plan.n_raters > 1 else "mask1"
     plan.context_slices = DEFAULT_CONTEXT_SLICES
+    plan.augmentation.p_low_res = DEFAULT_P_LOW_RES
     if device == "cpu":
         plan.arch_kwargs = dict(CPU_ARCH_KWARGS) if arch == "leaky_unet" else {"base_channels": 16}
     plan.target_spacing = [round(float(v), 3) for v in fingerprint["median"]["spacing_canonical"]]

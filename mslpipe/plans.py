@@ -46,6 +46,10 @@ class Augmentation:
     noise_std: float = 0.1
     p_blur: float = 0.1
     blur_sigma: tuple[float, float] = (0.5, 1.0)
+    # nnU-Net's "simulate low resolution": down with nearest, back up bilinearly, by a zoom in low_res_zoom.
+    # 0 here is what plans written before it mean; the planner sets plan.DEFAULT_P_LOW_RES.
+    p_low_res: float = 0.0
+    low_res_zoom: tuple[float, float] = (0.5, 1.0)
     enabled: bool = True
 
 
@@ -111,6 +115,8 @@ class Plan:
         d.pop("mslpipe_version", None)
         if not d.get("context_slices"):  # added later: plans written before it keep their hash
             d.pop("context_slices", None)
+        if not d["augmentation"].get("p_low_res"):  # likewise
+            d["augmentation"] = {k: v for k, v in d["augmentation"].items() if k not in ("p_low_res", "low_res_zoom")}
         blob = json.dumps(d, sort_keys=True, default=list).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -186,6 +192,10 @@ class Plan:
         need(self.batch_size >= 1 and self.epochs >= 1 and self.iterations_per_epoch >= 1,
              "batch_size, epochs and iterations_per_epoch must be positive")
         need(0.0 <= self.oversample_foreground <= 1.0, "oversample_foreground must lie in [0, 1]")
+        aug = self.augmentation
+        need(0.0 <= aug.p_low_res <= 1.0, "augmentation p_low_res must lie in [0, 1]")
+        need(len(aug.low_res_zoom) == 2 and 0.0 < min(aug.low_res_zoom) <= max(aug.low_res_zoom) <= 1.0,
+             "augmentation low_res_zoom must be two zoom factors in (0, 1]")
         need(self.postprocessing.get("connectivity", 26) in (6, 18, 26), "connectivity must be 6, 18 or 26")
 
 

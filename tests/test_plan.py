@@ -91,6 +91,7 @@ def test_plans_json(synth_planned):
     assert p == result["plan"] and p.hash == p.compute_hash()
     assert p.dataset == "syn" and p.target_device == "cpu" and p.n_raters == 2 and p.label_policy == "mean"
     assert p.context_slices == plan.DEFAULT_CONTEXT_SLICES == 1 and p.input_channels == 3  # 2.5D by default
+    assert p.augmentation.p_low_res == plan.DEFAULT_P_LOW_RES == 0.25  # nnU-Net's low-resolution simulation
     divisor = architectures.required_divisor(p.architecture, **p.arch_kwargs)
     assert divisor > 1
     assert len(p.patch_size) == 2 and all(s % divisor == 0 for s in p.patch_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def test_plans_written_before_context_slices_keep_their_hash(tmp_path):
 
     old = _plan().finalised().to_dict()
     del old["context_slices"]
+    for key in ("p_low_res", "low_res_zoom"):  # added later still
+        del old["augmentation"][key]
     # the hash as mslpipe computed it before the field existed
     body = {k: v for k, v in old.items() if k not in ("hash", "mslpipe_version")}
     old["hash"] = hashlib.sha256(json.dumps(body, sort_keys=True, default=list).encode()).hexdigest()[:16]
@@ -64,6 +67,34 @@ def test_plans_written_before_context_slices_keep_their_hash(tmp_path):
     deeper = apply_overrides(loaded, {"context_slices": 2})
     assert deeper.hash != loaded.hash and deeper.input_channels == 5 * len(loaded.channels)
     assert deeper.preprocessing_hash() == loaded.preprocessing_hash()  # context is built on the fly
+
+
+def test_plans_written_before_low_res_augmentation_keep_their_hash(tmp_path):
+    """Plans saved before p_low_res existed load with it off and their hash intact; turning it on re-hashes."""
+    import hashlib
+
+    old = _plan().finalised().to_dict()
+    for key in ("p_low_res", "low_res_zoom"):
+        del old["augmentation"][key]
+    body = {k: v for k, v in old.items() if k not in ("hash", "mslpipe_version", "context_slices")}
+    old["hash"] = hashlib.sha256(json.dumps(body, sort_keys=True, default=list).encode()).hexdigest()[:16]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    loaded = load_plan(path)
+    assert loaded.augmentation.p_low_res == 0.0
+    on = apply_overrides(loaded, {"augmentation": dataclasses.replace(loaded.augmentation, p_low_res=0.25)})
+    assert on.hash != loaded.hash and on.augmentation.p_low_res == 0.25
+
+
+@pytest.mark.parametrize("change", [{"p_low_res": 1.5}, {"p_low_res": -0.1}, {"low_res_zoom": [0.0, 1.0]},
+                                    {"low_res_zoom": [0.5, 1.5]}, {"low_res_zoom": [0.5]}])
+def test_invalid_low_res_augmentation_is_refused(tmp_path, change):
+    path = _saved(tmp_path)
+    d = json.loads(path.read_text())
+    _edit(path, augmentation={**d["augmentation"], **change}, hash="")
+    with pytest.raises(MslpipeError) as info:
+        load_plan(path)
+    _check_error(info, path, "invalid plan", next(iter(change)))
 
 
 def test_hash_ignores_mslpipe_version(tmp_path):
