@@ -1,7 +1,8 @@
 """Robustness to coarser scans: the CPU plan trained with and without simulated low resolution.
 
 mslpipe will segment scans from scanners it never saw, often coarser than ISBI's 1 mm MNI volumes. This trains
-fold 0 of ../shared/data/real-ms-isbi (validation: training03, 3 scans) with the CPU plan twice per seed, once
+fold 0 of ../shared/data/real-ms-isbi (which subject it validates on depends on the plan's seed: training03's
+3 scans for 12345, training01_01 for 7) with the CPU plan twice per seed, once
 with ``augmentation.p_low_res`` 0 and once with the planner's default (nnU-Net's simulated low resolution), and
 scores each final model on the validation volumes as they are and degraded on the preprocessed grid:
 
@@ -98,15 +99,16 @@ def main() -> None:
         for p_low_res in (0.0, plan.DEFAULT_P_LOW_RES):
             r = run_variant(work / f"seed{seed}_p{p_low_res:g}", p_low_res, seed, args.epochs, args.iterations)
             clean = r["scores"]["as acquired"][0]
-            rows.append([r["p_low_res"], r["seed"],
+            rows.append([r["p_low_res"], r["seed"], ", ".join(r["val"]),
                          *(f"{d:.3f} / {f:.3f}" for d, f in r["scores"].values()),
                          *(f"{r['scores'][k][0] - clean:+.3f}" for k in ("in-plane 2 mm", "axial 3 mm"))])
             body = (f"CPU plan (leaky_unet {r['net']}), "
-                    f"fold 0 (validation {', '.join(r['val'])}), {args.epochs} epochs × {args.iterations} iterations, "
+                    f"fold 0 of each seed's split, {args.epochs} epochs × {args.iterations} iterations, "
                     "final checkpoint, no postprocessing. Cells: volume Dice / lesion F1, mean over the validation "
                     "scans; the degraded scans are the same volumes made coarser on the preprocessed grid (see "
                     "`bench/robustness_lowres.py`). One fold: small-sample numbers.\n\n"
-                    + table(["p_low_res", "seed", *DEGRADE, "Dice change, in-plane 2 mm", "Dice change, axial 3 mm"],
+                    + table(["p_low_res", "seed", "validation scans", *DEGRADE, "Dice change, in-plane 2 mm",
+                             "Dice change, axial 3 mm"],
                             rows))
             print(body, flush=True)
             write_section("robustness_lowres", "Robustness to coarser scans (CPU plan, real data)", body)
