@@ -28,7 +28,9 @@ CPU_ARCH_KWARGS = {"base_channels": 16, "max_channels": 256}
 # mean lesion F1 (0.433 against 0.368) and ISBI score (0.596 against 0.527) than one slice, mean Dice level.
 DEFAULT_CONTEXT_SLICES = 1
 # nnU-Net's default share of samples that simulate a coarser scanner (down by a zoom in [0.5, 1], back up):
-# mslpipe will meet scans from scanners it never saw, many of them at coarser resolutions than ISBI's.
+# mslpipe will meet scans from scanners it never saw, many of them at coarser resolutions than ISBI's. GPU plans
+# only: their schedule is nnU-Net-like; in a CPU plan's few minutes it cost Dice on scans as acquired (the demo,
+# and one of two seeds in bench/RESULTS.md "Robustness to coarser scans").
 DEFAULT_P_LOW_RES = 0.25
 
 
@@ -137,7 +139,7 @@ def make_plan(fingerprint: dict, name: str, device: str, arch: str = "leaky_unet
                 architecture=arch, target_device=device, seed=seed)
     plan.label_policy = "mean" if plan.n_raters > 1 else "mask1"
     plan.context_slices = DEFAULT_CONTEXT_SLICES
-    plan.augmentation.p_low_res = DEFAULT_P_LOW_RES
+    plan.augmentation.p_low_res = DEFAULT_P_LOW_RES if device == "cuda" else 0.0
     if device == "cpu":
         plan.arch_kwargs = dict(CPU_ARCH_KWARGS) if arch == "leaky_unet" else {"base_channels": 16}
     plan.target_spacing = [round(float(v), 3) for v in fingerprint["median"]["spacing_canonical"]]

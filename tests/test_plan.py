@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from mslpipe import architectures, plan
 from mslpipe.errors import MslpipeError
-from mslpipe.io import load_image, save_nifti
+from mslpipe.io import load_image, read_json, save_nifti
 from mslpipe.plans import Workdirs, load_plan
 from mslpipe.synth import make_dataset
 
@@ -85,13 +85,21 @@ def test_fingerprint(synth_planned, synth_root):
     assert result["fingerprint"]["median"] == med
 
 
+def test_gpu_plans_simulate_low_resolution(synth_planned):
+    """GPU plans train long enough for nnU-Net's low-resolution simulation; CPU plans leave it off."""
+    fingerprint = read_json(synth_planned[0].plan_dir("syn") / "fingerprint.json")
+    gpu = plan.make_plan(fingerprint, "syn", "cuda")
+    assert gpu.augmentation.p_low_res == plan.DEFAULT_P_LOW_RES == 0.25
+    assert plan.make_plan(fingerprint, "syn", "cpu").augmentation.p_low_res == 0.0
+
+
 def test_plans_json(synth_planned):
     d, result = synth_planned
     p = load_plan(d.plan_dir("syn") / "plans.json")
     assert p == result["plan"] and p.hash == p.compute_hash()
     assert p.dataset == "syn" and p.target_device == "cpu" and p.n_raters == 2 and p.label_policy == "mean"
     assert p.context_slices == plan.DEFAULT_CONTEXT_SLICES == 1 and p.input_channels == 3  # 2.5D by default
-    assert p.augmentation.p_low_res == plan.DEFAULT_P_LOW_RES == 0.25  # nnU-Net's low-resolution simulation
+    assert p.augmentation.p_low_res == 0.0  # simulated low resolution: GPU plans only
     divisor = architectures.required_divisor(p.architecture, **p.arch_kwargs)
     assert divisor > 1
     assert len(p.patch_size) == 2 and all(s % divisor == 0 for s in p.patch_size)
