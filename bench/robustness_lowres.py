@@ -25,9 +25,9 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mslpipe import architectures, checkpoints, data_loading, inference, metrics, plan, train  # noqa: E402
+from mslpipe import data_loading, inference, metrics, plan, train  # noqa: E402
 from mslpipe.io import read_json  # noqa: E402
-from mslpipe.plans import Augmentation, Workdirs, load_plan  # noqa: E402
+from mslpipe.plans import Augmentation, Workdirs  # noqa: E402
 from results import real_data_path, table, write_section  # noqa: E402
 
 REAL = real_data_path()
@@ -64,19 +64,16 @@ def run_variant(work: Path, p_low_res: float, seed: int, epochs: int, iterations
     if not (fold_dir / "checkpoint_final.pt").exists():
         train.run("real", dirs, 0, epochs=epochs, iterations=iterations, device="cpu", show_progress=False,
                   resume=(fold_dir / "checkpoint_latest.pt").exists())
-    p = load_plan(fold_dir / "plan.json")
+    predictor = inference.load_predictor([fold_dir / "checkpoint_final.pt"], device="cpu")
+    p = predictor.plan
     plan_dir = dirs.plan_dir("real")
     val = train.fold_cases(read_json(plan_dir / "splits.json"), read_json(plan_dir / "fingerprint.json"), 0).val
-    model = architectures.build(p.architecture, in_channels=p.input_channels, **p.arch_kwargs)
-    model.load_state_dict(checkpoints.load(fold_dir / "checkpoint_final.pt")["model"])
-    model.eval()
-    divisor = architectures.required_divisor(p.architecture, **p.arch_kwargs)
     scores = {}
     for name, degrade in DEGRADE.items():
         dice, f1 = [], []
         for case in val:
             image, seg, _ = data_loading.load_case_arrays(dirs.preprocessed_dir("real"), case)
-            prob = inference.predict_volume([model], degrade(image), divisor=divisor, device="cpu",
+            prob = inference.predict_volume(predictor.models, degrade(image), divisor=predictor.divisor, device="cpu",
                                             batch_size=p.inference_batch_size, context=p.context_slices)
             dice.append(metrics.dice(prob >= 0.5, seg >= 0.5))
             f1.append(metrics.lesion_f1(prob >= 0.5, seg >= 0.5))

@@ -26,28 +26,6 @@ from results import real_data_path, table, write_section  # noqa: E402
 REAL = real_data_path()
 
 
-def step_fn(model, opt, loss_fn, device: str, compile: bool):
-    net = torch.compile(model) if compile else model
-
-    def step(x, y):
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = loss_fn(net(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)  # as train's step
-        opt.step()
-        return loss
-    return step
-
-
-def to_device(batch, device):
-    x = batch["image"].to(device, non_blocking=True)
-    y = batch["label"].to(device, non_blocking=True)
-    if device == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, y
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="auto")
@@ -95,7 +73,7 @@ def measure(p, dirs: Workdirs, cases: list[str], device: str, compiled: bool, it
     model = inference.prepare_model(architectures.build(p.architecture, in_channels=p.input_channels,
                                                          **p.arch_kwargs), device).train()
     opt = train.make_optimizer(model, p)
-    step = step_fn(model, opt, train.make_loss(), device, compiled)
+    step = train.make_step(model, torch.compile(model) if compiled else model, opt, train.make_loss(), device)
     b, (h, w) = p.batch_size, p.patch_size
     x = torch.randn(b, p.input_channels, h, w, device=device)
     y = (torch.rand(b, 1, h, w, device=device) > 0.97).float()
@@ -115,11 +93,11 @@ def measure(p, dirs: Workdirs, cases: list[str], device: str, compiled: bool, it
                                             seed=1, device_hint=device)
     it = iter(loader)
     for _ in range(warm):
-        step(*to_device(next(it), device))
+        step(*train.batch_to_device(next(it), device))
     inference_sync(device)
     t0 = time.perf_counter()
     for batch in it:
-        step(*to_device(batch, device))
+        step(*train.batch_to_device(batch, device))
     inference_sync(device)
     return bare, b * iters / (time.perf_counter() - t0)
 

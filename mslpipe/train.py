@@ -79,6 +79,34 @@ def init_output_prior(model, prior: float) -> None:
             heads[-1].bias.fill_(float(np.log(prior / (1 - prior))))
 
 
+def batch_to_device(batch: dict, device: str) -> tuple:
+    """A loader batch as (image, label) on the device; the image channels_last on CUDA."""
+    import torch
+
+    x = batch["image"].to(device, non_blocking=True)
+    y = batch["label"].to(device, non_blocking=True)
+    if device == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
+
+
+def make_step(model, step_model, opt, loss_fn, device: str):
+    """One optimisation step on (x, y), returning the detached loss: ``step_model`` (the model, or its
+    DDP or compiled wrapper) forward under bf16 autocast on CUDA, backward, gradients of ``model``
+    clipped to norm 12, SGD step."""
+    import torch
+
+    def step(x, y):
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = loss_fn(step_model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
+        opt.step()
+        return loss.detach()
+    return step
+
+
 def poly_lr(plan: Plan, epoch: int) -> float:
     base = plan.optimizer.get("lr", 1e-2)
     return base * (1 - epoch / plan.epochs) ** plan.lr_schedule.get("exponent", 0.9)
@@ -233,7 +261,7 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
 
         train_model = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()]
                                               if device == "cuda" else None)
-    step_model = torch.compile(train_model) if compile else train_model
+    step = make_step(model, torch.compile(train_model) if compile else train_model, opt, loss_fn, device)
 
     # One loader for the whole run: its workers stay alive across epochs, and each epoch's batches
     # follow from (seed, epoch), so a resumed run draws exactly what the uninterrupted one would.
@@ -251,17 +279,7 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
             train_model.train()
             losses = []
             for batch in loader:
-                x = batch["image"].to(device, non_blocking=True)
-                y = batch["label"].to(device, non_blocking=True)
-                if device == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
-                    loss = loss_fn(step_model(x).float(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
-                opt.step()
-                losses.append(loss.detach())
+                losses.append(step(*batch_to_device(batch, device)))
                 progress.advance(task)
             train_loss = float(torch.stack(losses).mean())
             if not is_main:
