@@ -104,6 +104,8 @@ def train(
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network.")] = False,
     resume: Annotated[bool, typer.Option("--continue", help="Resume from the last checkpoint.")] = False,
     workers: Annotated[int | None, typer.Option(help="Data-loading workers.")] = None,
+    ema_half_life: Annotated[float | None, typer.Option(
+        help="Half-life of the weights' moving average, as a fraction of the run (0 = the last weights).")] = None,
 ) -> None:
     """Train a fold of the plan's network (checkpoints, log.csv and curve.png in results/)."""
     from mslpipe import train as train_mod
@@ -121,7 +123,7 @@ def train(
     for k in folds:
         result = train_mod.run(dataset, dirs, k, arch=arch, epochs=epochs, lr=lr, batch_size=batch_size,
                                iterations=iterations, device=device, compile=compile, resume=resume,
-                               num_workers=workers)
+                               num_workers=workers, ema_half_life=ema_half_life)
         if result["rank"] == 0:
             _echo(f"fold {k}: {result['epochs']} epochs, last validation Dice {result['val_dice']} → "
                   f"{result['fold_dir']}")

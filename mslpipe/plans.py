@@ -89,6 +89,10 @@ class Plan:
     # 1% of voxels, starting from p = 0.5 everywhere wastes the first epochs unlearning background.
     output_prior: float = 0.01
     oversample_foreground: float = 0.34
+    # Weights used for validation and saved as the final model: an exponential moving average of the trained
+    # weights (BatchNorm statistics included) whose half-life is this fraction of the run's iterations
+    # (0.05 of 10 epochs: half an epoch). 0 = the last weights, as plans written before it mean.
+    ema_half_life: float = 0.0
     augmentation: Augmentation = field(default_factory=Augmentation)
     postprocessing: dict[str, Any] = field(
         default_factory=lambda: {"threshold": 0.5, "min_lesion_mm3": 0.0, "connectivity": 26}
@@ -115,6 +119,8 @@ class Plan:
         d.pop("mslpipe_version", None)
         if not d.get("context_slices"):  # added later: plans written before it keep their hash
             d.pop("context_slices", None)
+        if not d.get("ema_half_life"):  # likewise
+            d.pop("ema_half_life", None)
         if not d["augmentation"].get("p_low_res"):  # likewise
             d["augmentation"] = {k: v for k, v in d["augmentation"].items() if k not in ("p_low_res", "low_res_zoom")}
         blob = json.dumps(d, sort_keys=True, default=list).encode()
@@ -192,6 +198,7 @@ class Plan:
         need(self.batch_size >= 1 and self.epochs >= 1 and self.iterations_per_epoch >= 1,
              "batch_size, epochs and iterations_per_epoch must be positive")
         need(0.0 <= self.oversample_foreground <= 1.0, "oversample_foreground must lie in [0, 1]")
+        need(0.0 <= self.ema_half_life <= 1.0, "ema_half_life must lie in [0, 1] (a fraction of the run)")
         aug = self.augmentation
         need(0.0 <= aug.p_low_res <= 1.0, "augmentation p_low_res must lie in [0, 1]")
         need(len(aug.low_res_zoom) == 2 and 0.0 < min(aug.low_res_zoom) <= max(aug.low_res_zoom) <= 1.0,

@@ -90,10 +90,23 @@ def batch_to_device(batch: dict, device: str) -> tuple:
     return x, y
 
 
-def make_step(model, step_model, opt, loss_fn, device: str):
+def make_ema(model, plan: Plan):
+    """The exponential moving average of ``model``'s weights and BatchNorm statistics that the plan asks for
+    (``plan.ema_half_life``, a fraction of the run's iterations), or None. torch's AveragedModel; its first
+    update copies the weights."""
+    if not plan.ema_half_life:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    half_life_steps = max(plan.ema_half_life * plan.epochs * plan.iterations_per_epoch, 1.0)
+    decay = 0.5 ** (1.0 / half_life_steps)
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def make_step(model, step_model, opt, loss_fn, device: str, ema=None):
     """One optimisation step on (x, y), returning the detached loss: ``step_model`` (the model, or its
     DDP or compiled wrapper) forward under bf16 autocast on CUDA, backward, gradients of ``model``
-    clipped to norm 12, SGD step."""
+    clipped to norm 12, SGD step, then the weights' moving average ``ema`` (see make_ema) updated."""
     import torch
 
     def step(x, y):
@@ -103,6 +116,8 @@ def make_step(model, step_model, opt, loss_fn, device: str):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
         opt.step()
+        if ema is not None:
+            ema.update_parameters(model)
         return loss.detach()
     return step
 
@@ -207,7 +222,7 @@ def export_validation(model, cases: list[str], pre_dir: Path, plan: Plan, device
 def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, epochs: int | None = None,
         lr: float | None = None, batch_size: int | None = None, iterations: int | None = None,
         device: str = "auto", compile: bool = False, resume: bool = False, num_workers: int | None = None,
-        show_progress: bool = True) -> dict[str, Any]:
+        ema_half_life: float | None = None, show_progress: bool = True) -> dict[str, Any]:
     import torch
 
     plan_dir = dirs.plan_dir(name)
@@ -218,7 +233,8 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
     arch_kwargs = {} if arch is not None and arch != base.architecture else None
     plan = apply_overrides(base, {"architecture": arch, "arch_kwargs": arch_kwargs, "epochs": epochs,
                                   "batch_size": batch_size, "iterations_per_epoch": iterations,
-                                  "optimizer": optimizer, "num_workers": num_workers})
+                                  "optimizer": optimizer, "num_workers": num_workers,
+                                  "ema_half_life": ema_half_life})
     divisor = architectures.required_divisor(plan.architecture, **plan.arch_kwargs)
     if any(p % divisor for p in plan.patch_size):  # another architecture may need a coarser grid
         plan = apply_overrides(plan, {"patch_size": [-(-p // divisor) * divisor for p in plan.patch_size]})
@@ -244,6 +260,8 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
     init_output_prior(model, plan.output_prior)
     model = inference.prepare_model(model, device)
     opt = make_optimizer(model, plan)
+    ema = make_ema(model, plan)
+    scored = ema.module if ema is not None else model  # what validation scores and the final checkpoint holds
     loss_fn = make_loss()
     start_epoch, best, rows = 0, -1.0, []
     if resume:
@@ -251,6 +269,11 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
         if payload is not None:
             model.load_state_dict(payload["model"])
             opt.load_state_dict(payload["optimizer"])
+            if ema is not None:
+                if "ema" not in payload:
+                    raise MslpipeError("this run's checkpoint has no weight average (ema_half_life was 0): "
+                                       "resume it with --ema-half-life 0", latest)
+                ema.load_state_dict(payload["ema"])
             start_epoch, best = payload["meta"]["epoch"] + 1, payload["meta"]["best_dice"]
             checkpoints.set_rng_state(payload["rng"])
             rows = [r for r in _read_log(out / "log.csv") if int(r["epoch"]) < start_epoch]
@@ -261,7 +284,7 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
 
         train_model = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()]
                                               if device == "cuda" else None)
-    step = make_step(model, torch.compile(train_model) if compile else train_model, opt, loss_fn, device)
+    step = make_step(model, torch.compile(train_model) if compile else train_model, opt, loss_fn, device, ema)
 
     # One loader for the whole run: its workers stay alive across epochs, and each epoch's batches
     # follow from (seed, epoch), so a resumed run draws exactly what the uninterrupted one would.
@@ -284,7 +307,7 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
             train_loss = float(torch.stack(losses).mean())
             if not is_main:
                 continue
-            val_loss, dices = validate(model, data.val, pre_dir, plan, device, divisor, loss_fn)
+            val_loss, dices = validate(scored, data.val, pre_dir, plan, device, divisor, loss_fn)
             val_dice = float(np.mean(list(dices.values()))) if dices else float("nan")
             rows.append({"epoch": epoch, "train_loss": f"{train_loss:.5f}", "val_loss": f"{val_loss:.5f}",
                          "val_dice": f"{val_dice:.5f}",
@@ -298,17 +321,19 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
             best = max(best, val_dice) if dices else best
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": checkpoints.rng_state(),
                      "meta": {**meta, "epoch": epoch, "best_dice": best}}
+            if ema is not None:
+                state["ema"] = ema.state_dict()
             if improved:
-                checkpoints.save(out / "checkpoint_best.pt", state)
+                checkpoints.save(out / "checkpoint_best.pt", dict(state, model=scored.state_dict()))
             if latest.exists():
                 os.replace(latest, previous)
             checkpoints.save(latest, state)
     if is_main:
-        model.eval()
-        checkpoints.save(out / "checkpoint_final.pt", {"model": model.state_dict(),
+        scored.eval()
+        checkpoints.save(out / "checkpoint_final.pt", {"model": scored.state_dict(),
                                                        "meta": {**meta, "epoch": plan.epochs - 1}})
         if data.val:
-            export_validation(model, data.val, pre_dir, plan, device, divisor, out / "validation")
+            export_validation(scored, data.val, pre_dir, plan, device, divisor, out / "validation")
     if world > 1:
         import torch.distributed as dist
 

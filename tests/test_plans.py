@@ -54,7 +54,7 @@ def test_plans_written_before_context_slices_keep_their_hash(tmp_path):
     import hashlib
 
     old = _plan().finalised().to_dict()
-    del old["context_slices"]
+    del old["context_slices"], old["ema_half_life"]
     for key in ("p_low_res", "low_res_zoom"):  # added later still
         del old["augmentation"][key]
     # the hash as mslpipe computed it before the field existed
@@ -74,6 +74,7 @@ def test_plans_written_before_low_res_augmentation_keep_their_hash(tmp_path):
     import hashlib
 
     old = _plan().finalised().to_dict()
+    del old["ema_half_life"]  # added later still
     for key in ("p_low_res", "low_res_zoom"):
         del old["augmentation"][key]
     body = {k: v for k, v in old.items() if k not in ("hash", "mslpipe_version", "context_slices")}
@@ -84,6 +85,32 @@ def test_plans_written_before_low_res_augmentation_keep_their_hash(tmp_path):
     assert loaded.augmentation.p_low_res == 0.0
     on = apply_overrides(loaded, {"augmentation": dataclasses.replace(loaded.augmentation, p_low_res=0.25)})
     assert on.hash != loaded.hash and on.augmentation.p_low_res == 0.25
+
+
+def test_plans_written_before_weight_averaging_keep_their_hash(tmp_path):
+    """Plans saved before ema_half_life existed train their last weights, hash intact; setting it re-hashes."""
+    import hashlib
+
+    old = _plan().finalised().to_dict()
+    del old["ema_half_life"]
+    body = {k: v for k, v in old.items() if k not in ("hash", "mslpipe_version", "context_slices")}
+    body["augmentation"] = {k: v for k, v in body["augmentation"].items() if k not in ("p_low_res", "low_res_zoom")}
+    old["hash"] = hashlib.sha256(json.dumps(body, sort_keys=True, default=list).encode()).hexdigest()[:16]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    loaded = load_plan(path)
+    assert loaded.ema_half_life == 0.0
+    on = apply_overrides(loaded, {"ema_half_life": 0.05})
+    assert on.hash != loaded.hash and on.ema_half_life == 0.05
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, "half"])
+def test_invalid_ema_half_life_is_refused(tmp_path, value):
+    path = _saved(tmp_path)
+    _edit(path, ema_half_life=value, hash="")
+    with pytest.raises(MslpipeError) as info:
+        load_plan(path)
+    _check_error(info, path, "invalid plan", "ema_half_life" if value != "half" else "")
 
 
 @pytest.mark.parametrize("change", [{"p_low_res": 1.5}, {"p_low_res": -0.1}, {"low_res_zoom": [0.0, 1.0]},

@@ -154,3 +154,57 @@ def test_ddp_two_cpu_processes(planned, tmp_path):
     assert len(_rows(fold / "log.csv")) == 1
     run = (fold / "run.json").read_text()
     assert '"world_size": 2' in run
+
+
+def test_ema_decay_follows_the_half_life():
+    """make_ema: decay per step such that the weights' moving average halves a step's weight after
+    ema_half_life × epochs × iterations steps; off at 0."""
+    from mslpipe.plans import Plan
+
+    plan = Plan(dataset="x", epochs=4, iterations_per_epoch=5, ema_half_life=0.1)  # half-life: 2 steps
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = train.make_ema(model, plan)
+    ema.update_parameters(model)  # the first update copies
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    for _ in range(2):
+        ema.update_parameters(model)
+    assert ema.module.weight.item() == pytest.approx(0.5)
+    assert train.make_ema(model, Plan(dataset="x")) is None
+
+
+def test_ema_run_saves_the_average_and_resumes_exactly(planned, tmp_path):
+    """With ema_half_life the final checkpoint holds the moving average (not the last weights), the latest
+    checkpoint both; a run resumed from an earlier epoch ends with the same average as an uninterrupted one."""
+    kw = {"epochs": 3, "iterations": 3, "device": "cpu", "show_progress": False, "ema_half_life": 0.2}
+    ref = _copy_planned(planned, tmp_path / "ref")
+    train.run("syn", ref, 1, **kw)
+    fold = ref.fold_dir("syn", "leaky_unet", 1)
+    final = torch.load(fold / "checkpoint_final.pt", weights_only=True)["model"]
+    latest = torch.load(fold / "checkpoint_latest.pt", weights_only=True)
+    averaged = {k[len("module."):]: v for k, v in latest["ema"].items() if k.startswith("module.")}
+    assert averaged.keys() == final.keys() == latest["model"].keys()
+    assert all(torch.equal(averaged[k], final[k]) for k in final)
+    weights = [k for k, v in final.items() if v.is_floating_point()]
+    assert any(not torch.allclose(final[k], latest["model"][k]) for k in weights)
+    assert int(latest["ema"]["n_averaged"]) == 9
+
+    d = _copy_planned(planned, tmp_path / "resumed")
+    train.run("syn", d, 1, **kw)
+    fold2 = d.fold_dir("syn", "leaky_unet", 1)
+    os.replace(fold2 / "checkpoint_previous.pt", fold2 / "checkpoint_latest.pt")  # back to the end of epoch 1
+    (fold2 / "checkpoint_final.pt").unlink()
+    train.run("syn", d, 1, resume=True, **kw)
+    resumed = torch.load(fold2 / "checkpoint_final.pt", weights_only=True)["model"]
+    assert all(torch.equal(resumed[k], final[k]) for k in final)
+
+
+def test_resuming_without_an_average_with_one_is_refused(trained, planned, tmp_path):
+    d = _copy_planned(planned, tmp_path)
+    shutil.copytree(trained[1]["fold_dir"], d.fold_dir("syn", "leaky_unet", 0))
+    with pytest.raises(MslpipeError, match="ema-half-life 0") as info:
+        train.run("syn", d, 0, epochs=3, iterations=2, device="cpu", resume=True, show_progress=False,
+                  ema_half_life=0.1)
+    assert "checkpoint_latest.pt" in str(info.value)

@@ -1,0 +1,107 @@
+"""The last weights against their moving average (``ema_half_life``), per fold of the real data, CPU plan.
+
+Short schedules leave the last weights noisy: whole-volume validation Dice of the CPU plan swung between 0.1 and
+0.78 from epoch to epoch on fold 0. ``train`` can keep an exponential moving average of the weights (BatchNorm
+statistics included; torch's AveragedModel) with a half-life given as a fraction of the run, validate it and save
+it as the final model. This trains each fold of ../shared/data/real-ms-isbi (4 leave-one-subject-out folds) once
+with the average on, and scores both models the run ends with on the fold's validation scans:
+
+* ``last weights``: the weights after the last step (``checkpoint_latest.pt``'s ``model``; what a run without
+  the average saves as final);
+* ``average``: the moving average (``checkpoint_final.pt``).
+
+Both from the same run, so the comparison holds everything else fixed. Volume Dice and lesion F1 per scan
+against the expert mask, no postprocessing. Writes its section of bench/RESULTS.md after each fold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mslpipe import data_loading, inference, metrics, plan, train  # noqa: E402
+from mslpipe.io import read_json  # noqa: E402
+from mslpipe.plans import Workdirs  # noqa: E402
+from results import real_data_path, table, write_section  # noqa: E402
+
+REAL = real_data_path()
+MODELS = {"last weights": "checkpoint_latest.pt", "average": "checkpoint_final.pt"}
+
+
+def score(dirs: Workdirs, checkpoint: Path, cases: list[str]) -> dict[str, tuple[float, float]]:
+    """{case: (volume Dice, lesion F1)} of one checkpoint on preprocessed scans."""
+    predictor = inference.load_predictor([checkpoint], device="cpu")
+    p, out = predictor.plan, {}
+    for case in cases:
+        image, seg, _ = data_loading.load_case_arrays(dirs.preprocessed_dir("real"), case)
+        prob = inference.predict_volume(predictor.models, image, divisor=predictor.divisor, device="cpu",
+                                        batch_size=p.inference_batch_size, context=p.context_slices)
+        out[case] = (float(metrics.dice(prob >= 0.5, seg >= 0.5)), float(metrics.lesion_f1(prob >= 0.5, seg >= 0.5)))
+    return out
+
+
+def run_fold(work: Path, seed: int, fold: int, epochs: int, iterations: int, half_life: float) -> dict:
+    dirs = Workdirs.resolve(work / "raw", work / "plans", work / "pre", work / "results")
+    if not (dirs.plan_dir("real") / "splits.json").exists():
+        plan.run("real", dirs, input_path=REAL, device="cpu", test_fraction=0, seed=seed)
+    plan_dir = dirs.plan_dir("real")
+    splits = read_json(plan_dir / "splits.json")
+    fold_dir = dirs.fold_dir("real", "leaky_unet", fold)
+    if not (fold_dir / "checkpoint_final.pt").exists():
+        train.run("real", dirs, fold, epochs=epochs, iterations=iterations, device="cpu", show_progress=False,
+                  ema_half_life=half_life, resume=(fold_dir / "checkpoint_latest.pt").exists())
+    val = train.fold_cases(splits, read_json(plan_dir / "fingerprint.json"), fold).val
+    scores = {name: score(dirs, fold_dir / ckpt, val) for name, ckpt in MODELS.items()}
+    log = read_json(fold_dir / "plan.json")
+    return {"seed": seed, "fold": fold, "val": val, "scores": scores, "net": log["arch_kwargs"],
+            "n_folds": len(splits["folds"])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--iterations", type=int, default=40)
+    ap.add_argument("--half-life", type=float, default=0.05, help="ema_half_life, a fraction of the run [0.05]")
+    ap.add_argument("--seeds", default="12345", help="comma-separated plan seeds [12345]")
+    ap.add_argument("--folds", default="0,1,2,3", help="comma-separated folds [0,1,2,3]")
+    ap.add_argument("--work", type=Path, default=None, help="work folder; a rerun reuses finished models")
+    args = ap.parse_args()
+    if not (REAL / "training").is_dir():
+        sys.exit(f"real data not found at {REAL}")
+    work = args.work or Path(tempfile.mkdtemp(prefix="mslpipe-ema-"))
+    rows, per_case = [], []
+    pooled: dict[str, list[tuple[float, float]]] = {name: [] for name in MODELS}
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for fold in (int(k) for k in args.folds.split(",")):
+            r = run_fold(work / f"seed{seed}", seed, fold, args.epochs, args.iterations, args.half_life)
+            means = {}
+            for name, by_case in r["scores"].items():
+                pooled[name] += list(by_case.values())
+                means[name] = np.mean(list(by_case.values()), axis=0)
+            rows.append([seed, fold, ", ".join(r["val"]), *(f"{means[n][0]:.3f} / {means[n][1]:.3f}" for n in MODELS),
+                         f"{means['average'][0] - means['last weights'][0]:+.3f}"])
+            per_case += [[seed, fold, case, *(f"{r['scores'][n][case][0]:.3f} / {r['scores'][n][case][1]:.3f}"
+                                              for n in MODELS)] for case in r["val"]]
+            pool = {n: np.mean(v, axis=0) for n, v in pooled.items()}
+            scans = len(pooled["average"])
+            body = (f"CPU plan (leaky_unet {r['net']}), {args.epochs} epochs × {args.iterations} iterations per fold, "
+                    f"`ema_half_life` {args.half_life:g} (a half-life of {args.half_life * args.epochs:g} epochs). "
+                    f"Folds by subject (leave one subject out, {r['n_folds']} folds; which subject each fold holds "
+                    "out depends on the seed). Cells: volume Dice / lesion F1 on the validation scans, no "
+                    "postprocessing; both models from the same run (see `bench/weight_averaging.py`).\n\n"
+                    + table(["seed", "fold", "validation scans", *MODELS, "Dice change"], rows)
+                    + f"\n\nPooled over {scans} scans: last weights {pool['last weights'][0]:.3f} / "
+                    f"{pool['last weights'][1]:.3f}, average {pool['average'][0]:.3f} / {pool['average'][1]:.3f}.\n\n"
+                    + table(["seed", "fold", "scan", *MODELS], per_case))
+            print(body, flush=True)
+            write_section("weight_averaging", "Last weights against their moving average (CPU plan, real data)",
+                          body)
+
+
+if __name__ == "__main__":
+    main()
