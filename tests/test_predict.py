@@ -193,3 +193,69 @@ def test_context_slices_reach_the_network_in_order(batch_size):
     logits = inference.predict_volume([Previous()], image, divisor=8, device="cpu", batch_size=batch_size,
                                       return_logits=True, context=1)
     np.testing.assert_array_equal(logits, image[[0, 0, 1, 2, 3, 4, 5], 0])
+
+
+def test_loaded_model_matches_the_checkpoint(model):
+    """Networks are built without initialisation and filled from the checkpoint: no tensor is left unset, and
+    the outputs are those of the network the weights came from."""
+    import torch
+
+    from mslpipe import architectures, checkpoints
+    from mslpipe.plans import Plan
+
+    payload = checkpoints.load(model)
+    plan = Plan.from_dict(payload["meta"]["plan"])
+    reference = architectures.build(plan.architecture, in_channels=plan.input_channels, **plan.arch_kwargs)
+    reference.load_state_dict(payload["model"])
+    reference.eval()
+    loaded = inference.load_predictor([model], device="cpu").models[0]
+    tensors = list(loaded.parameters()) + list(loaded.buffers())
+    assert tensors and not any(t.is_meta for t in tensors)
+    x = torch.randn(2, plan.input_channels, 32, 48)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), reference(x))
+
+
+def test_weights_saved_channels_last_load_contiguous_on_a_cpu(model, tmp_path):
+    """A GPU run saves channels_last weights; on a CPU they come back in the default layout."""
+    import torch
+
+    from mslpipe import checkpoints
+
+    payload = checkpoints.load(model)
+    weights = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v
+               for k, v in payload["model"].items()}
+    assert any(not v.is_contiguous() for v in weights.values())
+    path = checkpoints.save(tmp_path / "cl.pt", {**payload, "model": weights})
+    loaded = inference.load_predictor([path], device="cpu").models[0]
+    assert all(p.is_contiguous() for p in loaded.parameters())
+
+
+@pytest.mark.parametrize("damage", ["missing", "shape"])
+def test_weights_that_do_not_fit_are_refused(model, tmp_path, damage):
+    import torch
+
+    from mslpipe import checkpoints
+
+    payload = checkpoints.load(model)
+    weights = dict(payload["model"])
+    key = next(k for k, v in weights.items() if v.ndim == 4)
+    if damage == "missing":
+        del weights[key]
+    else:
+        weights[key] = torch.zeros(1, 1, 3, 3)
+    bad = checkpoints.save(tmp_path / "bad.pt", {**payload, "model": weights})
+    with pytest.raises(MslpipeError, match="do not fit") as info:
+        inference.load_predictor([bad], device="cpu")
+    assert str(bad) in str(info.value)
+
+
+def test_checkpoints_with_other_preprocessing_are_refused(model, tmp_path):
+    from mslpipe import checkpoints
+
+    payload = checkpoints.load(model)
+    plan = dict(payload["meta"]["plan"], crop_margin=payload["meta"]["plan"]["crop_margin"] + 2, hash="")
+    other = checkpoints.save(tmp_path / "other.pt", {**payload, "meta": {**payload["meta"], "plan": plan}})
+    with pytest.raises(MslpipeError, match="different preprocessing") as info:
+        inference.load_predictor([model, other], device="cpu")
+    assert str(other) in str(info.value)
