@@ -6,13 +6,19 @@
 # bench/real_data_results.json (committed) holds earlier runs' entries: each run adds its own and rewrites the
 # table in bench/RESULTS.md. Both files come back in $OUT; copy them into bench/ and commit.
 # MSLPIPE_COMMIT=<short hash> names the commit in RESULTS.md (the device copy has no git).
+# Optional, for a CPU dry run of this script (see bench/nnunet/README.md); the defaults are the GPU machine's:
+#   DEVICE (cuda), WHL and NNPACK (the carried folders, .whl and .nnpack), NNSITE (where they are installed,
+#   .nnsite), TIMEOUT (seconds for bench/real_data.py, 540), EXTRA (more arguments for it).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-SITE=$PWD/.nnsite
+DEVICE=${DEVICE:-cuda}
+WHL=${WHL:-.whl}
+NNPACK=${NNPACK:-.nnpack}
+SITE=${NNSITE:-.nnsite}; [ "${SITE#/}" != "$SITE" ] || SITE=$PWD/$SITE   # absolute: scripts in it run elsewhere
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1
 mkdir -p "$SITE"
-if [ -f .nnpack/site.tar.xz ]; then tar -xJf .nnpack/site.tar.xz -C "$SITE" || exit 1; fi
-for d in .whl .nnpack; do
+if [ -f "$NNPACK/site.tar.xz" ]; then tar -xJf "$NNPACK/site.tar.xz" -C "$SITE" || exit 1; fi
+for d in "$WHL" "$NNPACK"; do
     if compgen -G "$d/*.whl" > /dev/null; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$d"/*.whl \
             || exit 1
@@ -20,8 +26,10 @@ for d in .whl .nnpack; do
 done
 python3 -c "import SimpleITK, nnunetv2, monai, nibabel, blosc2, cc3d, torch; print('torch', torch.__version__)" \
     || { echo "packages missing: prepare with bench/gpu_prepare.sh and bench/nnunet/gpu_prepare.sh"; exit 2; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-timeout "${TIMEOUT:-540}" python3 bench/real_data.py --device cuda --work "$PWD/.rdwork" \
+if [ "$DEVICE" = cuda ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+fi
+timeout "${TIMEOUT:-540}" python3 bench/real_data.py --device "$DEVICE" --work "$PWD/.rdwork" \
     --data "${MSLPIPE_REAL_DATA:-$PWD/.realdata}" --nnunet-bin "$SITE/bin" --folds "${FOLDS:-0}" \
     --arms "${ARMS:-nnunet_2d,nnunet_leaky_unet,mslpipe_leaky_unet}" --minutes-per-fold "${MINUTES:-3}" \
     ${EXTRA:-} 2>&1 | tee "$OUT/real_data.log"
