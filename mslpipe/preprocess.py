@@ -64,7 +64,7 @@ def brain_mask(image: np.ndarray, fraction: float = 0.05) -> np.ndarray:
         return out
     box = tuple(slice(a, b) for a, b in bounding_box(full, 2))
     mask = full[box]
-    mask = ndimage.binary_opening(mask, iterations=1) if mask.sum() > 1000 else mask
+    mask = open_faces(mask) if mask.sum() > 1000 else mask
     labels, n = ndimage.label(mask)
     if n > 1:  # keep components holding at least 1% of the mask (drops specks of background noise)
         sizes = np.bincount(labels.ravel(), minlength=n + 1)
@@ -72,6 +72,22 @@ def brain_mask(image: np.ndarray, fraction: float = 0.05) -> np.ndarray:
         mask = (sizes >= 0.01 * sizes.max())[labels]
     out[box] = fill_holes(mask)
     return out
+
+
+def open_faces(mask: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_opening(mask)`` (one iteration, face-connected cross, zero border) by shifted
+    array views: the same mask at about a tenth of scipy's time on brain-sized volumes, where scipy's generic
+    morphology was the largest share of `predict`'s work around a GPU's network."""
+    def shifted(a: np.ndarray, reduce) -> np.ndarray:
+        p = np.pad(a, 1)
+        centre = tuple(slice(1, -1) for _ in range(a.ndim))
+        out = p[centre].copy()
+        for axis in range(a.ndim):
+            for lo, hi in ((None, -2), (2, None)):
+                reduce(out, p[centre[:axis] + (slice(lo, hi),) + centre[axis + 1:]], out=out)
+        return out
+
+    return shifted(shifted(mask.astype(bool), np.logical_and), np.logical_or)
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
