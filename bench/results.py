@@ -82,4 +82,20 @@ def write_section(name: str, title: str, body: str) -> Path:
     return RESULTS
 
 
+def score_checkpoint(pre_dir: Path, checkpoint: Path, cases: list[str], degrade=None) -> dict[str, tuple[float, float]]:
+    """{case: (volume Dice, lesion F1)} of one checkpoint on preprocessed scans (each passed through ``degrade``
+    first, if given), on the CPU, without postprocessing."""
+    from mslpipe import data_loading, inference, metrics
+
+    predictor = inference.load_predictor([checkpoint], device="cpu")
+    p, out = predictor.plan, {}
+    for case in cases:
+        image, seg, _ = data_loading.load_case_arrays(pre_dir, case)
+        prob = inference.predict_volume(predictor.models, degrade(image) if degrade else image,
+                                        divisor=predictor.divisor, device="cpu", batch_size=p.inference_batch_size,
+                                        context=p.context_slices)
+        out[case] = (float(metrics.dice(prob >= 0.5, seg >= 0.5)), float(metrics.lesion_f1(prob >= 0.5, seg >= 0.5)))
+    return out
+
+
 COMMIT_AT_START = commit()

@@ -25,10 +25,10 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mslpipe import data_loading, inference, metrics, plan, train  # noqa: E402
+from mslpipe import plan, train  # noqa: E402
 from mslpipe.io import read_json  # noqa: E402
-from mslpipe.plans import Augmentation, Workdirs  # noqa: E402
-from results import real_data_path, table, write_section  # noqa: E402
+from mslpipe.plans import Augmentation, Workdirs, load_plan  # noqa: E402
+from results import real_data_path, score_checkpoint, table, write_section  # noqa: E402
 
 REAL = real_data_path()
 
@@ -64,20 +64,12 @@ def run_variant(work: Path, p_low_res: float, seed: int, epochs: int, iterations
     if not (fold_dir / "checkpoint_final.pt").exists():
         train.run("real", dirs, 0, epochs=epochs, iterations=iterations, device="cpu", show_progress=False,
                   resume=(fold_dir / "checkpoint_latest.pt").exists())
-    predictor = inference.load_predictor([fold_dir / "checkpoint_final.pt"], device="cpu")
-    p = predictor.plan
     plan_dir = dirs.plan_dir("real")
     val = train.fold_cases(read_json(plan_dir / "splits.json"), read_json(plan_dir / "fingerprint.json"), 0).val
-    scores = {}
-    for name, degrade in DEGRADE.items():
-        dice, f1 = [], []
-        for case in val:
-            image, seg, _ = data_loading.load_case_arrays(dirs.preprocessed_dir("real"), case)
-            prob = inference.predict_volume(predictor.models, degrade(image), divisor=predictor.divisor, device="cpu",
-                                            batch_size=p.inference_batch_size, context=p.context_slices)
-            dice.append(metrics.dice(prob >= 0.5, seg >= 0.5))
-            f1.append(metrics.lesion_f1(prob >= 0.5, seg >= 0.5))
-        scores[name] = (float(np.mean(dice)), float(np.mean(f1)))
+    scores = {name: tuple(float(v) for v in np.mean(list(score_checkpoint(
+        dirs.preprocessed_dir("real"), fold_dir / "checkpoint_final.pt", val, degrade).values()), axis=0))
+        for name, degrade in DEGRADE.items()}
+    p = load_plan(fold_dir / "plan.json")
     return {"p_low_res": p.augmentation.p_low_res, "seed": seed, "val": val, "scores": scores, "net": p.arch_kwargs}
 
 

@@ -24,25 +24,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mslpipe import data_loading, inference, metrics, plan, train  # noqa: E402
+from mslpipe import plan, train  # noqa: E402
 from mslpipe.io import read_json  # noqa: E402
 from mslpipe.plans import Workdirs  # noqa: E402
-from results import real_data_path, table, write_section  # noqa: E402
+from results import real_data_path, score_checkpoint, table, write_section  # noqa: E402
 
 REAL = real_data_path()
 MODELS = {"last weights": "checkpoint_latest.pt", "average": "checkpoint_final.pt"}
-
-
-def score(dirs: Workdirs, checkpoint: Path, cases: list[str]) -> dict[str, tuple[float, float]]:
-    """{case: (volume Dice, lesion F1)} of one checkpoint on preprocessed scans."""
-    predictor = inference.load_predictor([checkpoint], device="cpu")
-    p, out = predictor.plan, {}
-    for case in cases:
-        image, seg, _ = data_loading.load_case_arrays(dirs.preprocessed_dir("real"), case)
-        prob = inference.predict_volume(predictor.models, image, divisor=predictor.divisor, device="cpu",
-                                        batch_size=p.inference_batch_size, context=p.context_slices)
-        out[case] = (float(metrics.dice(prob >= 0.5, seg >= 0.5)), float(metrics.lesion_f1(prob >= 0.5, seg >= 0.5)))
-    return out
 
 
 def run_fold(work: Path, seed: int, fold: int, epochs: int, iterations: int, half_life: float) -> dict:
@@ -56,9 +44,10 @@ def run_fold(work: Path, seed: int, fold: int, epochs: int, iterations: int, hal
         train.run("real", dirs, fold, epochs=epochs, iterations=iterations, device="cpu", show_progress=False,
                   ema_half_life=half_life, resume=(fold_dir / "checkpoint_latest.pt").exists())
     val = train.fold_cases(splits, read_json(plan_dir / "fingerprint.json"), fold).val
-    scores = {name: score(dirs, fold_dir / ckpt, val) for name, ckpt in MODELS.items()}
-    log = read_json(fold_dir / "plan.json")
-    return {"seed": seed, "fold": fold, "val": val, "scores": scores, "net": log["arch_kwargs"],
+    scores = {name: score_checkpoint(dirs.preprocessed_dir("real"), fold_dir / ckpt, val)
+              for name, ckpt in MODELS.items()}
+    fold_plan = read_json(fold_dir / "plan.json")
+    return {"seed": seed, "fold": fold, "val": val, "scores": scores, "net": fold_plan["arch_kwargs"],
             "n_folds": len(splits["folds"])}
 
 

@@ -57,6 +57,8 @@ def prepare_model(model, device: str):
 
 def load_predictor(paths: list[Path], device: str = "auto", compile: bool = False) -> Predictor:
     """Build the networks stored in checkpoints; all must share one plan's preprocessing."""
+    import torch
+
     if not paths:
         raise MslpipeError("no checkpoints to predict with: train a fold first or pass --checkpoint")
     device = pick_device(device)
@@ -68,8 +70,6 @@ def load_predictor(paths: list[Path], device: str = "auto", compile: bool = Fals
         if plan is not None and this_plan.preprocessing_hash() != plan.preprocessing_hash():
             raise MslpipeError("checkpoint was trained with different preprocessing than the others", path)
         plan = plan or this_plan
-        import torch
-
         # built without memory or initialisation (the checkpoint's tensors replace every one): a full-width
         # network's random initialisation alone costs a third of a second per fold on a CPU
         with torch.device("meta"):
