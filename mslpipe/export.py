@@ -20,16 +20,20 @@ import contextlib
 import importlib.util
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mslpipe import __version__, inference, onnx_inference
+from mslpipe import __version__, inference, onnx_inference, quantize
 from mslpipe.errors import MslpipeError
 from mslpipe.io import atomic_path, read_json, write_json
+from mslpipe.plans import Plan
 
 log = logging.getLogger(__name__)
+
+Calibration = Callable[[Plan], tuple[list[np.ndarray], str]]  # plan -> (preprocessed volumes, where they came from)
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
 OPSET = {"dynamo": 18, "torchscript": 17}
@@ -100,11 +104,21 @@ def _check(model, path: Path, divisor: int, n_channels: int) -> dict[str, Any]:
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, *, postprocessing: dict | None = None,
-                exporter: str = "auto") -> dict[str, Any]:
-    """Export one checkpoint to ``out`` (``.onnx``) and write ``out.json``; returns the description."""
+                exporter: str = "auto", precision: str = "fp32", calibration: Calibration | None = None,
+                min_agreement: float = quantize.MIN_AGREEMENT) -> dict[str, Any]:
+    """Export one checkpoint to ``out`` (``.onnx``) and write ``out.json``; returns the description.
+
+    ``precision="int8"`` quantizes the exported model (:mod:`mslpipe.quantize`) with the scans
+    ``calibration(plan)`` returns (preprocessed S×C×H×W volumes, and a sentence saying where they came from).
+    """
     out = Path(out)
     if out.suffix != ".onnx":
         raise MslpipeError("the exported model's name must end in .onnx", out)
+    if precision not in quantize.PRECISIONS:
+        raise MslpipeError(f"precision must be one of {', '.join(quantize.PRECISIONS)}, not {precision!r}")
+    if precision == "int8" and calibration is None:
+        raise MslpipeError("an int8 model needs calibration scans: --calibration SCANS, or -d NAME to use the "
+                           "fold's own training scans")
     exporter = pick_exporter(exporter)
     if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
         raise MslpipeError("export needs onnx and onnxruntime: pip install 'mslpipe[onnx]'")
@@ -113,16 +127,27 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, postprocessing: dict
     predictor = inference.load_predictor([Path(checkpoint)], device="cpu")
     model, plan, divisor = predictor.models[0].float().eval(), predictor.plan, predictor.divisor
     example = torch.randn(2, plan.input_channels, 4 * divisor, 6 * divisor)
-    with atomic_path(out, suffix=".onnx") as tmp:
-        try:
-            with _quiet():
-                _torch_export(model, example, tmp, exporter)
-        except Exception as exc:  # torch.export / onnxscript raise many types for unsupported networks
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise MslpipeError(f"{plan.architecture} cannot be exported to ONNX with the {exporter} exporter "
-                               f"({reason[:300]})", checkpoint) from exc
-        check = _check(model, tmp, divisor, plan.input_channels)
     pp = {**plan.postprocessing, **(postprocessing or {})}
+    quantization = None
+    with atomic_path(out, suffix=".onnx") as tmp:
+        float_path = tmp if precision == "fp32" else tmp.with_name(tmp.name + ".float.onnx")
+        try:
+            try:
+                with _quiet():
+                    _torch_export(model, example, float_path, exporter)
+            except Exception as exc:  # torch.export / onnxscript raise many types for unsupported networks
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise MslpipeError(f"{plan.architecture} cannot be exported to ONNX with the {exporter} exporter "
+                                   f"({reason[:300]})", checkpoint) from exc
+            check = _check(model, float_path, divisor, plan.input_channels)
+            if precision == "int8":
+                volumes, source = calibration(plan)
+                quantization = quantize.quantize(float_path, tmp, volumes, divisor=divisor,
+                                                 context=plan.context_slices, threshold=pp.get("threshold", 0.5),
+                                                 min_agreement=min_agreement, source=source)
+        finally:
+            if float_path != tmp:
+                float_path.unlink(missing_ok=True)
     meta = {
         "format": onnx_inference.FORMAT,
         "format_version": onnx_inference.FORMAT_VERSION,
@@ -130,6 +155,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, postprocessing: dict
         "mslpipe_version": __version__,
         "exporter": exporter,
         "opset": OPSET[exporter],
+        "precision": precision,
         "torch_version": torch.__version__,
         "source_checkpoint": str(checkpoint),
         "input": {"name": "image", "dtype": "float32", "layout": "NCHW: slices, channels in plan order",
@@ -158,18 +184,23 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, postprocessing: dict
         "export_check": check,
         "plan": plan.to_dict(),
     }
+    if quantization:
+        meta["quantization"] = quantization
     write_json(onnx_inference.sidecar_path(out), meta)
-    log.info("exported %s → %s (%s exporter, opset %d; ONNX Runtime vs torch: %.2g)", checkpoint, out,
-             exporter, OPSET[exporter], check["max_abs_logit_diff"])
+    log.info("exported %s → %s (%s, %s exporter, opset %d; ONNX Runtime vs torch: %.2g)", checkpoint, out,
+             precision, exporter, OPSET[exporter], check["max_abs_logit_diff"])
     return meta
 
 
 def run(out: str | Path, *, dirs, dataset: str | None = None, arch: str | None = None, fold: int | None = None,
-        checkpoint: Path | None = None, exporter: str = "auto") -> dict[str, Any]:
+        checkpoint: Path | None = None, exporter: str = "auto", precision: str = "fp32",
+        calibration: Path | None = None) -> dict[str, Any]:
     """`mslpipe export`: ``checkpoint``, or fold ``fold`` of ``dataset`` (the only trained fold if not given).
 
     With a dataset, the minimum lesion size chosen by `evaluate` (``postprocessing.json``) goes into
-    the description, as `predict -d` would apply it.
+    the description, as `predict -d` would apply it. An int8 model is calibrated on the scans
+    ``calibration`` (files or a folder, read like `predict`'s input) or, with a dataset and no
+    ``calibration``, on the fold's own preprocessed training scans.
     """
     from mslpipe.plans import load_plan
 
@@ -192,4 +223,33 @@ def run(out: str | Path, *, dirs, dataset: str | None = None, arch: str | None =
         if (root / "postprocessing.json").exists():
             pp = read_json(root / "postprocessing.json")
             postprocessing = {k: pp[k] for k in ("min_lesion_mm3", "connectivity") if k in pp}
-    return export_onnx(checkpoint, out, postprocessing=postprocessing, exporter=exporter)
+    return export_onnx(checkpoint, out, postprocessing=postprocessing, exporter=exporter, precision=precision,
+                       calibration=_calibration(Path(checkpoint), dirs, dataset, calibration))
+
+
+def _calibration(checkpoint: Path, dirs, dataset: str | None, scans: Path | None) -> Calibration | None:
+    """Where an int8 model's calibration scans come from: ``scans``, else the fold's training scans."""
+    if scans is not None:
+        if not Path(scans).exists():
+            raise MslpipeError("calibration scans not found", scans)
+        return lambda plan: (volumes_from_scans(Path(scans), plan), f"scans in {scans}")
+    run_json = checkpoint.parent / "run.json"
+    if dataset is None or not run_json.is_file():
+        return None
+    cases = list(read_json(run_json).get("train", []))
+    return lambda plan: (quantize.volumes_from_preprocessed(dirs.preprocessed_dir(dataset), cases, plan),
+                         f"the fold's training scans ({len(cases)}), preprocessed")
+
+
+def volumes_from_scans(path: Path, plan: Plan) -> list[np.ndarray]:
+    """Up to ``quantize.MAX_VOLUMES`` scans (a NIfTI file, a folder of them, or DICOM series), read and
+    preprocessed as `predict` does: the calibration set for a checkpoint that comes without its dataset."""
+    from mslpipe import preprocess
+    from mslpipe.predict import gather_sources
+
+    sources = gather_sources(Path(path), n_channels=len(plan.channels))
+    out = []
+    for i in quantize.spread(len(sources), quantize.MAX_VOLUMES):
+        channels, affine = sources[i].read()
+        out.append(preprocess.preprocess_volume(channels, affine, plan, where=sources[i].paths[0])[0])
+    return out

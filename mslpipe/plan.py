@@ -63,6 +63,7 @@ def fingerprint_case(case: Case) -> dict[str, Any]:
         "orientation": "".join(nib.aff2axcodes(affine)),
         "brain_bbox_canonical": box,
         "brain_bbox_size": [b - a for a, b in box],
+        "brain_ml": float(brain.sum() * np.prod(np.linalg.norm(affine[:3, :3], axis=0)) / 1000),
         "intensity": {
             "p00_5": float(p_lo), "p99_5": float(p_hi),
             "mean": float(values.mean()), "std": float(values.std()),
@@ -143,6 +144,8 @@ def make_plan(fingerprint: dict, name: str, device: str, arch: str = "leaky_unet
     if device == "cpu":
         plan.arch_kwargs = dict(CPU_ARCH_KWARGS) if arch == "leaky_unet" else {"base_channels": 16}
     plan.target_spacing = [round(float(v), 3) for v in fingerprint["median"]["spacing_canonical"]]
+    volumes = [c["brain_ml"] for c in fingerprint["cases"] if c.get("brain_ml")]
+    plan.brain_ml_range = [round(min(volumes), 1), round(max(volumes), 1)] if volumes else None
     divisor = architectures.required_divisor(arch, **plan.arch_kwargs)
     bbox = np.divide(fingerprint["median"]["brain_bbox_mm"], plan.target_spacing)
     in_plane = [s for i, s in enumerate(bbox) if i != plan.slice_axis]

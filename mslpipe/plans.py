@@ -69,6 +69,9 @@ class Plan:
     target_spacing: list[float] | None = None
     patch_size: list[int] = field(default_factory=lambda: [224, 192])
     crop_margin: int = 4
+    # Smallest and largest brain-mask volume (mL) among the planned scans: `predict` warns about a scan far
+    # outside it (not skull-stripped, or only part of the brain in view). Quality control only: not hashed.
+    brain_ml_range: list[float] | None = None
     normalization: dict[str, Any] = field(
         default_factory=lambda: {"scheme": "brain_percentile_zscore", "lower_pct": 0.5, "upper_pct": 99.5}
     )
@@ -117,6 +120,7 @@ class Plan:
         d = self.to_dict()
         d.pop("hash", None)
         d.pop("mslpipe_version", None)
+        d.pop("brain_ml_range", None)
         if not d.get("context_slices"):  # added later: plans written before it keep their hash
             d.pop("context_slices", None)
         if not d.get("ema_half_life"):  # likewise
@@ -193,6 +197,10 @@ class Plan:
              and all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in self.patch_size),
              "patch_size must be two positive integers")
         need(len(self.channels) >= 1, "at least one channel")
+        need(self.brain_ml_range is None or (isinstance(self.brain_ml_range, list | tuple)
+                                             and len(self.brain_ml_range) == 2
+                                             and 0 < self.brain_ml_range[0] <= self.brain_ml_range[1]),
+             "brain_ml_range must be null or [smallest, largest] mL, both positive")
         need(isinstance(self.context_slices, int) and not isinstance(self.context_slices, bool)
              and 0 <= self.context_slices <= 4, "context_slices must be an integer from 0 to 4")
         need(self.batch_size >= 1 and self.epochs >= 1 and self.iterations_per_epoch >= 1,

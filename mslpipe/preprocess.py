@@ -214,6 +214,29 @@ def preprocess_volume(
     return np.ascontiguousarray(image, dtype=np.float32), label, props
 
 
+BRAIN_ML_TOLERANCE = (0.6, 1.5)  # a scan's brain-mask volume below 0.6× the smallest or above 1.5× the largest
+
+
+def brain_volume_ml(props: dict[str, Any], plan: Plan) -> float:
+    """The brain mask's volume in mL, on the grid it was computed on (the planned voxel size if resampled)."""
+    spacing = plan.target_spacing if props.get("resampled_shape") else props["spacing_canonical"]
+    return float(props["brain_voxels"] * np.prod(spacing) / 1000)
+
+
+def brain_volume_warning(props: dict[str, Any], plan: Plan) -> str | None:
+    """A sentence when a scan's brain mask is far larger or smaller than the planned scans' (``brain_ml_range``):
+    a whole head that was not skull-stripped, or a scan that covers only part of the brain."""
+    if not plan.brain_ml_range:
+        return None
+    lo, hi = plan.brain_ml_range
+    ml = brain_volume_ml(props, plan)
+    if BRAIN_ML_TOLERANCE[0] * lo <= ml <= BRAIN_ML_TOLERANCE[1] * hi:
+        return None
+    why = "not skull-stripped?" if ml > hi else "only part of the brain in view?"
+    return (f"brain mask {ml:.0f} mL, the training scans' {lo:.0f}-{hi:.0f} mL ({why}); segmented anyway, "
+            "check the result")
+
+
 def restore(pred: np.ndarray, props: dict[str, Any], fill: float = 0) -> np.ndarray:
     """Map an S×H×W prediction on the preprocessed grid back to the scan's own grid.
 
@@ -266,6 +289,9 @@ def segment(run_volume: Callable[[np.ndarray], np.ndarray], channels: list[np.nd
     ONNX Runtime predictors, so both do exactly the same before and after the network.
     """
     image, _, props = preprocess_volume(channels, affine, plan, where=where)
+    unusual = brain_volume_warning(props, plan)
+    if unusual:
+        log.warning("%s: %s", where if where is not None else "scan", unusual)
     prob = restore(run_volume(image), props)
     return postprocess.apply(prob, affine, postprocessing), prob
 

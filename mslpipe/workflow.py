@@ -83,7 +83,7 @@ def evaluate_dataset(name: str, dirs: Workdirs, arch: str | None = None, device:
     return summary
 
 
-def demo(out: Path, *, subjects: int = 10, timepoints: int = 2, shape=(64, 72, 48), epochs: int = 12,
+def demo(out: Path, *, subjects: int = 10, timepoints: int = 2, shape=(64, 72, 48), epochs: int = 20,
          iterations: int = 30, seed: int = 0, device: str = "auto", fresh: bool = True,
          arch_kwargs: dict | None = None) -> dict[str, Any]:
     """synth → plan → train fold 0 → predict the test split → evaluate; all under ``out``."""

@@ -37,6 +37,12 @@ def synth_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def scan_path(synth_root):
+    """One synthetic FLAIR scan (read-only)."""
+    return next((synth_root / "training").glob("training01/preprocessed/*_flair_pp.nii.gz"))
+
+
 @pytest.fixture(scope="session")
 def planned(tmp_path_factory, synth_root):
     """The synthetic dataset planned for the CPU with a tiny network (session-wide, read-only)."""

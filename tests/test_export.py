@@ -32,11 +32,6 @@ def exported(trained, tmp_path_factory):
     return out, meta, result["fold_dir"] / "checkpoint_final.pt"
 
 
-@pytest.fixture
-def scan_path(synth_root):
-    return next((synth_root / "training").glob("training01/preprocessed/*_flair_pp.nii.gz"))
-
-
 def _torch_logits(checkpoint, x):
     import torch
 

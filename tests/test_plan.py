@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from mslpipe import architectures, plan
+from mslpipe import architectures, plan, preprocess
 from mslpipe.errors import MslpipeError
 from mslpipe.io import load_image, read_json, save_nifti
 from mslpipe.plans import Workdirs, load_plan
@@ -76,6 +76,8 @@ def test_fingerprint(synth_planned, synth_root):
         masks = [load_image(synth_root / m)[0] for m in truth_scans[c["case"]]["masks"]]
         assert c["lesion_count"] == [ndimage.label(m, structure)[1] for m in masks]
         assert c["n_raters"] == 2
+        brain = preprocess.brain_mask(image)  # orientation does not change the count
+        assert c["brain_ml"] == pytest.approx(brain.sum() * np.prod(c["spacing"]) / 1000)
     med = fp["median"]
     assert med["shape"] == [40, 44, 32]
     np.testing.assert_allclose(med["brain_bbox_size"],
@@ -98,6 +100,8 @@ def test_plans_json(synth_planned):
     p = load_plan(d.plan_dir("syn") / "plans.json")
     assert p == result["plan"] and p.hash == p.compute_hash()
     assert p.dataset == "syn" and p.target_device == "cpu" and p.n_raters == 2 and p.label_policy == "mean"
+    volumes = [c["brain_ml"] for c in result["fingerprint"]["cases"]]
+    assert p.brain_ml_range == [round(min(volumes), 1), round(max(volumes), 1)] and volumes[0] > 0
     assert p.context_slices == plan.DEFAULT_CONTEXT_SLICES == 1 and p.input_channels == 3  # 2.5D by default
     assert p.augmentation.p_low_res == 0.0  # simulated low resolution: GPU plans only
     divisor = architectures.required_divisor(p.architecture, **p.arch_kwargs)

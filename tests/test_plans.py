@@ -54,7 +54,7 @@ def test_plans_written_before_context_slices_keep_their_hash(tmp_path):
     import hashlib
 
     old = _plan().finalised().to_dict()
-    del old["context_slices"], old["ema_half_life"]
+    del old["context_slices"], old["ema_half_life"], old["brain_ml_range"]
     for key in ("p_low_res", "low_res_zoom"):  # added later still
         del old["augmentation"][key]
     # the hash as mslpipe computed it before the field existed
@@ -74,7 +74,7 @@ def test_plans_written_before_low_res_augmentation_keep_their_hash(tmp_path):
     import hashlib
 
     old = _plan().finalised().to_dict()
-    del old["ema_half_life"]  # added later still
+    del old["ema_half_life"], old["brain_ml_range"]  # added later still
     for key in ("p_low_res", "low_res_zoom"):
         del old["augmentation"][key]
     body = {k: v for k, v in old.items() if k not in ("hash", "mslpipe_version", "context_slices")}
@@ -92,7 +92,7 @@ def test_plans_written_before_weight_averaging_keep_their_hash(tmp_path):
     import hashlib
 
     old = _plan().finalised().to_dict()
-    del old["ema_half_life"]
+    del old["ema_half_life"], old["brain_ml_range"]
     body = {k: v for k, v in old.items() if k not in ("hash", "mslpipe_version", "context_slices")}
     body["augmentation"] = {k: v for k, v in body["augmentation"].items() if k not in ("p_low_res", "low_res_zoom")}
     old["hash"] = hashlib.sha256(json.dumps(body, sort_keys=True, default=list).encode()).hexdigest()[:16]
@@ -102,6 +102,18 @@ def test_plans_written_before_weight_averaging_keep_their_hash(tmp_path):
     assert loaded.ema_half_life == 0.0
     on = apply_overrides(loaded, {"ema_half_life": 0.05})
     assert on.hash != loaded.hash and on.ema_half_life == 0.05
+
+
+def test_brain_volume_range_is_quality_control_only(tmp_path):
+    """brain_ml_range changes no training or preprocessing: not hashed; plans without it load with no range."""
+    plan = _plan().finalised()
+    ranged = apply_overrides(plan, {"brain_ml_range": [1100.0, 1500.0]})
+    assert ranged.hash == plan.hash and ranged.preprocessing_hash() == plan.preprocessing_hash()
+    old = plan.to_dict()
+    del old["brain_ml_range"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    assert load_plan(path).brain_ml_range is None
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.5, "half"])

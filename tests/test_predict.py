@@ -259,3 +259,23 @@ def test_checkpoints_with_other_preprocessing_are_refused(model, tmp_path):
     with pytest.raises(MslpipeError, match="different preprocessing") as info:
         inference.load_predictor([model, other], device="cpu")
     assert str(other) in str(info.value)
+
+
+def test_a_scan_unlike_the_training_scans_is_segmented_with_a_warning(model, scan, tmp_path, caplog):
+    """A whole head (bright scalp around the brain, as a scan that was not skull-stripped) is far larger than the
+    planned scans' brains: `predict` says so, naming the file, and still writes its mask."""
+    import logging
+
+    data, affine = scan
+    m = 8
+    head = np.pad(data, m)
+    head[:4], head[-4:], head[:, :4], head[:, -4:], head[:, :, :4], head[:, :, -4:] = (float(data.max()),) * 6
+    inp = tmp_path / "in"
+    save_nifti(inp / "head.nii.gz", head, affine, dtype=np.float32)
+    save_nifti(inp / "brain.nii.gz", data, affine, dtype=np.float32)
+    with caplog.at_level(logging.WARNING, logger="mslpipe.preprocess"):
+        report = predict.run(inp, tmp_path / "out", dirs=None, checkpoint=[model], device="cpu")
+    assert sorted(report.written) == ["brain", "head"] and not report.failed
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "head.nii.gz" in warnings[0] and "not skull-stripped" in warnings[0], warnings
+    assert load_image(tmp_path / "out" / "head.nii.gz")[0].shape == head.shape

@@ -416,3 +416,45 @@ def test_source_digest_of_a_vanished_file_names_it(tmp_path):
     image2.write_bytes(b"y")
     one, two = (source_digest(Case("a", "a", 1, {"flair": f}, [])) for f in (image, image2))
     assert one != two
+
+
+def _scan_with_brain(shape=(60, 64, 48), brain=(20, 24, 16), spacing=1.0, head_margin=0):
+    """A bright box of brain (plus, with ``head_margin``, a shell of 'scalp' around it, as a scan that was not
+    skull-stripped) and its affine."""
+    img = np.zeros(shape, np.float32)
+    lo = [(n - b) // 2 for n, b in zip(shape, brain, strict=True)]
+    if head_margin:
+        img[tuple(slice(a - head_margin, a + b + head_margin) for a, b in zip(lo, brain, strict=True))] = 80
+        inner = tuple(slice(a - head_margin + 4, a + b + head_margin - 4) for a, b in zip(lo, brain, strict=True))
+        img[inner] = 0  # the skull: dark, inside the bright scalp (the mask's hole filling takes it in)
+    img[tuple(slice(a, a + b) for a, b in zip(lo, brain, strict=True))] = 50 + np.random.default_rng(0).random(brain)
+    return img, np.diag([-spacing, spacing, spacing, 1.0])
+
+
+def test_brain_volume_warning_flags_heads_and_partial_scans_only():
+    from mslpipe import preprocess as P
+
+    img, affine = _scan_with_brain()
+    brain_ml = 20 * 24 * 16 / 1000
+    plan = Plan("x", target_spacing=[1.0, 1.0, 1.0], brain_ml_range=[0.9 * brain_ml, 1.1 * brain_ml])
+    props = P.preprocess_volume([img], affine, plan)[2]
+    assert P.brain_volume_ml(props, plan) == pytest.approx(brain_ml, rel=0.05)  # the opening trims the edges
+    assert P.brain_volume_warning(props, plan) is None
+    head = P.preprocess_volume([_scan_with_brain(head_margin=8)[0]], affine, plan)[2]
+    assert "not skull-stripped" in P.brain_volume_warning(head, plan)
+    part = img.copy()
+    part[:, :, :26] = 0  # a slab: less than half of the brain's slices
+    assert "part of the brain" in P.brain_volume_warning(P.preprocess_volume([part], affine, plan)[2], plan)
+    assert P.brain_volume_warning(head, Plan("x", target_spacing=[1.0, 1.0, 1.0])) is None  # old plans: no check
+    # resampled scans are measured on the planned grid (1 mm voxels, not the scan's 8 mm³): the same brain at 2 mm
+    # has about the same volume (the interpolated rim of this small box adds some)
+    coarse, coarse_affine = _scan_with_brain(shape=(30, 32, 24), brain=(10, 12, 8), spacing=2.0)
+    coarse_props = P.preprocess_volume([coarse], coarse_affine, plan)[2]
+    assert coarse_props["resampled_shape"] and P.brain_volume_ml(coarse_props, plan) == pytest.approx(brain_ml, 0.35)
+    assert P.brain_volume_warning(coarse_props, plan) is None
+
+
+def test_plan_refuses_a_bad_brain_volume_range():
+    for bad in ([0, 10], [20, 10], [5], "big"):
+        with pytest.raises(MslpipeError, match="brain_ml_range"):
+            Plan("x", brain_ml_range=bad).validate()
