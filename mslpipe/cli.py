@@ -165,6 +165,9 @@ def predict(
                              overwrite=overwrite, compile=compile, report=lesion_report, onnx=onnx)
     _echo(f"wrote {len(report.written)}, skipped {len(report.skipped)} existing"
           f"{' (use --overwrite)' if report.skipped else ''}, failed {len(report.failed)} → {output}")
+    if report.warned:
+        _echo(f"{len(report.warned)} scan(s) unlike the training scans, segmented anyway (see the warnings): "
+              f"{', '.join(report.warned)}")
     for _case, reason in report.failed:
         typer.echo(f"failed: {reason}", err=True)
     if report.failed:

@@ -130,9 +130,10 @@ def predict_volume(models: list[Any], image: np.ndarray, *, divisor: int, device
 
 
 def predict_case(predictor: Predictor, channels: list[np.ndarray], affine: np.ndarray, *,
-                 tta: bool = False, postprocessing: dict | None = None, where: object = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Segment one scan: returns (uint8 mask, float32 probabilities), both on the scan's grid."""
+                 tta: bool = False, postprocessing: dict | None = None, where: object = None,
+                 notes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Segment one scan: returns (uint8 mask, float32 probabilities), both on the scan's grid; quality
+    warnings go to ``notes`` (see ``preprocess.segment``)."""
     plan = predictor.plan
 
     def run(image: np.ndarray) -> np.ndarray:
@@ -140,4 +141,4 @@ def predict_case(predictor: Predictor, channels: list[np.ndarray], affine: np.nd
                               batch_size=plan.inference_batch_size, tta=tta, context=plan.context_slices)
 
     return preprocess.segment(run, channels, affine, plan, {**plan.postprocessing, **(postprocessing or {})},
-                              where=where)
+                              where=where, notes=notes)

@@ -61,6 +61,7 @@ class PredictReport:
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    warned: list[str] = field(default_factory=list)  # segmented, with a quality warning (see the log)
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -164,12 +165,12 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
         return src.read()
 
     def write(src: Source, mask: np.ndarray, prob: np.ndarray, affine: np.ndarray,
-              image: np.ndarray | None = None) -> None:
+              image: np.ndarray | None = None, notes: list[str] | None = None) -> None:
         save_nifti(out / f"{src.case}.nii.gz", mask, affine, dtype=np.uint8)
         if save_probabilities:
             save_nifti(out / "probabilities" / f"{src.case}.nii.gz", prob, affine, dtype=np.float32)
         if want_report:
-            lesion_report.write_case_report(out, src.case, image, mask, affine)
+            lesion_report.write_case_report(out, src.case, image, mask, affine, warnings=notes)
             lesion_report.write_report_csv(out)
 
     def report_skipped(src: Source) -> None:  # finished by an earlier run that wrote no report
@@ -187,9 +188,12 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
             ahead = reader.submit(read, todo[i + 1]) if i + 1 < len(todo) else None
             try:
                 channels, affine = current.result()
+                notes: list[str] = []
                 mask, prob = predictor.predict_case(channels, affine, tta=tta, postprocessing=postprocessing,
-                                                    where=src.paths[0])
-                pending.append((src, writer.submit(write, src, mask, prob, affine, channels[0])))
+                                                    where=src.paths[0], notes=notes)
+                pending.append((src, writer.submit(write, src, mask, prob, affine, channels[0], notes)))
+                if notes:
+                    result.warned.append(src.case)
             except MslpipeError as exc:
                 result.failed.append((src.case, str(exc)))
                 log.error("%s", exc)

@@ -282,16 +282,20 @@ def pad_to_multiple(image: np.ndarray, divisor: int) -> tuple[np.ndarray, tuple[
 
 
 def segment(run_volume: Callable[[np.ndarray], np.ndarray], channels: list[np.ndarray], affine: np.ndarray,
-            plan: Plan, postprocessing: dict, where: object = None) -> tuple[np.ndarray, np.ndarray]:
+            plan: Plan, postprocessing: dict, where: object = None, notes: list[str] | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
     """Preprocess a scan, run ``run_volume`` (S×C×H×W → S×H×W probabilities), map back, postprocess.
 
     Returns (uint8 mask, float32 probabilities) on the scan's own grid. Shared by the torch and the
-    ONNX Runtime predictors, so both do exactly the same before and after the network.
+    ONNX Runtime predictors, so both do exactly the same before and after the network. Quality warnings
+    (:func:`brain_volume_warning`) are logged and, when ``notes`` is a list, appended to it.
     """
     image, _, props = preprocess_volume(channels, affine, plan, where=where)
     unusual = brain_volume_warning(props, plan)
     if unusual:
         log.warning("%s: %s", where if where is not None else "scan", unusual)
+        if notes is not None:
+            notes.append(unusual)
     prob = restore(run_volume(image), props)
     return postprocess.apply(prob, affine, postprocessing), prob
 

@@ -33,7 +33,7 @@ QC_DIR = "qc"
 JSON_SUFFIX = ".lesions.json"
 LESION_FIELDS = ("id", "volume_mm3", "n_voxels", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
                  "axial_first", "axial_last")
-REPORT_FIELDS = ("case", "lesion_count", "total_volume_ml", "largest_lesion_mm3")
+REPORT_FIELDS = ("case", "lesion_count", "total_volume_ml", "largest_lesion_mm3", "warnings")
 TOP_SLICES, MIN_GAP = 3, 3  # axial panels per case, at least 3 slices apart
 MAX_LISTED = 10  # lesions listed on the page (the CSV has all)
 PANEL_INCHES, DPI = 2.6, 100  # at most 260 px per panel
@@ -50,6 +50,7 @@ CSS = (
     "figure{margin:0 0 .5em 0}figcaption{font-size:12px;color:#555}img{display:block;max-width:100%}"
     ".legend{list-style:none;padding:0;font-size:13px}.sw{display:inline-block;width:12px;height:12px;"
     "margin-right:6px;vertical-align:middle;border:1px solid #333}.none{font-weight:bold}.note{font-size:12px}"
+    ".warn{color:#b00;font-weight:bold}"
 )
 ORIENTATION_NOTE = (
     "Slices are reoriented to RAS (nibabel's closest canonical orientation) and drawn with the origin "
@@ -261,14 +262,15 @@ def case_json_path(out_dir: Path, case: str) -> Path:
 
 
 def write_case_report(out_dir: Path, case: str, image: np.ndarray, mask: np.ndarray, affine: np.ndarray,
-                      ref: np.ndarray | None = None, connectivity: int = 26) -> dict:
-    """Write ``<case>.lesions.csv``, ``qc/<case>_*.png`` and, last, ``<case>.lesions.json``; return the JSON."""
+                      ref: np.ndarray | None = None, connectivity: int = 26, warnings: list[str] | None = None) -> dict:
+    """Write ``<case>.lesions.csv``, ``qc/<case>_*.png`` and, last, ``<case>.lesions.json``; return the JSON.
+    ``warnings``: sentences about the scan's quality (e.g. from ``preprocess.brain_volume_warning``), shown first."""
     out_dir = Path(out_dir)
     try:
         if np.shape(image) != np.shape(mask) or (ref is not None and np.shape(ref) != np.shape(mask)):
             raise MslpipeError("image, mask and reference must have the same shape for the report",
                                case_json_path(out_dir, case))
-        summary = lesion_summary(mask, affine, case, connectivity)
+        summary = {**lesion_summary(mask, affine, case, connectivity), "warnings": list(warnings or [])}
         if ref is not None:
             summary["reference"] = _reference_summary(mask, ref, connectivity)
         _write_lesion_csv(out_dir / f"{case}.lesions.csv", summary)
@@ -312,7 +314,7 @@ def write_report_csv(out_dir: Path, summaries: list[dict] | None = None) -> Path
     writer.writerow(REPORT_FIELDS)
     for s in summaries:
         writer.writerow([s["case"], s["lesion_count"], round(float(s["total_volume_ml"]), 6),
-                         round(float(s["largest_lesion_mm3"]), 4)])
+                         round(float(s["largest_lesion_mm3"]), 4), "; ".join(map(str, s.get("warnings", [])))])
     return atomic_write_text(Path(out_dir) / "report.csv", buf.getvalue())
 
 
@@ -375,7 +377,8 @@ def _case_section(out_dir: Path, s: dict) -> str:
             continue
         figures.append(f'<figure><img src="{uri}" alt="{_esc(s["case"])}: {_esc(item.get("caption", ""))}">'
                        f'<figcaption>{_esc(item.get("caption", ""))}</figcaption></figure>')
-    return (f'<section class="case" id="case-{_esc(s["case"])}"><h2>{_esc(s["case"])}</h2><div class="row">'
+    warns = "".join(f'<p class="warn">Check this scan: {_esc(w)}</p>' for w in s.get("warnings", []))
+    return (f'<section class="case" id="case-{_esc(s["case"])}"><h2>{_esc(s["case"])}</h2>{warns}<div class="row">'
             f'<div class="numbers">{_numbers(s)}<ul class="legend">{_legend(s)}</ul></div>'
             f'<div class="images">{"".join(figures)}</div></div></section>')
 
@@ -383,7 +386,8 @@ def _case_section(out_dir: Path, s: dict) -> str:
 def render_page(out_dir: Path, summaries: list[dict]) -> str:
     """The HTML text of ``report.html`` (no script, no external resource)."""
     rows = "".join(
-        f'<tr><td><a href="#case-{_esc(s["case"])}">{_esc(s["case"])}</a></td><td>{_esc(s["lesion_count"])}</td>'
+        f'<tr><td><a href="#case-{_esc(s["case"])}">{_esc(s["case"])}</a>{" ⚠" if s.get("warnings") else ""}</td>'
+        f'<td>{_esc(s["lesion_count"])}</td>'
         f'<td>{float(s["total_volume_ml"]):.3f}</td><td>{float(s["largest_lesion_mm3"]):.1f}</td></tr>'
         for s in summaries)
     sections = "".join(_case_section(Path(out_dir), s) for s in summaries)

@@ -274,8 +274,19 @@ def test_a_scan_unlike_the_training_scans_is_segmented_with_a_warning(model, sca
     save_nifti(inp / "head.nii.gz", head, affine, dtype=np.float32)
     save_nifti(inp / "brain.nii.gz", data, affine, dtype=np.float32)
     with caplog.at_level(logging.WARNING, logger="mslpipe.preprocess"):
-        report = predict.run(inp, tmp_path / "out", dirs=None, checkpoint=[model], device="cpu")
-    assert sorted(report.written) == ["brain", "head"] and not report.failed
+        report = predict.run(inp, tmp_path / "out", dirs=None, checkpoint=[model], device="cpu", report=True)
+    assert sorted(report.written) == ["brain", "head"] and not report.failed and report.warned == ["head"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "head.nii.gz" in warnings[0] and "not skull-stripped" in warnings[0], warnings
     assert load_image(tmp_path / "out" / "head.nii.gz")[0].shape == head.shape
+    # the lesion report carries it: per-case JSON, report.csv's warnings column, a flag on the page
+    from mslpipe import report as lesion_report
+    from mslpipe.io import read_json
+
+    assert read_json(tmp_path / "out" / "brain.lesions.json")["warnings"] == []
+    assert "not skull-stripped" in read_json(tmp_path / "out" / "head.lesions.json")["warnings"][0]
+    rows = (tmp_path / "out" / "report.csv").read_text().splitlines()
+    assert rows[0].split(",") == list(lesion_report.REPORT_FIELDS) and rows[0].endswith(",warnings")
+    assert rows[1].startswith("brain,") and rows[1].endswith(",") and "not skull-stripped" in rows[2]
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.count('class="warn"') == 1 and "Check this scan: brain mask" in page
