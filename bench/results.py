@@ -82,9 +82,10 @@ def write_section(name: str, title: str, body: str) -> Path:
     return RESULTS
 
 
-def score_checkpoint(pre_dir: Path, checkpoint: Path, cases: list[str], degrade=None) -> dict[str, tuple[float, float]]:
+def score_checkpoint(pre_dir: Path, checkpoint: Path, cases: list[str], degrade=None,
+                     tta: bool = False) -> dict[str, tuple[float, float]]:
     """{case: (volume Dice, lesion F1)} of one checkpoint on preprocessed scans (each passed through ``degrade``
-    first, if given), on the CPU, without postprocessing."""
+    first, if given), on the CPU, without postprocessing; ``tta``: averaged over the mirrored inputs."""
     from mslpipe import data_loading, inference, metrics
 
     predictor = inference.load_predictor([checkpoint], device="cpu")
@@ -93,7 +94,7 @@ def score_checkpoint(pre_dir: Path, checkpoint: Path, cases: list[str], degrade=
         image, seg, _ = data_loading.load_case_arrays(pre_dir, case)
         prob = inference.predict_volume(predictor.models, degrade(image) if degrade else image,
                                         divisor=predictor.divisor, device="cpu", batch_size=p.inference_batch_size,
-                                        context=p.context_slices)
+                                        context=p.context_slices, tta=tta)
         out[case] = (float(metrics.dice(prob >= 0.5, seg >= 0.5)), float(metrics.lesion_f1(prob >= 0.5, seg >= 0.5)))
     return out
 
