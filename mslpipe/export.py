@@ -144,7 +144,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, postprocessing: dict
                 volumes, source = calibration(plan)
                 quantization = quantize.quantize(float_path, tmp, volumes, divisor=divisor,
                                                  context=plan.context_slices, threshold=pp.get("threshold", 0.5),
-                                                 min_agreement=min_agreement, source=source)
+                                                 min_agreement=min_agreement, source=source, where=out)
         finally:
             if float_path != tmp:
                 float_path.unlink(missing_ok=True)

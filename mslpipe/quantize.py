@@ -5,10 +5,12 @@
 1. **calibration**: up to ``CALIBRATION_SLICES`` brain slices, spread evenly over up to ``MAX_VOLUMES``
    preprocessed scans (the fold's own training scans, or scans given with ``--calibration``), run through
    the float model to record every activation's range (ONNX Runtime's MinMax calibrator);
-2. **quantization**: ``onnxruntime.quantization.quantize_static`` in QDQ format, int8 weights per output
-   channel, uint8 activations. The first convolution (which reads the z-scored intensities) and the last
-   one (which writes the logits that are thresholded) stay in float: on the real MS scans, quantizing the
-   first convolution alone cut the int8 masks' agreement with the float ones from about 0.97 to 0.85 Dice;
+2. **quantization**: ``onnxruntime.quantization.quantize_static`` in QDQ format, convolutions only (int8
+   weights per output channel, uint8 activations; normalisation layers such as nnU-Net's instance norm,
+   pooling, upsampling and concatenation stay in float). The first convolution (which reads the z-scored
+   intensities) and the last one (which writes the logits that are thresholded) stay in float: on the real
+   MS scans, quantizing the first convolution alone cut the int8 masks' agreement with the float ones from
+   about 0.97 to 0.85 Dice;
 3. **check**: the int8 and the float model segment other brain slices of the same scans (up to
    ``CHECK_SLICES``, none of them used for calibration); the export is refused when the two masks agree less
    than ``MIN_AGREEMENT`` (Dice over all checked voxels). The agreement is stored in the model's description.
@@ -19,6 +21,7 @@ The quantization works on ONNX files and numpy arrays; only reading preprocessed
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -41,8 +44,8 @@ MAX_VOLUMES = 8
 BATCH = 8
 MIN_AGREEMENT = 0.9  # Dice between the int8 and the float masks on the check slices
 MIN_FOREGROUND = 50  # voxels: below this in both masks, the agreement is not measurable (no refusal)
-METHOD = ("static post-training quantization (ONNX Runtime, QDQ), MinMax calibration, int8 weights per "
-          "output channel, uint8 activations; first and last convolution in float")
+METHOD = ("static post-training quantization (ONNX Runtime, QDQ) of the convolutions, MinMax calibration, int8 "
+          "weights per output channel, uint8 activations; first and last convolution in float")
 
 
 # ---------------------------------------------------------------------------- calibration data
@@ -110,7 +113,7 @@ def float_nodes(model_path: Path) -> list[str]:
     import onnx
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
-    convs = [n.name for n in graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    convs = [n.name for n in graph.node if n.op_type == "Conv"]
     return sorted({convs[0], convs[-1]}) if convs else []
 
 
@@ -156,10 +159,25 @@ def agreement(float_path: Path, int8_path: Path, data: list[np.ndarray], thresho
             "max_abs_probability_diff": worst}
 
 
+@contextlib.contextmanager
+def _quiet():
+    """ONNX Runtime's quantizer logs advice and per-tensor notes on the root logger: keep errors only."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(None):
+            yield
+    finally:
+        root.setLevel(level)
+
+
 def quantize(float_path: Path, out: Path, volumes: list[np.ndarray], *, divisor: int, context: int,
-             threshold: float = 0.5, min_agreement: float = MIN_AGREEMENT, source: str = "") -> dict[str, Any]:
+             threshold: float = 0.5, min_agreement: float = MIN_AGREEMENT, source: str = "",
+             where: object = None) -> dict[str, Any]:
     """Write the int8 model of ``float_path`` to ``out`` (calibrated and checked on ``volumes``, S×C×H×W
-    preprocessed scans); returns its description. ``out`` is only written when the check passes."""
+    preprocessed scans); returns its description. ``out`` is only written when the check passes; errors
+    name ``where`` (default: ``out``)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -173,18 +191,19 @@ def quantize(float_path: Path, out: Path, volumes: list[np.ndarray], *, divisor:
         quantized = Path(tmp) / "int8.onnx"
         # shape inference and graph optimisation (e.g. batch norm folded into convolutions); ONNX Runtime's
         # symbolic shape inference cannot follow the dynamic height and width, so it is skipped
-        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(quantized), _Reader(input_name, calibration_data),
-                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                        nodes_to_exclude=keep_float)
+        with _quiet():
+            quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
+            quantize_static(str(prepared), str(quantized), _Reader(input_name, calibration_data),
+                            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                            nodes_to_exclude=keep_float, op_types_to_quantize=["Conv"])
         checked = agreement(float_path, quantized, batches(volumes, check, divisor=divisor, context=context),
                             threshold)
         dice = checked["mask_dice"]
         if dice is not None and dice < min_agreement:
             raise MslpipeError(f"the int8 model's masks agree with the float model's only at Dice {dice:.3f} "
                                f"(< {min_agreement}) on {checked['slices']} calibration-scan slices: export "
-                               "--precision fp32 instead", float_path)
+                               "--precision fp32 instead", where if where is not None else out)
         if dice is None:
             log.warning("int8 check: the float model marks fewer than %d voxels on %d slices, so the masks' "
                         "agreement is not measurable", MIN_FOREGROUND, checked["slices"])
