@@ -193,3 +193,20 @@ def test_cli_int8_and_its_refusals(trained, random_checkpoint, scan_path, tmp_pa
         assert bad.returncode == 1 and len(lines) == 1 and words in lines[0], bad.stderr
     assert not list(tmp_path.glob("x.onnx*")) and not list(tmp_path.glob(".x.onnx*"))
     assert not list(cwd.iterdir())  # the quantizer's scratch files went elsewhere
+
+
+def test_normalisation_layers_stay_float(tmp_path):
+    """nnU-Net's network keeps instance norm in the exported graph: those nodes are left out of quantization."""
+    import onnx
+
+    from mslpipe import architectures
+
+    kwargs = {"base_channels": 4, "max_channels": 16, "depth": 3}
+    plan = Plan(dataset="q", architecture="nnunet2d", arch_kwargs=kwargs, target_device="cpu").finalised()
+    model = architectures.build("nnunet2d", in_channels=plan.input_channels, **kwargs).eval()
+    ckpt = checkpoints.save(tmp_path / "n.pt", {"model": model.state_dict(), "meta": {"plan": plan.to_dict()}})
+    export.export_onnx(ckpt, tmp_path / "n.onnx", exporter="torchscript")
+    graph = onnx.load(str(tmp_path / "n.onnx")).graph
+    norms = {n.name for n in graph.node if n.op_type == "InstanceNormalization"}
+    convs = [n.name for n in graph.node if n.op_type == "Conv"]
+    assert norms and quantize.float_nodes(tmp_path / "n.onnx") == sorted(norms | {convs[0], convs[-1]})
