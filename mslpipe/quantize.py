@@ -7,11 +7,11 @@
    the float model to record every activation's range (ONNX Runtime's MinMax calibrator);
 2. **quantization**: ``onnxruntime.quantization.quantize_static`` in QDQ format, int8 weights per output
    channel, uint8 activations, every operator it supports except normalisation layers (nnU-Net's instance
-   norm; batch norm is folded into the convolutions at export). Quantizing only the convolutions was 11% slower
-   on leaky_unet (the other operators then need conversions around them). The first convolution (which reads
-   the z-scored intensities) and the last one (which writes the logits that are thresholded) stay in float: on the real
-   MS scans, quantizing the first convolution alone cut the int8 masks' agreement with the float ones from
-   about 0.97 to 0.85 Dice;
+   norm; batch norm is folded into the convolutions at export). Quantizing only the convolutions ran slower
+   on leaky_unet in a one-off check (the other operators then need conversions around them). The first
+   convolution (which reads the z-scored intensities) and the last one (which writes the logits that are
+   thresholded) stay in float: in a one-off check on fold 0 of the real MS scans, quantizing the first
+   convolution cut the int8 masks' agreement with the float ones from about 0.97 to 0.85 Dice;
 3. **check**: the int8 and the float model segment other brain slices of the same scans (up to
    ``CHECK_SLICES``, none of them used for calibration); the export is refused when the two masks agree less
    than ``MIN_AGREEMENT`` (Dice over all checked voxels). The agreement is stored in the model's description.
