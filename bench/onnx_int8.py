@@ -32,9 +32,11 @@ REAL = real_data_path()
 PRECISIONS = ("fp32", "int8")
 
 
-def trained_fold(dirs: Workdirs, seed: int, fold: int, epochs: int, iterations: int) -> Path:
+def trained_fold(dirs: Workdirs, seed: int, fold: int, epochs: int, iterations: int,
+                 overrides: dict | None = None) -> Path:
+    """Fold ``fold`` of the real data planned for the CPU (with ``overrides``) and trained, unless already there."""
     if not (dirs.plan_dir("real") / "splits.json").exists():
-        plan.run("real", dirs, input_path=REAL, device="cpu", test_fraction=0, seed=seed)
+        plan.run("real", dirs, input_path=REAL, device="cpu", test_fraction=0, seed=seed, overrides=overrides)
     fold_dir = dirs.fold_dir("real", "leaky_unet", fold)
     if not (fold_dir / "checkpoint_final.pt").exists():
         train.run("real", dirs, fold, epochs=epochs, iterations=iterations, device="cpu", show_progress=False,

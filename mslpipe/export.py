@@ -170,7 +170,9 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, postprocessing: dict
                 "brain mask: voxels above 5% of the 99.5th percentile of positive voxels, opened, specks "
                 "dropped, holes filled",
                 "crop to the brain's bounding box plus crop_margin",
-                "clip to the brain's lower_pct/upper_pct percentiles, z-score inside the brain, 0 outside",
+                "clip to the brain's lower_pct/upper_pct percentiles; inside the brain subtract the mean and divide "
+                "by the standard deviation (scheme brain_percentile_zscore) or subtract the median and divide by "
+                "the interquartile range / 1.349 (brain_percentile_median_iqr); 0 outside",
                 "slices along slice_axis",
                 "zero-pad H and W at the end to a multiple of divisor",
             ],

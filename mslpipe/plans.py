@@ -24,6 +24,8 @@ LABEL_POLICIES = ("mean", "union", "intersection", "mask1")
 CPU_INFERENCE_BATCH = 16
 
 
+NORMALIZATION_SCHEMES = ("brain_percentile_zscore", "brain_percentile_median_iqr")
+
 @dataclass
 class Augmentation:
     """Spatial and intensity augmentation of 2D slices (probabilities per sample)."""
@@ -197,6 +199,10 @@ class Plan:
              and all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in self.patch_size),
              "patch_size must be two positive integers")
         need(len(self.channels) >= 1, "at least one channel")
+        norm = self.normalization
+        need(isinstance(norm, dict) and norm.get("scheme") in NORMALIZATION_SCHEMES
+             and 0 <= norm.get("lower_pct", -1) < norm.get("upper_pct", -1) <= 100,
+             f"normalization needs a scheme from {NORMALIZATION_SCHEMES} and 0 <= lower_pct < upper_pct <= 100")
         need(self.brain_ml_range is None or (isinstance(self.brain_ml_range, list | tuple)
                                              and len(self.brain_ml_range) == 2
                                              and 0 < self.brain_ml_range[0] <= self.brain_ml_range[1]),

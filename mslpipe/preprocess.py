@@ -103,13 +103,26 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return mask | ~on_border[background]
 
 
-def normalise(image: np.ndarray, brain: np.ndarray, lower_pct: float, upper_pct: float
-              ) -> tuple[np.ndarray, dict[str, float]]:
-    """Clip to the brain's percentiles, z-score inside the brain, zero outside."""
+IQR_TO_STD = 1.349  # the interquartile range of a normal distribution, in standard deviations
+
+
+def normalise(image: np.ndarray, brain: np.ndarray, lower_pct: float, upper_pct: float,
+              scheme: str = "brain_percentile_zscore") -> tuple[np.ndarray, dict[str, float]]:
+    """Clip to the brain's percentiles, then centre and scale inside the brain, zero outside.
+
+    ``brain_percentile_zscore`` (the default) centres on the mean and divides by the standard deviation;
+    ``brain_percentile_median_iqr`` centres on the median and divides by the interquartile range / 1.349 (the
+    standard deviation for normally distributed intensities), which the share of dark CSF or of bright lesions
+    in the brain mask moves less. The stats keep the names ``mean`` and ``std`` for the centre and scale used.
+    """
     values = image[brain]
     lo, hi = (float(v) for v in np.percentile(values, [lower_pct, upper_pct]))
     clipped = np.clip(values, lo, hi)
-    mean, std = float(clipped.mean()), float(clipped.std())
+    if scheme == "brain_percentile_median_iqr":
+        q1, median, q3 = (float(v) for v in np.percentile(clipped, [25, 50, 75]))
+        mean, std = median, (q3 - q1) / IQR_TO_STD
+    else:
+        mean, std = float(clipped.mean()), float(clipped.std())
     std = std if std > 1e-6 else 1.0
     out = np.zeros(image.shape, dtype=np.float32)
     out[brain] = (clipped - mean) / std
@@ -188,7 +201,7 @@ def preprocess_volume(
     norm = plan.normalization
     stats, normed = [], []
     for c in canon:
-        arr, st = normalise(c[sl], brain[sl], norm["lower_pct"], norm["upper_pct"])
+        arr, st = normalise(c[sl], brain[sl], norm["lower_pct"], norm["upper_pct"], norm["scheme"])
         normed.append(arr)
         stats.append(st)
     axis = plan.slice_axis

@@ -458,3 +458,32 @@ def test_plan_refuses_a_bad_brain_volume_range():
     for bad in ([0, 10], [20, 10], [5], "big"):
         with pytest.raises(MslpipeError, match="brain_ml_range"):
             Plan("x", brain_ml_range=bad).validate()
+
+
+def test_median_iqr_normalisation_is_robust_to_a_dark_tail():
+    """Both schemes map a normal brain to ~N(0, 1); adding dark voxels (more CSF in the mask) moves the z-score's
+    centre and scale much more than the median/IQR's."""
+    from mslpipe import preprocess as P
+
+    rng = np.random.default_rng(0)
+    tissue = rng.normal(100, 10, 20000).astype(np.float32)
+    with_csf = np.concatenate([tissue, rng.normal(30, 5, 4000).astype(np.float32)])
+    lesion = 130.0
+    shift = {}
+    for scheme in ("brain_percentile_zscore", "brain_percentile_median_iqr"):
+        values = []
+        for data in (tissue, with_csf):
+            image = np.append(data, lesion)[None, None, :]
+            normed, stats = P.normalise(image, np.ones(image.shape, bool), 0.5, 99.5, scheme)
+            values.append(float(normed[0, 0, -1]))
+            if data is tissue:
+                assert abs(stats["mean"] - 100) < 1 and abs(stats["std"] - 10) < 0.5  # ~N(0, 1) either way
+        shift[scheme] = abs(values[1] - values[0])
+    assert shift["brain_percentile_median_iqr"] < 0.5 * shift["brain_percentile_zscore"]
+
+
+def test_plan_refuses_an_unknown_normalisation():
+    for bad in ({"scheme": "minmax", "lower_pct": 0.5, "upper_pct": 99.5},
+                {"scheme": "brain_percentile_zscore", "lower_pct": 99.5, "upper_pct": 0.5}):
+        with pytest.raises(MslpipeError, match="normalization"):
+            Plan("x", normalization=bad).validate()
