@@ -75,12 +75,18 @@ def plan_cmd(
     context_slices: Annotated[int | None, typer.Option(
         help="Neighbouring slices per side fed as extra channels, 0 = plain 2D "
              "(default: 1, i.e. 3 slices).")] = None,
+    normalization: Annotated[str | None, typer.Option(
+        help="Intensity normalisation scheme: brain_percentile_zscore (default) or brain_percentile_median_iqr.")
+    ] = None,
 ) -> None:
     """Verify the data, fingerprint it, write plans and subject-level splits, preprocess."""
     from mslpipe import plan as plan_mod
+    from mslpipe.plans import Plan
 
+    norm = {**Plan("x").normalization, "scheme": normalization} if normalization else None
     result = plan_mod.run(dataset, _dirs(), input, device=device, arch=arch, seed=seed, n_folds=folds,
-                          test_fraction=test_fraction, overrides={"context_slices": context_slices})
+                          test_fraction=test_fraction, overrides={"context_slices": context_slices,
+                                                                  "normalization": norm})
     p, s = result["plan"], result["splits"]
     _echo(f"plan {p.hash} for {dataset}: {result['fingerprint']['n_cases']} scans, "
           f"{result['fingerprint']['n_subjects']} subjects; {p.architecture} {p.arch_kwargs or '(full width)'} "

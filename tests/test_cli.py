@@ -72,6 +72,25 @@ def test_plan_context_slices_option(tmp_path, synth_root):
     assert json.loads((tmp_path / "plans" / "syn" / "plans.json").read_text())["context_slices"] == 2
 
 
+def test_plan_normalization_option(tmp_path, synth_root):
+    import json
+
+    import numpy as np
+
+    out = run_cli("plan", "-d", "syn", "-i", synth_root, "--device", "cpu", "--normalization", "minmax", cwd=tmp_path)
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "normalization" in out.stderr and not (tmp_path / "plans").exists()
+    out = run_cli("plan", "-d", "syn", "-i", synth_root, "--device", "cpu", "--normalization",
+                  "brain_percentile_median_iqr", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    plan = json.loads((tmp_path / "plans" / "syn" / "plans.json").read_text())
+    assert plan["normalization"]["scheme"] == "brain_percentile_median_iqr"
+    case = next((tmp_path / "preprocessed" / "syn").glob("*_01.json"))
+    image = np.load(case.with_suffix(".npy"))
+    brain = image[image != 0]
+    assert abs(float(np.median(brain))) < 0.05  # centred on the median, not the mean
+
+
 def test_evaluate_pred_ref(tmp_path):
     ref = np.zeros((10, 10, 10), np.uint8)
     ref[2:5, 2:5, 2:5] = 1
