@@ -29,14 +29,14 @@ from onnx_int8 import trained_fold  # noqa: E402
 from mslpipe import datasets, preprocess  # noqa: E402
 from mslpipe.io import load_image, load_mask, read_json  # noqa: E402
 from mslpipe.plans import Plan, Workdirs  # noqa: E402
-from results import real_data_path, score_checkpoint, table, write_section  # noqa: E402
+from results import fold_arguments, real_data_path, score_checkpoint, table, write_section  # noqa: E402
 
 SCHEMES = {"z-score": "brain_percentile_zscore", "median / IQR": "brain_percentile_median_iqr"}
+DEFAULT = Plan("x").normalization  # the plan's default: clipping percentiles and the z-score scheme
 
 
 def lesion_contrast() -> list[list]:
     """Per scan: the mean lesion intensity in normalised units, under each scheme."""
-    norm = Plan("x").normalization
     rows = []
     for case in datasets.discover(real_data_path()):
         image, _ = load_image(next(iter(case.images.values())))
@@ -44,7 +44,7 @@ def lesion_contrast() -> list[list]:
         brain = preprocess.brain_mask(image)
         row = [case.id]
         for scheme in SCHEMES.values():
-            normed, _ = preprocess.normalise(image, brain, norm["lower_pct"], norm["upper_pct"], scheme)
+            normed, _ = preprocess.normalise(image, brain, DEFAULT["lower_pct"], DEFAULT["upper_pct"], scheme)
             row.append(float(normed[lesion & brain].mean()))
         rows.append(row)
     return rows
@@ -52,11 +52,7 @@ def lesion_contrast() -> list[list]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--iterations", type=int, default=40)
-    ap.add_argument("--seed", type=int, default=12345, help="plan seed [12345]")
-    ap.add_argument("--folds", default="0,1,2,3", help="comma-separated folds [0,1,2,3]")
-    ap.add_argument("--work", type=Path, default=None, help="work folder; a rerun reuses trained folds")
+    fold_arguments(ap)
     args = ap.parse_args()
     if not (real_data_path() / "training").is_dir():
         sys.exit(f"real data not found at {real_data_path()}")
@@ -71,10 +67,10 @@ def main() -> None:
     for fold in (int(k) for k in args.folds.split(",")):
         scores = {}
         for name, scheme in SCHEMES.items():
-            base = work / f"seed{args.seed}" if scheme == Plan("x").normalization["scheme"] else \
-                work / scheme / f"seed{args.seed}"
+            # the default scheme's runs are onnx_int8's and tta's, in the same work folder
+            base = (work if scheme == DEFAULT["scheme"] else work / scheme) / f"seed{args.seed}"
             dirs = Workdirs.resolve(base / "raw", base / "plans", base / "pre", base / "results")
-            overrides = {"normalization": {**Plan("x").normalization, "scheme": scheme}}
+            overrides = {"normalization": {**DEFAULT, "scheme": scheme}}
             fold_dir = trained_fold(dirs, args.seed, fold, args.epochs, args.iterations, overrides)
             val = read_json(fold_dir / "run.json")["val"]
             scores[name] = score_checkpoint(dirs.preprocessed_dir("real"), fold_dir / "checkpoint_final.pt", val)

@@ -26,7 +26,7 @@ from onnx_cpu_speed import _ort_version, timed_pair  # noqa: E402
 from mslpipe import data_loading, export, metrics, onnx_inference, plan, preprocess, train  # noqa: E402
 from mslpipe.io import load_image, read_json  # noqa: E402
 from mslpipe.plans import Workdirs  # noqa: E402
-from results import real_data_path, table, write_section  # noqa: E402
+from results import fold_arguments, real_data_path, table, write_section  # noqa: E402
 
 REAL = real_data_path()
 PRECISIONS = ("fp32", "int8")
@@ -66,12 +66,8 @@ def pair(scores: tuple[float, float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--iterations", type=int, default=40)
-    ap.add_argument("--seed", type=int, default=12345, help="plan seed [12345]")
-    ap.add_argument("--folds", default="0,1,2,3", help="comma-separated folds [0,1,2,3]")
+    fold_arguments(ap)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--work", type=Path, default=None, help="work folder; a rerun reuses trained folds")
     args = ap.parse_args()
     if not (REAL / "training").is_dir():
         sys.exit(f"real data not found at {REAL}")

@@ -99,4 +99,16 @@ def score_checkpoint(pre_dir: Path, checkpoint: Path, cases: list[str], degrade=
     return out
 
 
+def fold_arguments(ap, several_seeds: bool = False) -> None:
+    """The real-data fold benchmarks' shared options: schedule, plan seed(s), folds and a reusable work folder."""
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--iterations", type=int, default=40)
+    if several_seeds:
+        ap.add_argument("--seeds", default="12345", help="comma-separated plan seeds [12345]")
+    else:
+        ap.add_argument("--seed", type=int, default=12345, help="plan seed [12345]")
+    ap.add_argument("--folds", default="0,1,2,3", help="comma-separated folds [0,1,2,3]")
+    ap.add_argument("--work", type=Path, default=None, help="work folder; a rerun reuses trained folds")
+
+
 COMMIT_AT_START = commit()

@@ -22,18 +22,14 @@ from onnx_int8 import trained_fold  # noqa: E402
 
 from mslpipe.io import read_json  # noqa: E402
 from mslpipe.plans import Workdirs  # noqa: E402
-from results import real_data_path, score_checkpoint, table, write_section  # noqa: E402
+from results import fold_arguments, real_data_path, score_checkpoint, table, write_section  # noqa: E402
 
 ARMS = {"one pass": False, "mirroring (--tta)": True}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--iterations", type=int, default=40)
-    ap.add_argument("--seeds", default="12345", help="comma-separated plan seeds [12345]")
-    ap.add_argument("--folds", default="0,1,2,3", help="comma-separated folds [0,1,2,3]")
-    ap.add_argument("--work", type=Path, default=None, help="work folder; a rerun reuses trained folds")
+    fold_arguments(ap, several_seeds=True)
     args = ap.parse_args()
     if not (real_data_path() / "training").is_dir():
         sys.exit(f"real data not found at {real_data_path()}")

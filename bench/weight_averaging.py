@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mslpipe import plan, train  # noqa: E402
 from mslpipe.io import read_json  # noqa: E402
 from mslpipe.plans import Workdirs  # noqa: E402
-from results import real_data_path, score_checkpoint, table, write_section  # noqa: E402
+from results import fold_arguments, real_data_path, score_checkpoint, table, write_section  # noqa: E402
 
 REAL = real_data_path()
 MODELS = {"last weights": "checkpoint_latest.pt", "average": "checkpoint_final.pt"}
@@ -53,12 +53,8 @@ def run_fold(work: Path, seed: int, fold: int, epochs: int, iterations: int, hal
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--iterations", type=int, default=40)
+    fold_arguments(ap, several_seeds=True)
     ap.add_argument("--half-life", type=float, default=0.05, help="ema_half_life, a fraction of the run [0.05]")
-    ap.add_argument("--seeds", default="12345", help="comma-separated plan seeds [12345]")
-    ap.add_argument("--folds", default="0,1,2,3", help="comma-separated folds [0,1,2,3]")
-    ap.add_argument("--work", type=Path, default=None, help="work folder; a rerun reuses finished models")
     args = ap.parse_args()
     if not (REAL / "training").is_dir():
         sys.exit(f"real data not found at {REAL}")

@@ -69,13 +69,8 @@ def read_sidecar(model: str | Path) -> dict:
     return meta
 
 
-def load_onnx_predictor(path: str | Path, threads: int | None = None) -> OnnxPredictor:
-    """Open an exported model on the CPU; every failure is one MslpipeError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise MslpipeError("ONNX model not found", path)
-    meta = read_sidecar(path)
-    plan = Plan.from_dict(meta["plan"], where=sidecar_path(path))
+def open_session(path: str | Path, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session for a model file, logging errors only; failures are one MslpipeError."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -85,10 +80,20 @@ def load_onnx_predictor(path: str | Path, threads: int | None = None) -> OnnxPre
     if threads:
         options.intra_op_num_threads = int(threads)
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for corrupt or invalid models
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MslpipeError(f"corrupt or unreadable ONNX model ({reason[:200]})", path) from exc
+
+
+def load_onnx_predictor(path: str | Path, threads: int | None = None) -> OnnxPredictor:
+    """Open an exported model on the CPU; every failure is one MslpipeError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MslpipeError("ONNX model not found", path)
+    meta = read_sidecar(path)
+    plan = Plan.from_dict(meta["plan"], where=sidecar_path(path))
+    session = open_session(path, threads)
     inputs = session.get_inputs()
     if len(inputs) != 1 or len(inputs[0].shape) != 4:
         raise MslpipeError("ONNX model must take one N×C×H×W input", path)

@@ -22,9 +22,8 @@ LABEL_POLICIES = ("mean", "union", "intersection", "mask1")
 # Slices per forward pass on a CPU, whatever the plan says: a GPU plan's batch of 256 full-width slices would
 # need tens of GB of activations, and bigger batches gain nothing on a few cores.
 CPU_INFERENCE_BATCH = 16
-
-
 NORMALIZATION_SCHEMES = ("brain_percentile_zscore", "brain_percentile_median_iqr")
+
 
 @dataclass
 class Augmentation:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from scipy.special import expit
 
-from mslpipe import preprocess
+from mslpipe import onnx_inference, preprocess
 from mslpipe.errors import MslpipeError
 from mslpipe.plans import Plan
 
@@ -132,18 +132,10 @@ class _Reader:
         return 0
 
 
-def _session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-
-
-def agreement(float_path: Path, int8_path: Path, data: list[np.ndarray], threshold: float) -> dict[str, Any]:
+def agreement(float_session: Any, int8_path: Path, data: list[np.ndarray], threshold: float) -> dict[str, Any]:
     """Masks of both models on the same inputs: Dice over all voxels, and how far the probabilities moved."""
-    sessions = [_session(float_path), _session(int8_path)]
-    name = sessions[0].get_inputs()[0].name
+    sessions = [float_session, onnx_inference.open_session(int8_path)]
+    name = float_session.get_inputs()[0].name
     inter = fg_float = fg_int8 = differ = voxels = 0
     worst = 0.0
     for x in data:
@@ -186,7 +178,8 @@ def quantize(float_path: Path, out: Path, volumes: list[np.ndarray], *, divisor:
     calibration, check = split_slices(volumes)
     calibration_data = batches(volumes, calibration, divisor=divisor, context=context)
     keep_float = float_nodes(float_path)
-    input_name = _session(float_path).get_inputs()[0].name
+    float_session = onnx_inference.open_session(float_path)
+    input_name = float_session.get_inputs()[0].name
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix=".mslpipe-int8-", dir=out.parent) as tmp:  # beside out: renamed at the end
         prepared = Path(tmp) / "prepared.onnx"
@@ -199,7 +192,7 @@ def quantize(float_path: Path, out: Path, volumes: list[np.ndarray], *, divisor:
                             quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
                             nodes_to_exclude=keep_float)
-        checked = agreement(float_path, quantized, batches(volumes, check, divisor=divisor, context=context),
+        checked = agreement(float_session, quantized, batches(volumes, check, divisor=divisor, context=context),
                             threshold)
         dice = checked["mask_dice"]
         if dice is not None and dice < min_agreement:
