@@ -45,7 +45,7 @@ from mslpipe import nnunet_export, plan  # noqa: E402
 from mslpipe.datasets import discover  # noqa: E402
 from mslpipe.io import read_json, write_json  # noqa: E402
 from mslpipe.plans import Workdirs  # noqa: E402
-from results import real_data_path, table, write_section  # noqa: E402
+from results import COMMIT_AT_START, real_data_path, table, write_section  # noqa: E402
 
 RESULTS_JSON = REPO / "bench" / "real_data_results.json"
 SMOKE_ARCH = {"base_channels": 4, "max_channels": 32, "depth": 3}
@@ -195,6 +195,9 @@ def main() -> None:
                     help="the entries' JSON, kept across runs [bench/real_data_results.json; WORK/results.json "
                          "with --smoke]")
     ap.add_argument("--no-write", action="store_true", help="print the table only")
+    ap.add_argument("--render-only", action="store_true",
+                    help="train and predict nothing: rewrite the table in bench/RESULTS.md from --results (e.g. "
+                    "after a device call that ran out of time once its arms' entries were written)")
     args = ap.parse_args()
 
     venv_bin = REPO / "bench" / "nnunet" / ".venv" / "bin"
@@ -228,10 +231,12 @@ def main() -> None:
     setup = Setup(work=work, name=name, dataset_id=args.dataset_id, device=device, budget_min=budget,
                   nnunet_bin=nnunet_bin, compile=args.compile, s_per_epoch=args.mslpipe_s_per_epoch,
                   iterations=iterations, speed_only=args.cpu_speed)
-    timings = prepare(setup, Path(data), overrides, arms)
+    if args.render_only:
+        arms = []  # the folds come from mslpipe's plan (made here if the work folder lacks it), nothing runs
+    timings = prepare(setup, Path(data), overrides, arms or ["mslpipe_leaky_unet"])
     print(f"work folder {work}; preparation {timings or 'reused'}", flush=True)
     folds_arg = args.folds or ("1" if args.cpu_speed else "all")
-    folds = [0] if args.smoke else (list(range(len(setup.folds))) if folds_arg == "all"
+    folds = [] if args.render_only else [0] if args.smoke else (list(range(len(setup.folds))) if folds_arg == "all"
                                     else [int(f) for f in folds_arg.split(",")])
     # The GPU comparison's entries are kept in the repository; smoke and CPU runs stay in their work folder.
     results_path = args.results or (work / "results.json" if args.smoke or device == "cpu" else RESULTS_JSON)
@@ -244,19 +249,21 @@ def main() -> None:
             print(f"fold {fold} {arm} ...", flush=True)
             entry = run_arm(setup, arm, fold)
             entry["device_name"] = pick_device_name(pick_device(device))
+            entry["commit"] = COMMIT_AT_START
             results["entries"] = [e for e in results["entries"] if (e["arm"], e["fold"]) != (arm, fold)] + [entry]
             write_json(results_path, results)
             print(f"fold {fold} {arm}: {time.perf_counter() - t0:.0f} s, Dice (tta/no tta) "
                   f"{entry['inference']['tta']['scores']['dice']} / {entry['inference']['no_tta']['scores']['dice']}",
                   flush=True)
     cards = sorted({e["device_name"] for e in results["entries"]})
+    commits = sorted({e.get("commit", "unrecorded") for e in results["entries"]})
     if args.cpu_speed:
         body = render_speed(results, ", ".join(cards))
         print(body)
         if not args.no_write:
             write_section("real_data_cpu_speed", "CPU inference: mslpipe vs nnU-Net v2, seconds per volume", body)
         return
-    body = render(setup, results, ", ".join(cards))
+    body = render(setup, results, ", ".join(cards) + f"; entries' commits: {', '.join(commits)}")
     print(body)
     if args.smoke or device == "cpu":
         print("\n(smoke or CPU run: nothing written to bench/RESULTS.md; the table is the GPU comparison's)")
