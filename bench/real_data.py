@@ -45,7 +45,7 @@ from mslpipe import nnunet_export, plan  # noqa: E402
 from mslpipe.datasets import discover  # noqa: E402
 from mslpipe.io import read_json, write_json  # noqa: E402
 from mslpipe.plans import Workdirs  # noqa: E402
-from results import COMMIT_AT_START, real_data_path, table, write_section  # noqa: E402
+from results import COMMIT_AT_START, machine, real_data_path, table, write_section  # noqa: E402
 
 RESULTS_JSON = REPO / "bench" / "real_data_results.json"
 SMOKE_ARCH = {"base_channels": 4, "max_channels": 32, "depth": 3}
@@ -270,7 +270,9 @@ def main() -> None:
     elif not args.no_write:
         if len(cards) > 1:
             print(f"warning: entries from several cards {cards}: the table says so")
-        write_section("real_data", "Real data: mslpipe vs nnU-Net v2, same folds, same training minutes", body)
+        where = (f"rendered here ({machine()}) from the entries' own runs on {', '.join(cards)}"
+                 if args.render_only else None)
+        write_section("real_data", "Real data: mslpipe vs nnU-Net v2, same folds, same training minutes", body, where)
 
 
 def pick_device_name(device: str) -> str:

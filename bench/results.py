@@ -65,9 +65,10 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_section(name: str, title: str, body: str) -> Path:
-    """Replace (or append) the section ``name`` of RESULTS.md, atomically."""
-    stamp = (f"_{machine()}; {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+def write_section(name: str, title: str, body: str, where: str | None = None) -> Path:
+    """Replace (or append) the section ``name`` of RESULTS.md, atomically. ``where`` replaces this machine's
+    description in the stamp, for a table rendered from entries measured elsewhere."""
+    stamp = (f"_{where or machine()}; {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; "
              f"commit {COMMIT_AT_START}; `python bench/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`_")
     section = f"<!-- BEGIN {name} -->\n## {title}\n\n{stamp}\n\n{body.strip()}\n<!-- END {name} -->\n"
     text = RESULTS.read_text() if RESULTS.exists() else HEADER
