@@ -1,0 +1,49 @@
+"""The real-data benchmark's report logic (bench/real_data.py): the goal lines and the ISBI score's parts."""
+
+import importlib
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def real_data():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("real_data")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _entry(arm, fold, dice, s_per_volume, key):
+    other = "tta" if key == "no_tta" else "no_tta"
+    return {"arm": arm, "fold": fold, "inference": {key: {"scores": {"dice": dice}, "s_per_volume": s_per_volume},
+                                                     other: {"scores": {"dice": -1.0}, "s_per_volume": 1e9}}}
+
+
+def test_goals_compare_default_inference_per_fold(real_data):
+    entries = [_entry("nnunet_2d", 0, 0.70, 20.0, "tta"), _entry("mslpipe_leaky_unet", 0, 0.75, 1.0, "no_tta"),
+               _entry("nnunet_2d", 1, 0.80, 5.0, "tta"), _entry("mslpipe_leaky_unet", 1, 0.60, 1.0, "no_tta"),
+               _entry("mslpipe_leaky_unet", 2, 0.9, 1.0, "no_tta")]  # no nnU-Net entry for fold 2: not compared
+    text = real_data.goals(entries)
+    assert "fold 0: Dice 0.750 vs 0.700 (met); 20.0x faster per volume (met)" in text
+    assert "fold 1: Dice 0.600 vs 0.800 (NOT met); 5.0x faster per volume (NOT met: goal 10x)" in text
+    assert "fold 2" not in text
+    assert real_data.goals(entries[:1]) == ""
+
+
+def test_isbi_parts_average_raters(real_data):
+    def row(rater, pred, ref):
+        return {"rater": rater, "dice": 1.0, "precision": 1.0, "lfpr": 0.0, "ltpr": 1.0,
+                "pred_volume_ml": pred, "ref_volume_ml": ref}
+
+    rows = [row(1, 1, 1), row(1, 2, 2), row(1, 3, 3), row(2, 1, 3), row(2, 2, 2), row(2, 3, 1)]
+    partial, corr = real_data.isbi_parts(rows)
+    assert partial == pytest.approx(0.75)
+    assert corr == pytest.approx(0.0)  # +1 for rater 1, -1 for rater 2
+    partial, corr = real_data.isbi_parts(rows[:3])
+    assert corr == pytest.approx(1.0) and not math.isnan(partial)
