@@ -275,4 +275,8 @@ def run_arm(setup: Setup, arm: str, fold: int) -> dict:
         scores = score(setup, out, refs, base / "scores" / f"{key}.json")
         entry["inference"][key] = {"wall_s": wall, "n_volumes": len(val), "s_per_volume": wall / len(val),
                                    "pred_dir": str(out), "scores": scores}
+        if system == "mslpipe":  # where mslpipe's time went (its own `time:` line), for the speed work
+            lines = (logs / f"predict_{'tta' if tta else 'notta'}.log").read_text().splitlines()
+            timing = [ln for ln in lines if ln.startswith("time: ")]
+            entry["inference"][key]["mslpipe_timing"] = timing[-1] if timing else None
     return entry

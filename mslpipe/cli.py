@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -44,6 +45,7 @@ def _global(
 ) -> None:
     STATE["dirs"] = (raw, plans, preprocessed, results)
     STATE["debug"] = debug
+    STATE["start"] = time.perf_counter()  # predict's timing line counts from here (Python and typer loaded)
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
 
@@ -171,6 +173,9 @@ def predict(
                              overwrite=overwrite, compile=compile, report=lesion_report, onnx=onnx)
     _echo(f"wrote {len(report.written)}, skipped {len(report.skipped)} existing"
           f"{' (use --overwrite)' if report.skipped else ''}, failed {len(report.failed)} → {output}")
+    timing = report.timing_summary(time.perf_counter() - STATE["start"])
+    if timing:
+        _echo(f"time: {timing}")
     if report.warned:
         _echo(f"{len(report.warned)} scan(s) unlike the training scans, segmented anyway (see the warnings): "
               f"{', '.join(report.warned)}")

@@ -131,7 +131,8 @@ def predict_volume(session: Any, input_name: str, image: np.ndarray, *, divisor:
 
 def predict_case(predictor: OnnxPredictor, channels: list[np.ndarray], affine: np.ndarray, *,
                  tta: bool = False, postprocessing: dict | None = None, where: object = None,
-                 notes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 notes: list[str] | None = None, timings: dict[str, float] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Segment one scan: (uint8 mask, float32 probabilities) on the scan's grid, as ``inference.predict_case``."""
     plan = predictor.plan
 
@@ -140,4 +141,5 @@ def predict_case(predictor: OnnxPredictor, channels: list[np.ndarray], affine: n
                               batch_size=plan.inference_batch_size, tta=tta, context=plan.context_slices)
 
     return preprocess.segment(run, channels, affine, plan,
-                              {**predictor.postprocessing, **(postprocessing or {})}, where=where, notes=notes)
+                              {**predictor.postprocessing, **(postprocessing or {})}, where=where, notes=notes,
+                              timings=timings)

@@ -9,6 +9,7 @@ interrupted run is resumed by starting it again.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -62,6 +63,28 @@ class PredictReport:
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     warned: list[str] = field(default_factory=list)  # segmented, with a quality warning (see the log)
+    # where the time went, in seconds: loading the models (device start-up included), and per segmented
+    # case waiting for its read, preprocess_s, network_s, postprocess_s; then waiting for the last writes
+    load_s: float = 0.0
+    case_timings: dict[str, dict[str, float]] = field(default_factory=dict)
+    write_wait_s: float = 0.0
+
+    def timing_summary(self, total_s: float | None = None) -> str | None:
+        """One line: models, then the mean per segmented scan of each step, then the writes' tail; with
+        ``total_s`` (the whole command's seconds) first that, and last what none of the steps covers."""
+        if not self.case_timings:
+            return None
+        n = len(self.case_timings)
+        mean = {k: sum(t.get(k, 0.0) for t in self.case_timings.values()) / n
+                for k in ("read_wait_s", "preprocess_s", "network_s", "postprocess_s")}
+        line = (f"models {self.load_s:.2f} s; per scan ({n}): waiting to read {mean['read_wait_s']:.2f} s, "
+                f"preprocessing {mean['preprocess_s']:.2f} s, network {mean['network_s']:.2f} s, "
+                f"postprocessing {mean['postprocess_s']:.2f} s; waiting for writes at the end "
+                f"{self.write_wait_s:.2f} s")
+        if total_s is None:
+            return line
+        other = total_s - self.load_s - self.write_wait_s - sum(sum(t.values()) for t in self.case_timings.values())
+        return f"{total_s:.1f} s: {line}; other (imports, finding inputs, reports) {max(other, 0.0):.2f} s"
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -187,10 +210,13 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
             current = ahead
             ahead = reader.submit(read, todo[i + 1]) if i + 1 < len(todo) else None
             try:
+                t0 = time.perf_counter()
                 channels, affine = current.result()
                 notes: list[str] = []
+                timings = {"read_wait_s": time.perf_counter() - t0}
                 mask, prob = predictor.predict_case(channels, affine, tta=tta, postprocessing=postprocessing,
-                                                    where=src.paths[0], notes=notes)
+                                                    where=src.paths[0], notes=notes, timings=timings)
+                result.case_timings[src.case] = timings
                 pending.append((src, writer.submit(write, src, mask, prob, affine, channels[0], notes)))
                 if notes:
                     result.warned.append(src.case)
@@ -199,6 +225,7 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
                 log.error("%s", exc)
             if progress:
                 progress(src.case)
+        t0 = time.perf_counter()
         for src, fut in pending:
             try:
                 fut.result()
@@ -206,6 +233,7 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
             except MslpipeError as exc:
                 result.failed.append((src.case, str(exc)))
                 log.error("%s", exc)
+        result.write_wait_s = time.perf_counter() - t0
         for src, fut in backfill:
             try:
                 fut.result()
@@ -227,6 +255,7 @@ def run(inp: Path, out: Path, *, dirs: Workdirs, dataset: str | None = None, arc
         compile: bool = False, progress: Callable[[str], None] | None = None,
         report: bool = False, onnx: Path | None = None) -> PredictReport:
     """``onnx``: an exported model run by ONNX Runtime on the CPU (no torch); otherwise checkpoints."""
+    t0 = time.perf_counter()
     if onnx is not None:
         from mslpipe import onnx_inference
 
@@ -243,8 +272,11 @@ def run(inp: Path, out: Path, *, dirs: Workdirs, dataset: str | None = None, arc
         from mslpipe import inference
 
         predictor = inference.load_predictor(paths, device=device, compile=compile)
+    load_s = time.perf_counter() - t0
     sources = gather_sources(inp, len(predictor.plan.channels), dirs, dataset)
     pp = postprocessing_for(dirs, dataset, predictor.plan.architecture)
-    return predict_sources(predictor, sources, Path(out), tta=tta, postprocessing=pp,
-                           save_probabilities=save_probabilities, overwrite=overwrite, progress=progress,
-                           report=report)
+    result = predict_sources(predictor, sources, Path(out), tta=tta, postprocessing=pp,
+                             save_probabilities=save_probabilities, overwrite=overwrite, progress=progress,
+                             report=report)
+    result.load_s = load_s
+    return result

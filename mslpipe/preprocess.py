@@ -8,6 +8,7 @@ same code, so what the network sees at prediction time is what it saw in trainin
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -295,22 +296,37 @@ def pad_to_multiple(image: np.ndarray, divisor: int) -> tuple[np.ndarray, tuple[
 
 
 def segment(run_volume: Callable[[np.ndarray], np.ndarray], channels: list[np.ndarray], affine: np.ndarray,
-            plan: Plan, postprocessing: dict, where: object = None, notes: list[str] | None = None
-            ) -> tuple[np.ndarray, np.ndarray]:
+            plan: Plan, postprocessing: dict, where: object = None, notes: list[str] | None = None,
+            timings: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Preprocess a scan, run ``run_volume`` (S×C×H×W → S×H×W probabilities), map back, postprocess.
 
     Returns (uint8 mask, float32 probabilities) on the scan's own grid. Shared by the torch and the
     ONNX Runtime predictors, so both do exactly the same before and after the network. Quality warnings
-    (:func:`brain_volume_warning`) are logged and, when ``notes`` is a list, appended to it.
+    (:func:`brain_volume_warning`) are logged and, when ``notes`` is a list, appended to it. ``timings``,
+    when a dict, receives the seconds of each step: ``preprocess_s``, ``network_s`` (``run_volume``, which
+    returns host memory, so device work is included) and ``postprocess_s`` (back to the scan's grid, then
+    :func:`mslpipe.postprocess.apply`).
     """
+    clock = [time.perf_counter()]
+
+    def lap(key: str) -> None:
+        clock.append(time.perf_counter())
+        if timings is not None:
+            timings[key] = timings.get(key, 0.0) + clock[-1] - clock[-2]
+
     image, _, props = preprocess_volume(channels, affine, plan, where=where)
     unusual = brain_volume_warning(props, plan)
     if unusual:
         log.warning("%s: %s", where if where is not None else "scan", unusual)
         if notes is not None:
             notes.append(unusual)
-    prob = restore(run_volume(image), props)
-    return postprocess.apply(prob, affine, postprocessing), prob
+    lap("preprocess_s")
+    prob = run_volume(image)
+    lap("network_s")
+    prob = restore(prob, props)
+    mask = postprocess.apply(prob, affine, postprocessing)
+    lap("postprocess_s")
+    return mask, prob
 
 
 # ---------------------------------------------------------------------------- a dataset

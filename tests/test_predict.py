@@ -290,3 +290,48 @@ def test_a_scan_unlike_the_training_scans_is_segmented_with_a_warning(model, sca
     assert rows[1].startswith("brain,") and rows[1].endswith(",") and "not skull-stripped" in rows[2]
     page = (tmp_path / "out" / "report.html").read_text()
     assert page.count('class="warn"') == 1 and "Check this scan: brain mask" in page
+
+
+def test_where_the_time_goes_per_step(model, scan, tmp_path):
+    """segment() times its steps into the caller's dict (the network's time is run_volume's, all of it), and
+    predict reports models, each case's steps and the writes; the CLI prints it as one line."""
+    import time
+
+    from mslpipe import preprocess
+
+    data, affine = scan
+    predictor = inference.load_predictor([model], device="cpu")
+
+    def slow_network(image):
+        time.sleep(0.3)
+        return np.zeros((image.shape[0], *image.shape[2:]), dtype=np.float32)
+
+    timings = {"network_s": 1.0}  # steps add to what the dict holds
+    mask, _ = preprocess.segment(slow_network, [data], affine, predictor.plan, predictor.plan.postprocessing,
+                                 timings=timings)
+    assert set(timings) == {"preprocess_s", "network_s", "postprocess_s"} and not mask.any()
+    assert 1.3 <= timings["network_s"] < 2.0 and timings["preprocess_s"] < 1.0 and timings["postprocess_s"] < 1.0
+
+    inp = tmp_path / "in"
+    for name in ("a", "b"):
+        save_nifti(inp / f"{name}.nii.gz", data, affine, dtype=np.float32)
+    report = predict.run(inp, tmp_path / "out", dirs=None, checkpoint=[model], device="cpu")
+    assert sorted(report.case_timings) == ["a", "b"] and report.load_s > 0
+    for t in report.case_timings.values():
+        assert set(t) == {"read_wait_s", "preprocess_s", "network_s", "postprocess_s"}
+        assert all(v >= 0 for v in t.values()) and t["network_s"] > 0
+    steps = report.load_s + report.write_wait_s + sum(sum(t.values()) for t in report.case_timings.values())
+    line = report.timing_summary(total_s=steps + 1.0)
+    assert line.startswith(f"{steps + 1.0:.1f} s: models ") and "per scan (2)" in line
+    assert line.endswith("other (imports, finding inputs, reports) 1.00 s")
+    rerun = predict.run(inp, tmp_path / "out", dirs=None, checkpoint=[model], device="cpu")
+    assert rerun.skipped == ["a", "b"] and rerun.timing_summary() is None  # nothing segmented, nothing to say
+
+    from typer.testing import CliRunner
+
+    from mslpipe.cli import app
+
+    out = CliRunner().invoke(app, ["predict", "-i", str(inp), "-o", str(tmp_path / "cli"), "--checkpoint",
+                                   str(model), "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    assert "time: " in out.stdout and "network" in out.stdout and "per scan (2)" in out.stdout
