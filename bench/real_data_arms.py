@@ -40,6 +40,7 @@ class Setup:
     s_per_epoch: float | None = None  # mslpipe's seconds per epoch, if known (skips the calibration run)
     iterations: int | None = None  # brief training: one epoch of this many iterations in every arm, no budget
     speed_only: bool = False  # skip nnU-Net's final validation (its scores are not wanted)
+    throughput: bool = False  # also time each arm's default inference over every scan in one command
     folds: list[dict] = field(default_factory=list)  # nnU-Net splits_final.json (case ids)
     raters: dict[str, list[Path]] = field(default_factory=dict)  # case -> reference masks
     images: dict[str, Path] = field(default_factory=dict)  # case -> FLAIR image (the export's copy)
@@ -161,7 +162,8 @@ def train_nnunet(setup: Setup, plans: str, fold: int, logs: Path) -> dict:
     return out
 
 
-def predict_nnunet(setup: Setup, plans: str, fold: int, inputs: Path, out: Path, tta: bool, logs: Path) -> float:
+def predict_nnunet(setup: Setup, plans: str, fold: int, inputs: Path, out: Path, tta: bool, logs: Path,
+                   log_name: str | None = None) -> float:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [setup.nnunet("nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", str(setup.dataset_id), "-c",
            "2d", "-p", plans, "-tr", TRAINER, "-f", str(fold), "-device", setup.device]
@@ -169,7 +171,7 @@ def predict_nnunet(setup: Setup, plans: str, fold: int, inputs: Path, out: Path,
         cmd.append("--disable_tta")
     if setup.device == "cpu":
         cmd += ["-npp", "1", "-nps", "1"]
-    return run(cmd, setup, logs / f"predict_{'tta' if tta else 'notta'}.log")
+    return run(cmd, setup, logs / (log_name or f"predict_{'tta' if tta else 'notta'}.log"))
 
 
 # ---------------------------------------------------------------------------- mslpipe
@@ -212,13 +214,14 @@ def train_mslpipe(setup: Setup, arm: str, fold: int, logs: Path) -> dict:
             "planned_epochs": epochs}
 
 
-def predict_mslpipe(setup: Setup, arm: str, fold: int, inputs: Path, out: Path, tta: bool, logs: Path) -> float:
+def predict_mslpipe(setup: Setup, arm: str, fold: int, inputs: Path, out: Path, tta: bool, logs: Path,
+                    log_name: str | None = None) -> float:
     shutil.rmtree(out, ignore_errors=True)
     cmd = mslpipe(*setup.mslpipe_globals(), "predict", "-d", setup.mslpipe_name(arm), "-i", str(inputs), "-o", str(out),
                   "--folds", str(fold), "--device", setup.device)
     if tta:
         cmd.append("--tta")
-    return run(cmd, setup, logs / f"predict_{'tta' if tta else 'notta'}.log")
+    return run(cmd, setup, logs / (log_name or f"predict_{'tta' if tta else 'notta'}.log"))
 
 
 def describe_network(setup: Setup, arm: str) -> str:
@@ -276,7 +279,34 @@ def run_arm(setup: Setup, arm: str, fold: int) -> dict:
         entry["inference"][key] = {"wall_s": wall, "n_volumes": len(val), "s_per_volume": wall / len(val),
                                    "pred_dir": str(out), "scores": scores}
         if system == "mslpipe":  # where mslpipe's time went (its own `time:` line), for the speed work
-            lines = (logs / f"predict_{'tta' if tta else 'notta'}.log").read_text().splitlines()
-            timing = [ln for ln in lines if ln.startswith("time: ")]
-            entry["inference"][key]["mslpipe_timing"] = timing[-1] if timing else None
+            entry["inference"][key]["mslpipe_timing"] = _timing_line(logs / f"predict_{'tta' if tta else 'notta'}.log")
+    if setup.throughput:
+        entry["throughput"] = throughput(setup, arm, fold, base, logs)
     return entry
+
+
+def _timing_line(log: Path) -> str | None:
+    """mslpipe's own ``time:`` line from a predict log: where its time went."""
+    lines = [ln for ln in log.read_text().splitlines() if ln.startswith("time: ")]
+    return lines[-1] if lines else None
+
+
+def throughput(setup: Setup, arm: str, fold: int, base: Path, logs: Path) -> dict:
+    """Each system's default inference (nnU-Net with mirroring, mslpipe without) over every scan of the dataset in
+    one command, timed end to end: start-up spread over more volumes than a fold's validation scans. Speed only:
+    the fold's training scans are among them, so these predictions are not scored."""
+    system, plans = ARMS[arm]
+    cases = sorted(setup.images)
+    out = base / "pred_all"
+    if system == "nnunet":
+        inputs = link_folder(base / "inputs_all", {f"{c}_0000.nii.gz": setup.images[c] for c in cases})
+        wall = predict_nnunet(setup, plans, fold, inputs, out, True, logs, "predict_all.log")
+    else:
+        inputs = link_folder(base / "inputs_all", {f"{c}.nii.gz": setup.images[c] for c in cases})
+        wall = predict_mslpipe(setup, arm, fold, inputs, out, False, logs, "predict_all.log")
+    result = {"n_volumes": len(cases), "wall_s": wall, "s_per_volume": wall / len(cases),
+              "inference": "tta" if system == "nnunet" else "no_tta"}
+    if system == "mslpipe":
+        result["mslpipe_timing"] = _timing_line(logs / "predict_all.log")
+    shutil.rmtree(out, ignore_errors=True)
+    return result

@@ -256,6 +256,8 @@ def run(inp: Path, out: Path, *, dirs: Workdirs, dataset: str | None = None, arc
         report: bool = False, onnx: Path | None = None) -> PredictReport:
     """``onnx``: an exported model run by ONNX Runtime on the CPU (no torch); otherwise checkpoints."""
     t0 = time.perf_counter()
+    if not Path(inp).exists():  # said before the models load (seconds with torch and a GPU)
+        raise MslpipeError("input not found", inp)
     if onnx is not None:
         from mslpipe import onnx_inference
 

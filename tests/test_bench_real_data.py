@@ -34,6 +34,13 @@ def test_goals_compare_default_inference_per_fold(real_data):
     assert "fold 1: Dice 0.600 vs 0.800 (NOT met); 5.0x faster per volume (NOT met: goal 10x)" in text
     assert "fold 2" not in text
     assert real_data.goals(entries[:1]) == ""
+    # with both systems' throughput over every scan, the goal line says that ratio too
+    entries[0]["throughput"] = {"s_per_volume": 12.0, "n_volumes": 6, "wall_s": 72.0, "inference": "tta"}
+    entries[1]["throughput"] = {"s_per_volume": 1.5, "n_volumes": 6, "wall_s": 9.0, "inference": "no_tta"}
+    assert "20.0x faster per volume (met), 8.0x over all 6 scans in one command (NOT met: goal 10x)" in (
+        real_data.goals(entries))
+    assert "| mslpipe_leaky_unet | 0 | no_tta | 6 | 9 | 1.5 |" in real_data.throughput_table(entries)
+    assert real_data.throughput_table(entries[2:]) == ""
 
 
 def test_isbi_parts_average_raters(real_data):

@@ -125,6 +125,8 @@ def test_dataset_folder_predicts_its_test_split(trained, planned, synth_root, tm
 def test_missing_input_and_missing_model(model, tmp_path, dirs):
     with pytest.raises(MslpipeError, match="input not found"):
         predict.run(tmp_path / "nope", tmp_path / "out", dirs=None, checkpoint=[model], device="cpu")
+    with pytest.raises(MslpipeError, match="input not found"):  # said first, before any model is looked at
+        predict.run(tmp_path / "nope", tmp_path / "out", dirs=None, checkpoint=[tmp_path / "x.pt"], device="cpu")
     (tmp_path / "empty").mkdir()
     with pytest.raises(MslpipeError, match="no NIfTI files"):
         predict.run(tmp_path / "empty", tmp_path / "out", dirs=None, checkpoint=[model], device="cpu")
