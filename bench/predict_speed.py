@@ -82,9 +82,7 @@ def measure(arch: str, kwargs: dict, device: str, data, affine, args) -> list:
     image, _, _ = preprocess.preprocess_volume([data], affine, plan)
     padded, _ = preprocess.pad_to_multiple(image, divisor)
     padded = preprocess.with_context(padded, np.arange(padded.shape[0]), plan.context_slices)  # what predict feeds
-    x = torch.from_numpy(padded).to(device)
-    if device == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = torch.from_numpy(padded).to(device).contiguous(memory_format=architectures.memory_format(model, device))
     n = image.shape[0]
     compile = device == "cuda"
     t_bare = timed(bare_forward(model, x, device, plan.inference_batch_size, compile), device, args.repeats,

@@ -77,8 +77,8 @@ def measure(p, dirs: Workdirs, cases: list[str], device: str, compiled: bool, it
     b, (h, w) = p.batch_size, p.patch_size
     x = torch.randn(b, p.input_channels, h, w, device=device)
     y = (torch.rand(b, 1, h, w, device=device) > 0.97).float()
-    if device == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+    layout = architectures.memory_format(model, device)
+    x = x.contiguous(memory_format=layout)
     warm = 5 if compiled else 2
     for _ in range(warm):
         step(x, y)
@@ -93,11 +93,11 @@ def measure(p, dirs: Workdirs, cases: list[str], device: str, compiled: bool, it
                                             seed=1, device_hint=device)
     it = iter(loader)
     for _ in range(warm):
-        step(*train.batch_to_device(next(it), device))
+        step(*train.batch_to_device(next(it), device, layout))
     inference_sync(device)
     t0 = time.perf_counter()
     for batch in it:
-        step(*train.batch_to_device(batch, device))
+        step(*train.batch_to_device(batch, device, layout))
     inference_sync(device)
     return bare, b * iters / (time.perf_counter() - t0)
 

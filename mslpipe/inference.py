@@ -48,11 +48,9 @@ def pick_device(device: str = "auto") -> str:
 
 
 def prepare_model(model, device: str):
-    """Move a model to the device; channels_last on CUDA, contiguous elsewhere (weights loaded as they were
-    saved keep the layout they were trained in)."""
-    import torch
-
-    return model.to(device, memory_format=torch.channels_last if device == "cuda" else torch.contiguous_format)
+    """Move a model to the device in the layout it runs fastest in there (:func:`architectures.memory_format`:
+    channels_last on CUDA and for networks that say so on a CPU), whatever layout its weights were saved in."""
+    return model.to(device, memory_format=architectures.memory_format(model, device))
 
 
 def load_predictor(paths: list[Path], device: str = "auto", compile: bool = False) -> Predictor:
@@ -107,6 +105,7 @@ def predict_volume(models: list[Any], image: np.ndarray, *, divisor: int, device
     padded, (h, w) = preprocess.pad_to_multiple(image, divisor)
     flips = [()] + ([(2,), (3,), (2, 3)] if tta else [])
     use_amp = device == "cuda"
+    layout = architectures.memory_format(models[0], device)  # one plan, one architecture for all of them
     with torch.inference_mode(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_amp):
         # the volume goes to the device once (a few MB); the neighbour stacks are built there
         volume = torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32)).to(device)
@@ -114,8 +113,7 @@ def predict_volume(models: list[Any], image: np.ndarray, *, divisor: int, device
         for start in range(0, padded.shape[0], batch_size):
             index = np.arange(start, min(start + batch_size, padded.shape[0]))
             batch = preprocess.with_context(volume, index, context)
-            if device == "cuda":
-                batch = batch.contiguous(memory_format=torch.channels_last)
+            batch = batch.contiguous(memory_format=layout)
             acc = None
             for model in models:
                 for dims in flips:

@@ -79,14 +79,16 @@ def init_output_prior(model, prior: float) -> None:
             heads[-1].bias.fill_(float(np.log(prior / (1 - prior))))
 
 
-def batch_to_device(batch: dict, device: str) -> tuple:
-    """A loader batch as (image, label) on the device; the image channels_last on CUDA."""
+def batch_to_device(batch: dict, device: str, layout=None) -> tuple:
+    """A loader batch as (image, label) on the device; the image in ``layout`` (a torch.memory_format, the
+    network's :func:`architectures.memory_format`), else channels_last on CUDA."""
     import torch
 
     x = batch["image"].to(device, non_blocking=True)
     y = batch["label"].to(device, non_blocking=True)
-    if device == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+    layout = layout or (torch.channels_last if device == "cuda" else None)
+    if layout is not None:
+        x = x.contiguous(memory_format=layout)
     return x, y
 
 
@@ -259,6 +261,7 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
     model = architectures.build(plan.architecture, in_channels=plan.input_channels, **plan.arch_kwargs)
     init_output_prior(model, plan.output_prior)
     model = inference.prepare_model(model, device)
+    layout = architectures.memory_format(model, device)
     opt = make_optimizer(model, plan)
     ema = make_ema(model, plan)
     scored = ema.module if ema is not None else model  # what validation scores and the final checkpoint holds
@@ -302,7 +305,7 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
             train_model.train()
             losses = []
             for batch in loader:
-                losses.append(step(*batch_to_device(batch, device)))
+                losses.append(step(*batch_to_device(batch, device, layout)))
                 progress.advance(task)
             train_loss = float(torch.stack(losses).mean())
             if not is_main:

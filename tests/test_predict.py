@@ -214,23 +214,57 @@ def test_loaded_model_matches_the_checkpoint(model):
     tensors = list(loaded.parameters()) + list(loaded.buffers())
     assert tensors and not any(t.is_meta for t in tensors)
     x = torch.randn(2, plan.input_channels, 32, 48)
-    with torch.no_grad():
-        assert torch.equal(loaded(x), reference(x))
+    with torch.no_grad():  # equal up to the summation order of its layout (channels_last on a CPU)
+        torch.testing.assert_close(loaded(x), reference(x), atol=1e-5, rtol=1e-5)
 
 
-def test_weights_saved_channels_last_load_contiguous_on_a_cpu(model, tmp_path):
-    """A GPU run saves channels_last weights; on a CPU they come back in the default layout."""
+@pytest.mark.parametrize("saved", ["contiguous", "channels_last"])
+def test_weights_load_in_the_networks_own_cpu_layout(model, tmp_path, saved):
+    """Whatever layout a checkpoint was saved in (a GPU run saves channels_last), on a CPU the study's network runs
+    channels_last (measured faster there; bench/cpu_layout.py) with its input in that layout too, and gives the
+    same probabilities as the default layout."""
     import torch
 
-    from mslpipe import checkpoints
+    from mslpipe import architectures, checkpoints
 
     payload = checkpoints.load(model)
-    weights = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v
-               for k, v in payload["model"].items()}
-    assert any(not v.is_contiguous() for v in weights.values())
-    path = checkpoints.save(tmp_path / "cl.pt", {**payload, "model": weights})
-    loaded = inference.load_predictor([path], device="cpu").models[0]
-    assert all(p.is_contiguous() for p in loaded.parameters())
+    fmt = torch.channels_last if saved == "channels_last" else torch.contiguous_format
+    weights = {k: v.contiguous(memory_format=fmt) if v.ndim == 4 else v for k, v in payload["model"].items()}
+    path = checkpoints.save(tmp_path / "w.pt", {**payload, "model": weights})
+    predictor = inference.load_predictor([path], device="cpu")
+    net = predictor.models[0]
+    assert architectures.memory_format(net, "cpu") == torch.channels_last
+    convs = [p for p in net.parameters() if p.ndim == 4 and p.shape[-1] > 1]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
+
+    seen = []
+    hook = net.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous(
+        memory_format=torch.channels_last)))
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(5, predictor.plan.input_channels // (2 * predictor.plan.context_slices + 1), 40, 44))
+    image = image.astype(np.float32)
+    kwargs = dict(divisor=predictor.divisor, device="cpu", context=predictor.plan.context_slices)
+    fast = inference.predict_volume([net], image, **kwargs)
+    hook.remove()
+    assert seen and all(seen)
+    plain = net.to(memory_format=torch.contiguous_format)
+    plain.channels_last_on_cpu = False  # the default layout, as before the measurement
+    assert architectures.memory_format(plain, "cpu") == torch.contiguous_format
+    np.testing.assert_allclose(inference.predict_volume([plain], image, **kwargs), fast, atol=1e-5)
+
+
+def test_layout_per_network_and_device():
+    import torch
+
+    from mslpipe import architectures
+
+    study = architectures.build("leaky_unet", in_channels=3, base_channels=4, max_channels=16, depth=2)
+    nnunet = architectures.build("nnunet2d", in_channels=3, base_channels=4)
+    assert architectures.memory_format(study, "cpu") == torch.channels_last
+    assert architectures.memory_format(nnunet, "cpu") == torch.contiguous_format  # instance norm: slower in it
+    assert architectures.memory_format(nnunet, "cuda") == torch.channels_last
+    assert architectures.memory_format(torch.nn.Conv2d(1, 1, 3), "cpu") == torch.contiguous_format  # plug-ins
+    assert architectures.memory_format(torch.compile(study), "cpu") == torch.channels_last  # answers for its module
 
 
 @pytest.mark.parametrize("damage", ["missing", "shape"])

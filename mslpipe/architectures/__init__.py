@@ -6,7 +6,9 @@ A *factory* builds a network::
 
 and returns logits of shape ``(N, out_channels, H, W)`` for an input ``(N, in_channels, H, W)``.
 A network may set an integer attribute ``required_divisor``: input H and W must be divisible by
-it (:func:`required_divisor` reports 1 for networks that do not set it).
+it (:func:`required_divisor` reports 1 for networks that do not set it). It may set
+``channels_last_on_cpu = True`` when it runs faster in that memory layout on a CPU (on CUDA every
+network runs channels_last; see :func:`memory_format`).
 
 Built in: ``leaky_unet`` (the default, the original study's U-Net, 31.39 M parameters) and
 ``nnunet2d`` (nnU-Net's default 2D U-Net through MONAI's DynUNet).
@@ -18,6 +20,7 @@ API::
     available() -> dict[str, factory]             # built-ins, registered and plugged-in ones
     describe(name, in_channels=1, **kwargs) -> dict   # includes "parameters"
     required_divisor(name, **kwargs) -> int
+    memory_format(model, device) -> torch.memory_format   # the layout a built network runs in
     load_plugins(force=False) -> list[str]        # normally called for you, lazily
 
 Plugging in a network from another package
@@ -61,6 +64,7 @@ __all__ = [
     "load_plugins",
     "register",
     "required_divisor",
+    "memory_format",
 ]
 
 log = logging.getLogger(__name__)
@@ -242,6 +246,15 @@ def required_divisor(name: str, **kwargs: Any) -> int:
     out_channels = kwargs.pop("out_channels", 1)
     model = _build_cheaply(name, in_channels, out_channels, kwargs)
     return int(getattr(model, "required_divisor", 1))
+
+
+def memory_format(model: nn.Module, device: str) -> torch.memory_format:
+    """channels_last on CUDA, and on a CPU for networks that say they are faster in it
+    (``channels_last_on_cpu``; a compiled network answers for the one it wraps); else the default layout."""
+    inner = getattr(model, "_orig_mod", model)
+    if device == "cuda" or getattr(inner, "channels_last_on_cpu", False):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 for _name, _builtin in (("leaky_unet", leaky_unet), ("nnunet2d", nnunet2d)):

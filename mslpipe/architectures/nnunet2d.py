@@ -68,6 +68,8 @@ class NnUNet2D(nn.Module):
         self.widths = nnunet2d_widths(depth, base_channels, max_channels)
         self.depth = depth
         self.required_divisor = 2**depth
+        # instance norm is slower in channels_last on a CPU (bench/RESULTS.md, "CPU memory layout")
+        self.channels_last_on_cpu = False
         strides = [1] + [2] * depth
         self.net = DynUNet(
             spatial_dims=2,
