@@ -96,7 +96,9 @@ def main() -> None:
     m_onnx, p_onnx = onnx_inference.predict_case(onnx_predictor, [data], affine)
     threads = (f"{torch.get_num_threads()} intra-op threads for both (torch; ONNX Runtime CPUExecutionProvider), "
                f"{os.cpu_count()} cores visible")
-    for name, label in (("torch", f"torch {torch.__version__} fp32 eager"),
+    layout = "channels_last" if architectures.memory_format(torch_predictor.models[0], "cpu") == torch.channels_last \
+        else "contiguous"
+    for name, label in (("torch", f"torch {torch.__version__} fp32 eager, {layout}"),
                         ("onnx", f"ONNX Runtime {_ort_version()} ({meta['exporter']} exporter, "
                                  f"opset {meta['opset']})")):
         rows.append([label, round(t_case[name], 3), round(t_net[name], 3), round(n / t_net[name], 1),

@@ -126,7 +126,8 @@ def main() -> None:
         args.repeats, args.volumes = min(args.repeats, 3), min(args.volumes, 3)
     headers = ["network", "params", "slices per volume", "bare forward s/volume", "bare slices/s",
                "mslpipe compute s/volume", "compute / bare", "end-to-end volumes/s (read+predict+write)"]
-    baseline = "bf16 + channels_last + torch.compile" if device == "cuda" else "fp32 eager, batch 16"
+    baseline = ("bf16 + channels_last + torch.compile" if device == "cuda"
+                else "fp32 eager, the network's CPU layout, batch 16")
     rows = []
     for a, k in configs:  # the section is rewritten after each network: a run cut short keeps what it measured
         rows.append(measure(a, k, device, data, affine, args))
