@@ -166,7 +166,7 @@ def score_pairs(pairs: Iterable, spacing_from="ref", connectivity: int = 26, sli
         per_rater.append({
             "rater": rater, "n_cases": len(sub), "mean": r_means, "mean_skipped": r_skipped,
             "isbi_score": isbi["score"], "isbi_score_reason": isbi["reason"],
-            "volume_correlation": isbi["volume_correlation"],
+            "volume_correlation": isbi["volume_correlation"], "isbi_per_scan_part": isbi["partial"],
         })
     scores = [p["isbi_score"] for p in per_rater]
     corrs = [p["volume_correlation"] for p in per_rater]
@@ -181,6 +181,8 @@ def score_pairs(pairs: Iterable, spacing_from="ref", connectivity: int = 26, sli
         "isbi_score": None if None in scores else float(np.mean(scores)),
         "isbi_score_reason": "; ".join(reasons) or None,
         "volume_correlation": None if None in corrs else float(np.mean(corrs)),
+        # the score's per-scan terms alone (at most 0.75): defined for any number of scans
+        "isbi_per_scan_part": float(np.mean([p["isbi_per_scan_part"] for p in per_rater])) if per_rater else None,
         "n_cases": len(pairs),
         "n_raters": len(per_rater),
         "n_rows": len(rows),
@@ -295,9 +297,14 @@ def format_table(summary: dict, width: int = 140) -> str:
     buffer = StringIO()
     console = Console(file=buffer, width=width, color_system=None, force_terminal=False)
     console.print(table)
-    isbi = summary.get("isbi_score")
+    isbi, part = summary.get("isbi_score"), summary.get("isbi_per_scan_part")
     line = f"ISBI score: {_fmt(isbi)}" if isbi is not None else \
         f"ISBI score: undefined ({summary.get('isbi_score_reason')})"
+    if part is not None:  # the correlation term (a quarter of the score) is over few scans here, often noisy
+        n_scans = len({row["case"] for row in summary["per_case"]})
+        corr = summary.get("volume_correlation")
+        line += (f" = per-scan part {_fmt(part)} (at most 0.75) + volume correlation {_fmt(corr)} / 4 over "
+                 f"{n_scans} scans" if isbi is not None else f"; per-scan part {_fmt(part)} (at most 0.75)")
     skipped = {k: n for k, n in summary.get("mean_skipped", {}).items() if n}
     if skipped:
         line += "; skipped in means: " + ", ".join(f"{k} {n}" for k, n in skipped.items())

@@ -67,6 +67,11 @@ def test_run_folders_writes_summary(dirs):
     assert "slice_dice_study" in on_disk["rules"] and "empty_cases" in on_disk["rules"]
     text = format_table(summary)
     assert "c1" in text and "c2" in text and "mean" in text and "ISBI" in text
+    # the score is shown with its two parts: the per-scan terms, and the volume correlation over so few scans
+    part, corr = on_disk["isbi_per_scan_part"], on_disk["volume_correlation"]
+    assert 0 <= part <= 0.75 and on_disk["isbi_score"] == pytest.approx(part + corr / 4)
+    assert (f"ISBI score: {on_disk['isbi_score']:.3f} = per-scan part {part:.3f} (at most 0.75) + volume correlation "
+            f"{corr:.3f} / 4 over 2 scans") in text
 
 
 def test_two_raters_give_two_rows_per_case(dirs, tmp_path):
@@ -112,6 +117,8 @@ def test_empty_both_counted(dirs):
     assert summary["n_empty_ref"] == 1 and summary["n_empty_both"] == 1
     assert summary["per_case"][0]["dice"] == 1.0
     assert summary["isbi_score"] is None and "fewer than 2" in summary["isbi_score_reason"]
+    assert "ISBI score: undefined (volume correlation undefined with fewer than 2 scans); per-scan part 0.750" in (
+        format_table(summary))
 
 
 def test_unmatched_names(dirs):
