@@ -52,8 +52,9 @@ def lesion_contrast() -> list[list]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    fold_arguments(ap)
+    fold_arguments(ap, several_seeds=True)
     args = ap.parse_args()
+    seeds = [int(v) for v in args.seeds.split(",")]
     if not (real_data_path() / "training").is_dir():
         sys.exit(f"real data not found at {real_data_path()}")
     work = args.work or Path(tempfile.mkdtemp(prefix="mslpipe-norm-"))
@@ -64,35 +65,44 @@ def main() -> None:
     contrast_rows.append(["**coefficient of variation**", *(f"{v.std() / v.mean():.3f}" for v in spread.values())])
     rows, per_case = [], []
     pooled: dict[str, list] = {name: [] for name in SCHEMES}
-    for fold in (int(k) for k in args.folds.split(",")):
-        scores = {}
-        for name, scheme in SCHEMES.items():
-            # the default scheme's runs are onnx_int8's and tta's, in the same work folder
-            base = (work if scheme == DEFAULT["scheme"] else work / scheme) / f"seed{args.seed}"
-            dirs = Workdirs.resolve(base / "raw", base / "plans", base / "pre", base / "results")
-            overrides = {"normalization": {**DEFAULT, "scheme": scheme}}
-            fold_dir = trained_fold(dirs, args.seed, fold, args.epochs, args.iterations, overrides)
-            val = read_json(fold_dir / "run.json")["val"]
-            scores[name] = score_checkpoint(dirs.preprocessed_dir("real"), fold_dir / "checkpoint_final.pt", val)
-            pooled[name] += list(scores[name].values())
-            net = read_json(fold_dir / "plan.json")["arch_kwargs"]
-        means = {name: np.mean(list(s.values()), axis=0) for name, s in scores.items()}
-        rows.append([fold, ", ".join(val), *(f"{means[n][0]:.3f} / {means[n][1]:.3f}" for n in SCHEMES),
-                     f"{means['median / IQR'][0] - means['z-score'][0]:+.3f}"])
-        per_case += [[fold, case, *(f"{scores[n][case][0]:.3f} / {scores[n][case][1]:.3f}" for n in SCHEMES)]
-                     for case in val]
+    per_seed: dict[int, dict[str, list]] = {seed: {name: [] for name in SCHEMES} for seed in seeds}
+    for seed in seeds:
+        for fold in (int(k) for k in args.folds.split(",")):
+            scores = {}
+            for name, scheme in SCHEMES.items():
+                # the default scheme's runs are onnx_int8's and tta's, in the same work folder
+                base = (work if scheme == DEFAULT["scheme"] else work / scheme) / f"seed{seed}"
+                dirs = Workdirs.resolve(base / "raw", base / "plans", base / "pre", base / "results")
+                overrides = {"normalization": {**DEFAULT, "scheme": scheme}}
+                fold_dir = trained_fold(dirs, seed, fold, args.epochs, args.iterations, overrides)
+                val = read_json(fold_dir / "run.json")["val"]
+                scores[name] = score_checkpoint(dirs.preprocessed_dir("real"), fold_dir / "checkpoint_final.pt",
+                                                val)
+                pooled[name] += list(scores[name].values())
+                per_seed[seed][name] += list(scores[name].values())
+                net = read_json(fold_dir / "plan.json")["arch_kwargs"]
+            means = {name: np.mean(list(s.values()), axis=0) for name, s in scores.items()}
+            rows.append([seed, fold, ", ".join(val), *(f"{means[n][0]:.3f} / {means[n][1]:.3f}" for n in SCHEMES),
+                         f"{means['median / IQR'][0] - means['z-score'][0]:+.3f}"])
+            per_case += [[seed, fold, case, *(f"{scores[n][case][0]:.3f} / {scores[n][case][1]:.3f}"
+                                              for n in SCHEMES)] for case in val]
     pool = {n: np.mean(v, axis=0) for n, v in pooled.items()}
+    seed_pools = "; ".join(
+        f"seed {seed}: " + ", ".join(f"{n} {np.mean(v[n], axis=0)[0]:.3f} / {np.mean(v[n], axis=0)[1]:.3f}"
+                                     for n in SCHEMES) for seed, v in per_seed.items())
     body = ("Mean lesion intensity after normalisation (in units of each scheme's scale), per real scan; the "
             "expert mask, the scan's brain mask and 0.5/99.5 percentile clipping as `plan` preprocesses it:\n\n"
             + table(["scan", *SCHEMES], contrast_rows)
             + f"\n\nAccuracy: CPU plan (leaky_unet {net}), {args.epochs} epochs × {args.iterations} iterations per "
-            f"fold, plan seed {args.seed}, folds by subject (leave one subject out), one run per scheme with "
-            "everything else equal. Cells: volume Dice / lesion F1 on the validation scans, final model, no "
-            "postprocessing (see `bench/normalisation.py`).\n\n"
-            + table(["fold", "validation scans", *SCHEMES, "Dice change"], rows)
-            + f"\n\nPooled over {len(pooled['z-score'])} scans: "
-            + ", ".join(f"{n} {pool[n][0]:.3f} / {pool[n][1]:.3f}" for n in SCHEMES) + ".\n\n"
-            + table(["fold", "scan", *SCHEMES], per_case))
+            f"fold, plan seeds {', '.join(map(str, seeds))} (a seed sets the folds' order and the training's random "
+            "draws), folds by subject (leave one subject out), one run per scheme and seed with everything else "
+            "equal. Cells: volume Dice / lesion F1 on the validation scans, final model, no postprocessing (see "
+            "`bench/normalisation.py`). Runs already in the work folder are reused, whatever commit trained them."
+            "\n\n"
+            + table(["seed", "fold", "validation scans", *SCHEMES, "Dice change"], rows)
+            + f"\n\nPooled over {len(pooled['z-score'])} scan runs: "
+            + ", ".join(f"{n} {pool[n][0]:.3f} / {pool[n][1]:.3f}" for n in SCHEMES) + f" ({seed_pools}).\n\n"
+            + table(["seed", "fold", "scan", *SCHEMES], per_case))
     print(body)
     write_section("normalisation", "Intensity normalisation: z-score against median / IQR (CPU plan, real data)",
                   body)
