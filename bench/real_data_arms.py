@@ -162,8 +162,7 @@ def train_nnunet(setup: Setup, plans: str, fold: int, logs: Path) -> dict:
     return out
 
 
-def predict_nnunet(setup: Setup, plans: str, fold: int, inputs: Path, out: Path, tta: bool, logs: Path,
-                   log_name: str | None = None) -> float:
+def predict_nnunet(setup: Setup, plans: str, fold: int, inputs: Path, out: Path, tta: bool, log: Path) -> float:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [setup.nnunet("nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", str(setup.dataset_id), "-c",
            "2d", "-p", plans, "-tr", TRAINER, "-f", str(fold), "-device", setup.device]
@@ -171,7 +170,7 @@ def predict_nnunet(setup: Setup, plans: str, fold: int, inputs: Path, out: Path,
         cmd.append("--disable_tta")
     if setup.device == "cpu":
         cmd += ["-npp", "1", "-nps", "1"]
-    return run(cmd, setup, logs / (log_name or f"predict_{'tta' if tta else 'notta'}.log"))
+    return run(cmd, setup, log)
 
 
 # ---------------------------------------------------------------------------- mslpipe
@@ -214,14 +213,13 @@ def train_mslpipe(setup: Setup, arm: str, fold: int, logs: Path) -> dict:
             "planned_epochs": epochs}
 
 
-def predict_mslpipe(setup: Setup, arm: str, fold: int, inputs: Path, out: Path, tta: bool, logs: Path,
-                    log_name: str | None = None) -> float:
+def predict_mslpipe(setup: Setup, arm: str, fold: int, inputs: Path, out: Path, tta: bool, log: Path) -> float:
     shutil.rmtree(out, ignore_errors=True)
     cmd = mslpipe(*setup.mslpipe_globals(), "predict", "-d", setup.mslpipe_name(arm), "-i", str(inputs), "-o", str(out),
                   "--folds", str(fold), "--device", setup.device)
     if tta:
         cmd.append("--tta")
-    return run(cmd, setup, logs / (log_name or f"predict_{'tta' if tta else 'notta'}.log"))
+    return run(cmd, setup, log)
 
 
 def describe_network(setup: Setup, arm: str) -> str:
@@ -247,6 +245,20 @@ def describe_network(setup: Setup, arm: str) -> str:
 
 
 # ---------------------------------------------------------------------------- one arm, one fold
+def link_inputs(setup: Setup, arm: str, folder: Path, cases: list[str]) -> Path:
+    """The scans as the arm's predict command wants them named (nnU-Net: with its channel suffix)."""
+    suffix = "_0000.nii.gz" if ARMS[arm][0] == "nnunet" else ".nii.gz"
+    return link_folder(folder, {f"{c}{suffix}": setup.images[c] for c in cases})
+
+
+def predict_arm(setup: Setup, arm: str, fold: int, inputs: Path, out: Path, tta: bool, log: Path) -> float:
+    """The arm's predict command on ``inputs`` (see :func:`link_inputs`); its wall seconds."""
+    system, plans = ARMS[arm]
+    if system == "nnunet":
+        return predict_nnunet(setup, plans, fold, inputs, out, tta, log)
+    return predict_mslpipe(setup, arm, fold, inputs, out, tta, log)
+
+
 def run_arm(setup: Setup, arm: str, fold: int) -> dict:
     system, plans = ARMS[arm]
     val = setup.folds[fold]["val"]
@@ -263,23 +275,19 @@ def run_arm(setup: Setup, arm: str, fold: int) -> dict:
             # nnU-Net's own validation predictions, scored by mslpipe too: a cross-check of the metric code
             entry["nnunet_validation_scored_by_mslpipe"] = score(
                 setup, Path(entry["training"]["validation_dir"]), refs, base / "scores" / "nnunet_validation.json")
-        inputs = link_folder(base / "inputs", {f"{c}_0000.nii.gz": setup.images[c] for c in val})
     else:
         entry["training"] = train_mslpipe(setup, arm, fold, logs)
-        inputs = link_folder(base / "inputs", {f"{c}.nii.gz": setup.images[c] for c in val})
+    inputs = link_inputs(setup, arm, base / "inputs", val)
     entry["inference"] = {}
     for tta in (True, False):
         key = "tta" if tta else "no_tta"
-        out = base / f"pred_{key}"
-        if system == "nnunet":
-            wall = predict_nnunet(setup, plans, fold, inputs, out, tta, logs)
-        else:
-            wall = predict_mslpipe(setup, arm, fold, inputs, out, tta, logs)
+        out, log = base / f"pred_{key}", logs / f"predict_{'tta' if tta else 'notta'}.log"
+        wall = predict_arm(setup, arm, fold, inputs, out, tta, log)
         scores = score(setup, out, refs, base / "scores" / f"{key}.json")
         entry["inference"][key] = {"wall_s": wall, "n_volumes": len(val), "s_per_volume": wall / len(val),
                                    "pred_dir": str(out), "scores": scores}
         if system == "mslpipe":  # where mslpipe's time went (its own `time:` line), for the speed work
-            entry["inference"][key]["mslpipe_timing"] = _timing_line(logs / f"predict_{'tta' if tta else 'notta'}.log")
+            entry["inference"][key]["mslpipe_timing"] = _timing_line(log)
     if setup.throughput:
         entry["throughput"] = throughput(setup, arm, fold, base, logs)
     return entry
@@ -295,18 +303,14 @@ def throughput(setup: Setup, arm: str, fold: int, base: Path, logs: Path) -> dic
     """Each system's default inference (nnU-Net with mirroring, mslpipe without) over every scan of the dataset in
     one command, timed end to end: start-up spread over more volumes than a fold's validation scans. Speed only:
     the fold's training scans are among them, so these predictions are not scored."""
-    system, plans = ARMS[arm]
+    system = ARMS[arm][0]
+    tta = system == "nnunet"  # each system's default
     cases = sorted(setup.images)
-    out = base / "pred_all"
-    if system == "nnunet":
-        inputs = link_folder(base / "inputs_all", {f"{c}_0000.nii.gz": setup.images[c] for c in cases})
-        wall = predict_nnunet(setup, plans, fold, inputs, out, True, logs, "predict_all.log")
-    else:
-        inputs = link_folder(base / "inputs_all", {f"{c}.nii.gz": setup.images[c] for c in cases})
-        wall = predict_mslpipe(setup, arm, fold, inputs, out, False, logs, "predict_all.log")
+    out, log = base / "pred_all", logs / "predict_all.log"
+    wall = predict_arm(setup, arm, fold, link_inputs(setup, arm, base / "inputs_all", cases), out, tta, log)
     result = {"n_volumes": len(cases), "wall_s": wall, "s_per_volume": wall / len(cases),
-              "inference": "tta" if system == "nnunet" else "no_tta"}
+              "inference": "tta" if tta else "no_tta"}
     if system == "mslpipe":
-        result["mslpipe_timing"] = _timing_line(logs / "predict_all.log")
+        result["mslpipe_timing"] = _timing_line(log)
     shutil.rmtree(out, ignore_errors=True)
     return result

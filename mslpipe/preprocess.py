@@ -307,25 +307,22 @@ def segment(run_volume: Callable[[np.ndarray], np.ndarray], channels: list[np.nd
     returns host memory, so device work is included) and ``postprocess_s`` (back to the scan's grid, then
     :func:`mslpipe.postprocess.apply`).
     """
-    clock = [time.perf_counter()]
-
-    def lap(key: str) -> None:
-        clock.append(time.perf_counter())
-        if timings is not None:
-            timings[key] = timings.get(key, 0.0) + clock[-1] - clock[-2]
-
+    t0 = time.perf_counter()
     image, _, props = preprocess_volume(channels, affine, plan, where=where)
     unusual = brain_volume_warning(props, plan)
     if unusual:
         log.warning("%s: %s", where if where is not None else "scan", unusual)
         if notes is not None:
             notes.append(unusual)
-    lap("preprocess_s")
+    t1 = time.perf_counter()
     prob = run_volume(image)
-    lap("network_s")
+    t2 = time.perf_counter()
     prob = restore(prob, props)
     mask = postprocess.apply(prob, affine, postprocessing)
-    lap("postprocess_s")
+    t3 = time.perf_counter()
+    if timings is not None:
+        for key, seconds in (("preprocess_s", t1 - t0), ("network_s", t2 - t1), ("postprocess_s", t3 - t2)):
+            timings[key] = timings.get(key, 0.0) + seconds
     return mask, prob
 
 
