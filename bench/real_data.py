@@ -43,6 +43,7 @@ from real_data_arms import ARMS, DEFAULT_ARMS, REPO, Setup, pool, run, run_arm  
 
 from mslpipe import nnunet_export, plan  # noqa: E402
 from mslpipe.datasets import discover  # noqa: E402
+from mslpipe.errors import MslpipeError  # noqa: E402
 from mslpipe.io import read_json, write_json  # noqa: E402
 from mslpipe.plans import Workdirs  # noqa: E402
 from results import COMMIT_AT_START, machine, real_data_path, table, write_section  # noqa: E402
@@ -193,6 +194,27 @@ def goals(entries: list[dict]) -> str:
             + "; ".join(lines) + ".")
 
 
+def merge_entries(results: dict, others: list[Path]) -> list[str]:
+    """Add the entries of other runs' JSON files (e.g. the files several device calls brought back) to
+    ``results``: an entry replaces the one of the same arm and fold, later files win. Returns what was added."""
+    added = []
+    for path in others:
+        try:
+            entries = read_json(path)["entries"]
+            keys = [(e["arm"], e["fold"]) for e in entries]
+        except MslpipeError as exc:
+            sys.exit(str(exc))
+        except (KeyError, TypeError) as exc:
+            sys.exit(f"{path}: not a real-data results file (no {exc} in an entry)")
+        for key, entry in zip(keys, entries, strict=True):
+            old = [e for e in results["entries"] if (e["arm"], e["fold"]) == key]
+            if old and old[0] == entry:
+                continue
+            results["entries"] = [e for e in results["entries"] if (e["arm"], e["fold"]) != key] + [entry]
+            added.append(f"{key[0]} fold {key[1]} ({entry.get('commit', 'unrecorded')}) from {path}")
+    return added
+
+
 def render_speed(results: dict, machine_note: str) -> str:
     """The CPU speed table: seconds per volume of each arm's predict command, with and without TTA."""
     rows = []
@@ -251,7 +273,12 @@ def main() -> None:
     ap.add_argument("--render-only", action="store_true",
                     help="train and predict nothing: rewrite the table in bench/RESULTS.md from --results (e.g. "
                     "after a device call that ran out of time once its arms' entries were written)")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="with --render-only: first add these runs' entries to --results (each replaces the entry "
+                         "of its arm and fold; later files win), e.g. the real_data_results.json of each device call")
     args = ap.parse_args()
+    if args.merge and not args.render_only:
+        sys.exit("--merge goes with --render-only")
 
     venv_bin = REPO / "bench" / "nnunet" / ".venv" / "bin"
     nnunet_bin = args.nnunet_bin or (venv_bin if (venv_bin / "nnUNetv2_train").exists() else None)
@@ -294,6 +321,10 @@ def main() -> None:
     # The GPU comparison's entries are kept in the repository; smoke and CPU runs stay in their work folder.
     results_path = args.results or (work / "results.json" if args.smoke or device == "cpu" else RESULTS_JSON)
     results = read_json(results_path) if results_path.exists() else {"entries": []}
+    if args.merge:
+        added = merge_entries(results, args.merge)
+        print("\n".join(["merged:", *added]) if added else "merged: nothing new", flush=True)
+        write_json(results_path, results)
     from mslpipe.inference import pick_device
 
     for fold in folds:

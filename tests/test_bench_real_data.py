@@ -54,3 +54,27 @@ def test_isbi_parts_average_raters(real_data):
     assert corr == pytest.approx(0.0)  # +1 for rater 1, -1 for rater 2
     partial, corr = real_data.isbi_parts(rows[:3])
     assert corr == pytest.approx(1.0) and not math.isnan(partial)
+
+
+def test_merge_entries_replaces_same_arm_and_fold(real_data, tmp_path):
+    import json
+
+    results = {"entries": [_entry("nnunet_2d", 0, 0.70, 20.0, "tta"), _entry("mslpipe_leaky_unet", 0, 0.75, 1.0,
+                                                                                "no_tta")]}
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    newer = _entry("nnunet_2d", 0, 0.71, 19.0, "tta")
+    first.write_text(json.dumps({"entries": [results["entries"][0], _entry("nnunet_2d", 1, 0.3, 40.0, "tta")]}))
+    second.write_text(json.dumps({"entries": [newer, _entry("mslpipe_leaky_unet", 1, 0.35, 8.0, "no_tta")]}))
+    added = real_data.merge_entries(results, [first, second])
+    keys = sorted((e["arm"], e["fold"]) for e in results["entries"])
+    assert keys == [("mslpipe_leaky_unet", 0), ("mslpipe_leaky_unet", 1), ("nnunet_2d", 0), ("nnunet_2d", 1)]
+    assert [e for e in results["entries"] if (e["arm"], e["fold"]) == ("nnunet_2d", 0)] == [newer]
+    assert len(added) == 3  # the unchanged copy of nnunet_2d fold 0 in the first file is not news
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"entries": [{"fold": 0}]}))
+    with pytest.raises(SystemExit, match="bad.json: not a real-data results file"):
+        real_data.merge_entries(results, [bad])
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    with pytest.raises(SystemExit, match="broken.json"):
+        real_data.merge_entries(results, [broken])
