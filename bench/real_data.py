@@ -32,6 +32,7 @@ pooled over folds once every fold of an arm is in. ``--smoke`` proves the wiring
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import sys
 import tempfile
@@ -101,7 +102,9 @@ def pooled(setup: Setup, entries: list[dict], key: str) -> dict | None:
 
 
 def _v(x, digits=3):
-    return "—" if x is None else round(x, digits) if isinstance(x, float) else x
+    """A table cell: "—" for a missing or undefined number (a correlation over one scan is NaN)."""
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else round(x, digits) if isinstance(
+        x, float) else x
 
 
 def isbi_parts(rows: list[dict]) -> list:

@@ -78,3 +78,8 @@ def test_merge_entries_replaces_same_arm_and_fold(real_data, tmp_path):
     broken.write_text("{")
     with pytest.raises(SystemExit, match="broken.json"):
         real_data.merge_entries(results, [broken])
+
+
+def test_undefined_numbers_show_as_a_dash(real_data):
+    assert real_data._v(float("nan")) == "—" and real_data._v(None) == "—"
+    assert real_data._v(0.12345) == 0.123 and real_data._v(3) == 3
