@@ -77,7 +77,7 @@ def prepare(setup: Setup, data: Path, overrides: dict | None, arms: list[str]) -
         if not (pre / "nnUNetPlans.json").exists() or not (pre / "nnUNetPlans_2d").is_dir():
             timings["nnunet_plan_and_preprocess_s"] = run(
                 [setup.nnunet("nnUNetv2_plan_and_preprocess"), "-d", str(setup.dataset_id), "-c", "2d",
-                 "--verify_dataset_integrity", "-np", "1" if setup.device == "cpu" else "4"],
+                 "--verify_dataset_integrity", "-np", "1" if setup.device == "cpu" else "6"],
                 setup, setup.work / "logs" / "plan_and_preprocess.log")
         shutil.copyfile(raw / "splits_final.json", pre / "splits_final.json")  # mslpipe's folds, whatever nnU-Net did
         arch_kwargs = read_json(dirs.plan_dir(setup.name) / "plans.json")["arch_kwargs"]

@@ -8,6 +8,7 @@ network in large batches (bf16 and channels_last on CUDA), the probabilities of 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,15 @@ class Predictor:
     def predict_case(self, channels: list[np.ndarray], affine: np.ndarray, **kwargs) -> tuple[np.ndarray, np.ndarray]:
         return predict_case(self, channels, affine, **kwargs)
 
+    def run_volume(self, image: np.ndarray, tta: bool = False) -> np.ndarray:
+        """S×C×H×W preprocessed volume → S×H×W probabilities (:func:`predict_volume` with the plan's settings)."""
+        return predict_volume(self.models, image, divisor=self.divisor, device=self.device,
+                              batch_size=self.plan.inference_batch_size, tta=tta, context=self.plan.context_slices)
+
+    @property
+    def postprocessing(self) -> dict:
+        return dict(self.plan.postprocessing)
+
 
 def pick_device(device: str = "auto") -> str:
     import torch
@@ -53,13 +63,16 @@ def prepare_model(model, device: str):
     return model.to(device, memory_format=architectures.memory_format(model, device))
 
 
-def load_predictor(paths: list[Path], device: str = "auto", compile: bool = False) -> Predictor:
-    """Build the networks stored in checkpoints; all must share one plan's preprocessing."""
+def load_predictor(paths: list[Path], device: str = "auto", compile: bool = False,
+                   timings: dict[str, float] | None = None) -> Predictor:
+    """Build the networks stored in checkpoints; all must share one plan's preprocessing. ``timings``, when a
+    dict, receives the seconds of each part: reading the checkpoints into networks on the CPU, and the device
+    (choosing it, starting it, moving the weights there)."""
     import torch
 
+    t1 = time.perf_counter()
     if not paths:
         raise MslpipeError("no checkpoints to predict with: train a fold first or pass --checkpoint")
-    device = pick_device(device)
     models, plan = [], None
     for path in paths:
         payload = checkpoints.load(path)
@@ -78,10 +91,14 @@ def load_predictor(paths: list[Path], device: str = "auto", compile: bool = Fals
         except RuntimeError as exc:
             raise MslpipeError(f"weights do not fit architecture {this_plan.architecture} "
                                f"({str(exc).splitlines()[0]})", path) from exc
-        model = prepare_model(model, device).eval()
-        if compile:
-            model = torch.compile(model)
         models.append(model)
+    t2 = time.perf_counter()
+    device = pick_device(device)
+    models = [prepare_model(model, device).eval() for model in models]
+    if compile:
+        models = [torch.compile(model) for model in models]
+    if timings is not None:
+        timings.update({"checkpoints": t2 - t1, "device": time.perf_counter() - t2})
     divisor = architectures.required_divisor(plan.architecture, **plan.arch_kwargs)
     return Predictor(models, plan, device, divisor, [str(p) for p in paths])
 
@@ -133,11 +150,6 @@ def predict_case(predictor: Predictor, channels: list[np.ndarray], affine: np.nd
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Segment one scan: returns (uint8 mask, float32 probabilities), both on the scan's grid; quality
     warnings go to ``notes``, each step's seconds to ``timings`` (see ``preprocess.segment``)."""
-    plan = predictor.plan
-
-    def run(image: np.ndarray) -> np.ndarray:
-        return predict_volume(predictor.models, image, divisor=predictor.divisor, device=predictor.device,
-                              batch_size=plan.inference_batch_size, tta=tta, context=plan.context_slices)
-
-    return preprocess.segment(run, channels, affine, plan, {**plan.postprocessing, **(postprocessing or {})},
-                              where=where, notes=notes, timings=timings)
+    return preprocess.segment(lambda image: predictor.run_volume(image, tta=tta), channels, affine, predictor.plan,
+                              {**predictor.postprocessing, **(postprocessing or {})}, where=where, notes=notes,
+                              timings=timings)

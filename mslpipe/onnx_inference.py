@@ -51,6 +51,11 @@ class OnnxPredictor:
     def predict_case(self, channels: list[np.ndarray], affine: np.ndarray, **kwargs) -> tuple[np.ndarray, np.ndarray]:
         return predict_case(self, channels, affine, **kwargs)
 
+    def run_volume(self, image: np.ndarray, tta: bool = False) -> np.ndarray:
+        """S×C×H×W preprocessed volume → S×H×W probabilities, as ``inference.Predictor.run_volume``."""
+        return predict_volume(self.session, self.input_name, image, divisor=self.divisor,
+                              batch_size=self.plan.inference_batch_size, tta=tta, context=self.plan.context_slices)
+
 
 def read_sidecar(model: str | Path) -> dict:
     path = sidecar_path(model)
@@ -134,12 +139,6 @@ def predict_case(predictor: OnnxPredictor, channels: list[np.ndarray], affine: n
                  notes: list[str] | None = None, timings: dict[str, float] | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Segment one scan: (uint8 mask, float32 probabilities) on the scan's grid, as ``inference.predict_case``."""
-    plan = predictor.plan
-
-    def run(image: np.ndarray) -> np.ndarray:
-        return predict_volume(predictor.session, predictor.input_name, image, divisor=predictor.divisor,
-                              batch_size=plan.inference_batch_size, tta=tta, context=plan.context_slices)
-
-    return preprocess.segment(run, channels, affine, plan,
+    return preprocess.segment(lambda image: predictor.run_volume(image, tta=tta), channels, affine, predictor.plan,
                               {**predictor.postprocessing, **(postprocessing or {})}, where=where, notes=notes,
                               timings=timings)

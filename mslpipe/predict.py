@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mslpipe import preprocess
 from mslpipe import report as lesion_report
 from mslpipe.datasets import check_case_id, discover
 from mslpipe.errors import MslpipeError
@@ -57,34 +58,49 @@ class Source:
         return channels, affine
 
 
+# A case's seconds: the main thread waits for its input and runs the network (and waits when too many writes are
+# queued); reading with preprocessing, and postprocessing with writing, run beside it on threads of their own.
+MAIN_STEPS = ("read_wait_s", "network_s", "write_queue_wait_s")
+BACKGROUND_STEPS = ("read_s", "preprocess_s", "postprocess_s", "write_s")
+MAX_QUEUED_WRITES = 2  # finished cases held in memory while the writer catches up
+
+
 @dataclass
 class PredictReport:
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     warned: list[str] = field(default_factory=list)  # segmented, with a quality warning (see the log)
-    # where the time went, in seconds: loading the models (device start-up included), and per segmented
-    # case waiting for its read, preprocess_s, network_s, postprocess_s; then waiting for the last writes
+    # where the time went, in seconds: loading the models (device start-up included) and its parts; per segmented
+    # case MAIN_STEPS and BACKGROUND_STEPS; then waiting for the last writes. started: perf_counter() at the start.
     load_s: float = 0.0
+    load_parts: dict[str, float] = field(default_factory=dict)
     case_timings: dict[str, dict[str, float]] = field(default_factory=dict)
     write_wait_s: float = 0.0
+    started: float = 0.0
 
-    def timing_summary(self, total_s: float | None = None) -> str | None:
-        """One line: models, then the mean per segmented scan of each step, then the writes' tail; with
-        ``total_s`` (the whole command's seconds) first that, and last what none of the steps covers."""
+    def timing_summary(self, total_s: float | None = None, imports_s: float = 0.0) -> str | None:
+        """One line: loading the models (and its parts), then the mean per segmented scan of the main thread's steps
+        and of the steps beside it, then the writes' tail. With ``total_s`` (the whole command's seconds) that comes
+        first, ``imports_s`` (the command's start before :func:`run`) is named, and last comes what no step covers."""
         if not self.case_timings:
             return None
         n = len(self.case_timings)
-        mean = {k: sum(t.get(k, 0.0) for t in self.case_timings.values()) / n
-                for k in ("read_wait_s", "preprocess_s", "network_s", "postprocess_s")}
-        line = (f"models {self.load_s:.2f} s; per scan ({n}): waiting to read {mean['read_wait_s']:.2f} s, "
-                f"preprocessing {mean['preprocess_s']:.2f} s, network {mean['network_s']:.2f} s, "
-                f"postprocessing {mean['postprocess_s']:.2f} s; waiting for writes at the end "
-                f"{self.write_wait_s:.2f} s")
+        mean = {k: sum(t.get(k, 0.0) for t in self.case_timings.values()) / n for k in MAIN_STEPS + BACKGROUND_STEPS}
+        parts = ", ".join(f"{name} {sec:.2f} s" for name, sec in self.load_parts.items())
+        queued = mean["write_queue_wait_s"]
+        queue = f", waiting for the writer {queued:.2f} s" if queued >= 0.005 else ""
+        line = (f"models {self.load_s:.2f} s{f' ({parts})' if parts else ''}; per scan ({n}): network "
+                f"{mean['network_s']:.2f} s, waiting for its input {mean['read_wait_s']:.2f} s{queue}; beside them, "
+                f"per scan: reading {mean['read_s']:.2f} s, preprocessing {mean['preprocess_s']:.2f} s, "
+                f"postprocessing {mean['postprocess_s']:.2f} s, writing {mean['write_s']:.2f} s; waiting for writes "
+                f"at the end {self.write_wait_s:.2f} s")
         if total_s is None:
             return line
-        other = total_s - self.load_s - self.write_wait_s - sum(sum(t.values()) for t in self.case_timings.values())
-        return f"{total_s:.1f} s: {line}; other (imports, finding inputs, reports) {max(other, 0.0):.2f} s"
+        main = sum(t.get(k, 0.0) for t in self.case_timings.values() for k in MAIN_STEPS)
+        other = total_s - imports_s - self.load_s - self.write_wait_s - main
+        return (f"{total_s:.1f} s: imports {imports_s:.2f} s; {line}; other (finding inputs, reports) "
+                f"{max(other, 0.0):.2f} s")
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -183,23 +199,41 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
     if dupes:
         raise MslpipeError(f"several inputs would write the same output name: {sorted(dupes)}", out)
     out.mkdir(parents=True, exist_ok=True)
+    pp = {**predictor.postprocessing, **(postprocessing or {})}
 
-    def read(src: Source):
-        return src.read()
+    def read(src: Source):  # beside the network: read and preprocess the next scan
+        t0 = time.perf_counter()
+        channels, affine = src.read()
+        t1 = time.perf_counter()
+        prepared = preprocess.prepare_scan(channels, affine, predictor.plan, where=src.paths[0])
+        return channels, affine, prepared, {"read_s": t1 - t0, "preprocess_s": time.perf_counter() - t1}
 
-    def write(src: Source, mask: np.ndarray, prob: np.ndarray, affine: np.ndarray,
-              image: np.ndarray | None = None, notes: list[str] | None = None) -> None:
+    def write(src: Source, prob: np.ndarray, prepared: preprocess.PreparedScan, affine: np.ndarray,
+              image: np.ndarray, timings: dict[str, float]) -> None:  # beside the network: postprocess and write
+        t0 = time.perf_counter()
+        mask, prob = preprocess.finish_scan(prob, prepared, affine, pp)
+        t1 = time.perf_counter()
         save_nifti(out / f"{src.case}.nii.gz", mask, affine, dtype=np.uint8)
         if save_probabilities:
             save_nifti(out / "probabilities" / f"{src.case}.nii.gz", prob, affine, dtype=np.float32)
         if want_report:
+            notes = [prepared.warning] if prepared.warning else []
             lesion_report.write_case_report(out, src.case, image, mask, affine, warnings=notes)
             lesion_report.write_report_csv(out)
+        timings.update(postprocess_s=t1 - t0, write_s=time.perf_counter() - t1)
 
     def report_skipped(src: Source) -> None:  # finished by an earlier run that wrote no report
         channels, affine = src.read()
         lesion_report.write_saved_case_report(out, src.case, channels[0], affine)
         lesion_report.write_report_csv(out)
+
+    def collect(src: Source, fut: Future) -> None:
+        try:
+            fut.result()
+            result.written.append(src.case)
+        except MslpipeError as exc:
+            result.failed.append((src.case, str(exc)))
+            log.error("%s", exc)
 
     with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writer:
         pending: list[tuple[Source, Future]] = []
@@ -211,14 +245,16 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
             ahead = reader.submit(read, todo[i + 1]) if i + 1 < len(todo) else None
             try:
                 t0 = time.perf_counter()
-                channels, affine = current.result()
-                notes: list[str] = []
-                timings = {"read_wait_s": time.perf_counter() - t0}
-                mask, prob = predictor.predict_case(channels, affine, tta=tta, postprocessing=postprocessing,
-                                                    where=src.paths[0], notes=notes, timings=timings)
+                channels, affine, prepared, timings = current.result()
+                t1 = time.perf_counter()
+                prob = predictor.run_volume(prepared.image, tta=tta)
+                t2 = time.perf_counter()
+                while len(pending) >= MAX_QUEUED_WRITES:  # hold few finished volumes in memory
+                    collect(*pending.pop(0))
+                timings.update(read_wait_s=t1 - t0, network_s=t2 - t1, write_queue_wait_s=time.perf_counter() - t2)
                 result.case_timings[src.case] = timings
-                pending.append((src, writer.submit(write, src, mask, prob, affine, channels[0], notes)))
-                if notes:
+                pending.append((src, writer.submit(write, src, prob, prepared, affine, channels[0], timings)))
+                if prepared.warning:
                     result.warned.append(src.case)
             except MslpipeError as exc:
                 result.failed.append((src.case, str(exc)))
@@ -227,12 +263,7 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
                 progress(src.case)
         t0 = time.perf_counter()
         for src, fut in pending:
-            try:
-                fut.result()
-                result.written.append(src.case)
-            except MslpipeError as exc:
-                result.failed.append((src.case, str(exc)))
-                log.error("%s", exc)
+            collect(src, fut)
         result.write_wait_s = time.perf_counter() - t0
         for src, fut in backfill:
             try:
@@ -256,6 +287,7 @@ def run(inp: Path, out: Path, *, dirs: Workdirs, dataset: str | None = None, arc
         report: bool = False, onnx: Path | None = None) -> PredictReport:
     """``onnx``: an exported model run by ONNX Runtime on the CPU (no torch); otherwise checkpoints."""
     t0 = time.perf_counter()
+    load_parts: dict[str, float] = {}
     if not Path(inp).exists():  # said before the models load (seconds with torch and a GPU)
         raise MslpipeError("input not found", inp)
     if onnx is not None:
@@ -271,14 +303,16 @@ def run(inp: Path, out: Path, *, dirs: Workdirs, dataset: str | None = None, arc
                                    "--onnx MODEL")
             arch = arch or load_plan(dirs.plan_dir(dataset) / "plans.json").architecture
             paths = find_checkpoints(dirs, dataset, arch, folds)
-        from mslpipe import inference
+        t_import = time.perf_counter()
+        from mslpipe import inference  # with torch, unless an earlier step imported it
 
-        predictor = inference.load_predictor(paths, device=device, compile=compile)
+        load_parts["torch import"] = time.perf_counter() - t_import
+        predictor = inference.load_predictor(paths, device=device, compile=compile, timings=load_parts)
     load_s = time.perf_counter() - t0
     sources = gather_sources(inp, len(predictor.plan.channels), dirs, dataset)
     pp = postprocessing_for(dirs, dataset, predictor.plan.architecture)
     result = predict_sources(predictor, sources, Path(out), tta=tta, postprocessing=pp,
                              save_probabilities=save_probabilities, overwrite=overwrite, progress=progress,
                              report=report)
-    result.load_s = load_s
+    result.load_s, result.load_parts, result.started = load_s, load_parts, t0
     return result

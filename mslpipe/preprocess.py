@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -295,30 +296,54 @@ def pad_to_multiple(image: np.ndarray, divisor: int) -> tuple[np.ndarray, tuple[
     return image, (h, w)
 
 
-def segment(run_volume: Callable[[np.ndarray], np.ndarray], channels: list[np.ndarray], affine: np.ndarray,
-            plan: Plan, postprocessing: dict, where: object = None, notes: list[str] | None = None,
-            timings: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Preprocess a scan, run ``run_volume`` (S×C×H×W → S×H×W probabilities), map back, postprocess.
+@dataclass
+class PreparedScan:
+    """A scan made ready for the network by :func:`prepare_scan`: the S×C×H×W input, what
+    :func:`restore` needs to map a prediction back, and a quality warning (or None)."""
 
-    Returns (uint8 mask, float32 probabilities) on the scan's own grid. Shared by the torch and the
-    ONNX Runtime predictors, so both do exactly the same before and after the network. Quality warnings
-    (:func:`brain_volume_warning`) are logged and, when ``notes`` is a list, appended to it. ``timings``,
-    when a dict, receives the seconds of each step: ``preprocess_s``, ``network_s`` (``run_volume``, which
-    returns host memory, so device work is included) and ``postprocess_s`` (back to the scan's grid, then
-    :func:`mslpipe.postprocess.apply`).
-    """
-    t0 = time.perf_counter()
+    image: np.ndarray
+    props: dict[str, Any]
+    warning: str | None
+
+
+def prepare_scan(channels: list[np.ndarray], affine: np.ndarray, plan: Plan, where: object = None) -> PreparedScan:
+    """:func:`preprocess_volume` for prediction, plus the brain-size check (:func:`brain_volume_warning`, logged)."""
     image, _, props = preprocess_volume(channels, affine, plan, where=where)
     unusual = brain_volume_warning(props, plan)
     if unusual:
         log.warning("%s: %s", where if where is not None else "scan", unusual)
-        if notes is not None:
-            notes.append(unusual)
+    return PreparedScan(image, props, unusual)
+
+
+def finish_scan(prob: np.ndarray, prepared: PreparedScan, affine: np.ndarray,
+                postprocessing: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Map the network's S×H×W probabilities back onto the scan's grid and postprocess them:
+    (uint8 mask, float32 probabilities)."""
+    prob = restore(prob, prepared.props)
+    return postprocess.apply(prob, affine, postprocessing), prob
+
+
+def segment(run_volume: Callable[[np.ndarray], np.ndarray], channels: list[np.ndarray], affine: np.ndarray,
+            plan: Plan, postprocessing: dict, where: object = None, notes: list[str] | None = None,
+            timings: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocess a scan, run ``run_volume`` (S×C×H×W → S×H×W probabilities), map back, postprocess:
+    :func:`prepare_scan`, the network, :func:`finish_scan` one after the other (``mslpipe predict`` runs
+    the three steps of successive scans side by side).
+
+    Returns (uint8 mask, float32 probabilities) on the scan's own grid. Shared by the torch and the
+    ONNX Runtime predictors, so both do exactly the same before and after the network. A quality
+    warning is appended to ``notes`` when that is a list. ``timings``, when a dict, receives the seconds
+    of each step: ``preprocess_s``, ``network_s`` (``run_volume``, which returns host memory, so device
+    work is included) and ``postprocess_s``.
+    """
+    t0 = time.perf_counter()
+    prepared = prepare_scan(channels, affine, plan, where=where)
+    if prepared.warning and notes is not None:
+        notes.append(prepared.warning)
     t1 = time.perf_counter()
-    prob = run_volume(image)
+    prob = run_volume(prepared.image)
     t2 = time.perf_counter()
-    prob = restore(prob, props)
-    mask = postprocess.apply(prob, affine, postprocessing)
+    mask, prob = finish_scan(prob, prepared, affine, postprocessing)
     t3 = time.perf_counter()
     if timings is not None:
         for key, seconds in (("preprocess_s", t1 - t0), ("network_s", t2 - t1), ("postprocess_s", t3 - t2)):

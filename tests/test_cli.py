@@ -115,3 +115,27 @@ def test_archs_lists_parameter_counts():
     out = run_cli("archs")
     assert out.returncode == 0
     assert "leaky_unet" in out.stdout and "31.39" in out.stdout and "nnunet2d" in out.stdout
+
+
+def test_predict_ends_with_everything_said_and_written(trained, synth_root, tmp_path):
+    """predict ends its process without Python's teardown once it is done: the outputs are complete, every line
+    is printed, and the exit status still tells success (0) from a failed scan (1)."""
+    from mslpipe.io import load_image
+
+    _, result = trained
+    model = result["fold_dir"] / "checkpoint_final.pt"
+    scan = next((synth_root / "training").glob("training01/preprocessed/*_flair_pp.nii.gz"))
+    data, affine = load_image(scan)
+    inp = tmp_path / "in"
+    save_nifti(inp / "good.nii.gz", data, affine, dtype=np.float32)
+    out = run_cli("predict", "-i", inp, "-o", tmp_path / "out", "--checkpoint", model, "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert "wrote 1, skipped 0 existing, failed 0" in out.stdout and out.stdout.rstrip().splitlines()[-1].startswith(
+        "time: ")
+    assert load_image(tmp_path / "out" / "good.nii.gz")[0].shape == data.shape
+    (inp / "bad.nii.gz").write_bytes(b"not a nifti")
+    out = run_cli("predict", "-i", inp, "-o", tmp_path / "out", "--checkpoint", model, "--device", "cpu")
+    assert out.returncode == 1
+    assert "skipped 1 existing (use --overwrite), failed 1" in out.stdout
+    failed = [line for line in out.stderr.splitlines() if line.startswith("failed: ")]
+    assert len(failed) == 1 and "bad.nii.gz" in failed[0] and "not a gzip file" in failed[0]

@@ -353,13 +353,18 @@ def test_where_the_time_goes_per_step(model, scan, tmp_path):
         save_nifti(inp / f"{name}.nii.gz", data, affine, dtype=np.float32)
     report = predict.run(inp, tmp_path / "out", dirs=None, checkpoint=[model], device="cpu")
     assert sorted(report.case_timings) == ["a", "b"] and report.load_s > 0
+    assert list(report.load_parts) == ["torch import", "checkpoints", "device"]
+    assert sum(report.load_parts.values()) <= report.load_s
     for t in report.case_timings.values():
-        assert set(t) == {"read_wait_s", "preprocess_s", "network_s", "postprocess_s"}
-        assert all(v >= 0 for v in t.values()) and t["network_s"] > 0
-    steps = report.load_s + report.write_wait_s + sum(sum(t.values()) for t in report.case_timings.values())
-    line = report.timing_summary(total_s=steps + 1.0)
-    assert line.startswith(f"{steps + 1.0:.1f} s: models ") and "per scan (2)" in line
-    assert line.endswith("other (imports, finding inputs, reports) 1.00 s")
+        assert set(t) == set(predict.MAIN_STEPS + predict.BACKGROUND_STEPS)
+        assert all(v >= 0 for v in t.values()) and t["network_s"] > 0 and t["write_s"] > 0
+    # the line adds up the main thread's path: imports, models, waits, network, the writes' tail, the rest
+    main = sum(t[k] for t in report.case_timings.values() for k in predict.MAIN_STEPS)
+    steps = 0.5 + report.load_s + report.write_wait_s + main
+    line = report.timing_summary(total_s=steps + 1.0, imports_s=0.5)
+    assert line.startswith(f"{steps + 1.0:.1f} s: imports 0.50 s; models ") and "per scan (2)" in line
+    assert "(torch import " in line and "beside them, per scan: reading " in line
+    assert line.endswith("other (finding inputs, reports) 1.00 s")
     rerun = predict.run(inp, tmp_path / "out", dirs=None, checkpoint=[model], device="cpu")
     assert rerun.skipped == ["a", "b"] and rerun.timing_summary() is None  # nothing segmented, nothing to say
 
@@ -371,3 +376,58 @@ def test_where_the_time_goes_per_step(model, scan, tmp_path):
                                    str(model), "--device", "cpu"])
     assert out.exit_code == 0, out.output
     assert "time: " in out.stdout and "network" in out.stdout and "per scan (2)" in out.stdout
+
+
+def test_the_pipeline_gives_what_one_scan_at_a_time_gives(model, scan, tmp_path):
+    """predict reads and preprocesses the next scan and postprocesses and writes the last one beside the network:
+    each output is exactly what predict_case, the steps one after the other, gives for that scan."""
+    data, affine = scan
+    inp = tmp_path / "in"
+    variants = {"a": data, "b": data[::-1].copy(), "c": np.clip(data * 1.3, 0, None)}
+    for name, arr in variants.items():
+        save_nifti(inp / f"{name}.nii.gz", arr, affine, dtype=np.float32)
+    report = predict.run(inp, tmp_path / "out", dirs=None, checkpoint=[model], device="cpu", save_probabilities=True)
+    assert report.written == ["a", "b", "c"] and not report.failed
+    predictor = inference.load_predictor([model], device="cpu")
+    for name, arr in variants.items():
+        mask, prob = inference.predict_case(predictor, [arr], affine)
+        assert np.array_equal(load_image(tmp_path / "out" / f"{name}.nii.gz")[0], mask)
+        assert np.allclose(load_image(tmp_path / "out" / "probabilities" / f"{name}.nii.gz")[0], prob, atol=1e-6)
+
+
+def test_finished_volumes_wait_for_a_slow_writer(model, scan, tmp_path, monkeypatch):
+    """At most MAX_QUEUED_WRITES finished cases are held in memory: with the writer stalled, the network stops."""
+    import threading
+    import time
+
+    data, affine = scan
+    inp = tmp_path / "in"
+    for i in range(5):
+        save_nifti(inp / f"s{i}.nii.gz", data, affine, dtype=np.float32)
+    predictor = inference.load_predictor([model], device="cpu")
+    calls, release, real_save = [], threading.Event(), predict.save_nifti
+
+    def network(image, tta=False):
+        calls.append(time.perf_counter())
+        return np.zeros((image.shape[0], *image.shape[2:]), dtype=np.float32)
+
+    def stalled_save(*args, **kwargs):
+        release.wait(timeout=30)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(predictor, "run_volume", network)
+    monkeypatch.setattr(predict, "save_nifti", stalled_save)
+    sources = predict.gather_sources(inp)
+    done = []
+    worker = threading.Thread(target=lambda: done.append(predict.predict_sources(predictor, sources, tmp_path / "o")))
+    worker.start()
+    deadline = time.perf_counter() + 30
+    while len(calls) < predict.MAX_QUEUED_WRITES + 1 and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)  # time enough for more networks, were the queue unbounded
+    # the writer holds one case, MAX_QUEUED_WRITES wait in its queue: the network ran once more than that
+    assert len(calls) == predict.MAX_QUEUED_WRITES + 1, len(calls)
+    release.set()
+    worker.join(timeout=60)
+    assert done and done[0].written == [f"s{i}" for i in range(5)] and len(calls) == 5
+    assert all(t["write_queue_wait_s"] >= 0 for t in done[0].case_timings.values())
