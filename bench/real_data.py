@@ -197,6 +197,17 @@ def goals(entries: list[dict]) -> str:
             + "; ".join(lines) + ".")
 
 
+def parse_runs(text: str) -> list[tuple[int, str]]:
+    """``"1:nnunet_leaky_unet,2:nnunet_2d"`` → [(1, "nnunet_leaky_unet"), (2, "nnunet_2d")]."""
+    runs = []
+    for item in (i.strip() for i in text.split(",")):
+        fold, _, arm = item.partition(":")
+        if not fold.strip().isdigit() or arm.strip() not in ARMS:
+            sys.exit(f"--runs takes FOLD:ARM pairs with arms from {', '.join(ARMS)}, not {item!r}")
+        runs.append((int(fold), arm.strip()))
+    return runs
+
+
 def merge_entries(results: dict, others: list[Path]) -> list[str]:
     """Add the entries of other runs' JSON files (e.g. the files several device calls brought back) to
     ``results``: an entry replaces the one of the same arm and fold, later files win. Returns what was added."""
@@ -252,6 +263,9 @@ def main() -> None:
     ap.add_argument("--folds", default=None, help="e.g. 0 or 0,1 or all [all; 1 with --cpu-speed]")
     ap.add_argument("--arms", default=None,
                     help=f"comma-separated subset of {', '.join(ARMS)} [{','.join(DEFAULT_ARMS)}]")
+    ap.add_argument("--runs", default=None, metavar="FOLD:ARM,...",
+                    help="these fold and arm pairs, in this order, instead of --folds x --arms (e.g. "
+                         "1:nnunet_leaky_unet,2:nnunet_2d: what is left of a comparison in one device call)")
     ap.add_argument("--dataset-id", type=int, default=501, help="nnU-Net dataset id (DatasetNNN_NAME)")
     ap.add_argument("--nnunet-bin", type=Path, default=None,
                     help="folder with nnUNetv2_* [bench/nnunet/.venv/bin if there, else PATH]")
@@ -305,7 +319,10 @@ def main() -> None:
         sys.exit("--cpu-speed runs on the CPU with the real data: not with --smoke or --device cuda")
     device = args.device or ("cpu" if args.smoke or args.cpu_speed else "cuda")
     iterations = args.iterations or (3 if args.smoke else 10 if args.cpu_speed else None)
-    arms = [a.strip() for a in (args.arms or ",".join(
+    runs = parse_runs(args.runs) if args.runs else None
+    if runs and (args.folds or args.arms or args.smoke or args.cpu_speed):
+        sys.exit("--runs replaces --folds and --arms, and goes with neither --smoke nor --cpu-speed")
+    arms = list(dict.fromkeys(a for _, a in runs)) if runs else [a.strip() for a in (args.arms or ",".join(
         ("nnunet_2d", "mslpipe_leaky_unet", "mslpipe_leaky_unet_full") if args.cpu_speed else DEFAULT_ARMS)
     ).split(",") if a.strip()]
     unknown = sorted(set(arms) - set(ARMS))
@@ -321,6 +338,10 @@ def main() -> None:
     folds_arg = args.folds or ("1" if args.cpu_speed else "all")
     folds = [] if args.render_only else [0] if args.smoke else (list(range(len(setup.folds))) if folds_arg == "all"
                                     else [int(f) for f in folds_arg.split(",")])
+    runs = [] if args.render_only else runs or [(fold, arm) for fold in folds for arm in arms]
+    bad = sorted({fold for fold, _ in runs if not 0 <= fold < len(setup.folds)})
+    if bad:
+        sys.exit(f"no fold {bad[0]}: the plan has folds 0-{len(setup.folds) - 1}")
     # The GPU comparison's entries are kept in the repository; smoke and CPU runs stay in their work folder.
     results_path = args.results or (work / "results.json" if args.smoke or device == "cpu" else RESULTS_JSON)
     results = read_json(results_path) if results_path.exists() else {"entries": []}
@@ -330,18 +351,17 @@ def main() -> None:
         write_json(results_path, results)
     from mslpipe.inference import pick_device
 
-    for fold in folds:
-        for arm in arms:
-            t0 = time.perf_counter()
-            print(f"fold {fold} {arm} ...", flush=True)
-            entry = run_arm(setup, arm, fold)
-            entry["device_name"] = pick_device_name(pick_device(device))
-            entry["commit"] = COMMIT_AT_START
-            results["entries"] = [e for e in results["entries"] if (e["arm"], e["fold"]) != (arm, fold)] + [entry]
-            write_json(results_path, results)
-            print(f"fold {fold} {arm}: {time.perf_counter() - t0:.0f} s, Dice (tta/no tta) "
-                  f"{entry['inference']['tta']['scores']['dice']} / {entry['inference']['no_tta']['scores']['dice']}",
-                  flush=True)
+    for fold, arm in runs:
+        t0 = time.perf_counter()
+        print(f"fold {fold} {arm} ...", flush=True)
+        entry = run_arm(setup, arm, fold)
+        entry["device_name"] = pick_device_name(pick_device(device))
+        entry["commit"] = COMMIT_AT_START
+        results["entries"] = [e for e in results["entries"] if (e["arm"], e["fold"]) != (arm, fold)] + [entry]
+        write_json(results_path, results)
+        print(f"fold {fold} {arm}: {time.perf_counter() - t0:.0f} s, Dice (tta/no tta) "
+              f"{entry['inference']['tta']['scores']['dice']} / {entry['inference']['no_tta']['scores']['dice']}",
+              flush=True)
     cards = sorted({e["device_name"] for e in results["entries"]})
     commits = sorted({e.get("commit", "unrecorded") for e in results["entries"]})
     if args.cpu_speed:

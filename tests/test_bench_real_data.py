@@ -83,3 +83,10 @@ def test_merge_entries_replaces_same_arm_and_fold(real_data, tmp_path):
 def test_undefined_numbers_show_as_a_dash(real_data):
     assert real_data._v(float("nan")) == "—" and real_data._v(None) == "—"
     assert real_data._v(0.12345) == 0.123 and real_data._v(3) == 3
+
+
+def test_runs_name_fold_and_arm_pairs(real_data):
+    assert real_data.parse_runs("1:nnunet_leaky_unet, 2:nnunet_2d") == [(1, "nnunet_leaky_unet"), (2, "nnunet_2d")]
+    for bad in ("1:nnunet_3d", "x:nnunet_2d", "nnunet_2d", "1:"):
+        with pytest.raises(SystemExit, match="FOLD:ARM"):
+            real_data.parse_runs(bad)

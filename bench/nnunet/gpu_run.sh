@@ -2,6 +2,7 @@
 # On the GPU machine (device tool), from the repository root; prepared by bench/gpu_prepare.sh and
 # bench/nnunet/gpu_prepare.sh. One call, carry [.whl, .nnpack, .realdata]:
 #   FOLDS=0 ARMS=nnunet_2d MINUTES=2 bash bench/nnunet/gpu_run.sh
+#   RUNS=1:nnunet_leaky_unet,2:nnunet_2d MINUTES=1.5 bash bench/nnunet/gpu_run.sh     # FOLD:ARM pairs instead
 # Unpacks .nnpack/site.tar.xz and installs the wheels into .nnsite/, then runs bench/real_data.py.
 # bench/real_data_results.json (committed) holds earlier runs' entries: each run adds its own (kept in .rdwork
 # across calls on a warm machine) and rewrites the table in bench/RESULTS.md. Both files come back in $OUT; copy
@@ -37,11 +38,12 @@ if [ ! -f .rdwork/real_data_results.json ]; then
     if [ "$DEVICE" = cuda ]; then cp bench/real_data_results.json .rdwork/ || exit 1
     else echo '{"entries": []}' > .rdwork/real_data_results.json; fi   # a CPU dry run keeps its own entries
 fi
+if [ -n "${RUNS:-}" ]; then WHAT=(--runs "$RUNS")   # FOLD:ARM pairs, e.g. 1:nnunet_leaky_unet,2:nnunet_2d
+else WHAT=(--folds "${FOLDS:-0}" --arms "${ARMS:-nnunet_2d,nnunet_leaky_unet,mslpipe_leaky_unet}"); fi
 timeout "${TIMEOUT:-540}" python3 bench/real_data.py --device "$DEVICE" --work "$PWD/.rdwork" \
     --results "$PWD/.rdwork/real_data_results.json" \
-    --data "${MSLPIPE_REAL_DATA:-$PWD/.realdata}" --nnunet-bin "$SITE/bin" --folds "${FOLDS:-0}" \
-    --arms "${ARMS:-nnunet_2d,nnunet_leaky_unet,mslpipe_leaky_unet}" --minutes-per-fold "${MINUTES:-3}" \
-    ${EXTRA:-} 2>&1 | tee "$OUT/real_data.log"
+    --data "${MSLPIPE_REAL_DATA:-$PWD/.realdata}" --nnunet-bin "$SITE/bin" "${WHAT[@]}" \
+    --minutes-per-fold "${MINUTES:-3}" ${EXTRA:-} 2>&1 | tee "$OUT/real_data.log"
 rc=${PIPESTATUS[0]}
 cp .rdwork/real_data_results.json bench/RESULTS.md "$OUT/" 2>/dev/null
 tar czf "$OUT/logs.tgz" --exclude='*.nii.gz' -C .rdwork logs runs 2>/dev/null
