@@ -146,10 +146,8 @@ def predict_volume(models: list[Any], image: np.ndarray, *, divisor: int, device
 
 def predict_case(predictor: Predictor, channels: list[np.ndarray], affine: np.ndarray, *,
                  tta: bool = False, postprocessing: dict | None = None, where: object = None,
-                 notes: list[str] | None = None, timings: dict[str, float] | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 notes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Segment one scan: returns (uint8 mask, float32 probabilities), both on the scan's grid; quality
-    warnings go to ``notes``, each step's seconds to ``timings`` (see ``preprocess.segment``)."""
+    warnings go to ``notes`` (see ``preprocess.segment``)."""
     return preprocess.segment(lambda image: predictor.run_volume(image, tta=tta), channels, affine, predictor.plan,
-                              {**predictor.postprocessing, **(postprocessing or {})}, where=where, notes=notes,
-                              timings=timings)
+                              {**predictor.postprocessing, **(postprocessing or {})}, where=where, notes=notes)

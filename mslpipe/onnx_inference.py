@@ -136,9 +136,7 @@ def predict_volume(session: Any, input_name: str, image: np.ndarray, *, divisor:
 
 def predict_case(predictor: OnnxPredictor, channels: list[np.ndarray], affine: np.ndarray, *,
                  tta: bool = False, postprocessing: dict | None = None, where: object = None,
-                 notes: list[str] | None = None, timings: dict[str, float] | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 notes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Segment one scan: (uint8 mask, float32 probabilities) on the scan's grid, as ``inference.predict_case``."""
     return preprocess.segment(lambda image: predictor.run_volume(image, tta=tta), channels, affine, predictor.plan,
-                              {**predictor.postprocessing, **(postprocessing or {})}, where=where, notes=notes,
-                              timings=timings)
+                              {**predictor.postprocessing, **(postprocessing or {})}, where=where, notes=notes)

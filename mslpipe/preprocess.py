@@ -8,7 +8,6 @@ same code, so what the network sees at prediction time is what it saw in trainin
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -324,31 +323,16 @@ def finish_scan(prob: np.ndarray, prepared: PreparedScan, affine: np.ndarray,
 
 
 def segment(run_volume: Callable[[np.ndarray], np.ndarray], channels: list[np.ndarray], affine: np.ndarray,
-            plan: Plan, postprocessing: dict, where: object = None, notes: list[str] | None = None,
-            timings: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Preprocess a scan, run ``run_volume`` (S×C×H×W → S×H×W probabilities), map back, postprocess:
-    :func:`prepare_scan`, the network, :func:`finish_scan` one after the other (``mslpipe predict`` runs
-    the three steps of successive scans side by side).
-
-    Returns (uint8 mask, float32 probabilities) on the scan's own grid. Shared by the torch and the
-    ONNX Runtime predictors, so both do exactly the same before and after the network. A quality
-    warning is appended to ``notes`` when that is a list. ``timings``, when a dict, receives the seconds
-    of each step: ``preprocess_s``, ``network_s`` (``run_volume``, which returns host memory, so device
-    work is included) and ``postprocess_s``.
-    """
-    t0 = time.perf_counter()
+            plan: Plan, postprocessing: dict, where: object = None,
+            notes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One scan to (uint8 mask, float32 probabilities) on its own grid: :func:`prepare_scan`, ``run_volume``
+    (S×C×H×W → S×H×W probabilities), :func:`finish_scan`, one after the other (``mslpipe predict`` runs them for
+    successive scans side by side). Shared by the torch and the ONNX Runtime predictors. A quality warning is
+    appended to ``notes`` when that is a list."""
     prepared = prepare_scan(channels, affine, plan, where=where)
     if prepared.warning and notes is not None:
         notes.append(prepared.warning)
-    t1 = time.perf_counter()
-    prob = run_volume(prepared.image)
-    t2 = time.perf_counter()
-    mask, prob = finish_scan(prob, prepared, affine, postprocessing)
-    t3 = time.perf_counter()
-    if timings is not None:
-        for key, seconds in (("preprocess_s", t1 - t0), ("network_s", t2 - t1), ("postprocess_s", t3 - t2)):
-            timings[key] = timings.get(key, 0.0) + seconds
-    return mask, prob
+    return finish_scan(run_volume(prepared.image), prepared, affine, postprocessing)
 
 
 # ---------------------------------------------------------------------------- a dataset
