@@ -362,9 +362,12 @@ def test_where_the_time_goes_per_step(model, scan, tmp_path):
     assert "time: " in out.stdout and "network" in out.stdout and "per scan (2)" in out.stdout
 
 
-def test_the_pipeline_gives_what_one_scan_at_a_time_gives(model, scan, tmp_path):
-    """predict reads and preprocesses the next scan and postprocesses and writes the last one beside the network:
-    each output is exactly what predict_case, the steps one after the other, gives for that scan."""
+@pytest.mark.parametrize("readers", [1, 3])
+def test_the_pipeline_gives_what_one_scan_at_a_time_gives(model, scan, tmp_path, monkeypatch, readers):
+    """predict reads and preprocesses the next scans (several at once beside a GPU) and postprocesses and writes
+    the last one beside the network: each output is exactly what predict_case, the steps one after the other,
+    gives for that scan, and the cases come out in order."""
+    monkeypatch.setattr(predict, "reader_count", lambda predictor: readers)
     data, affine = scan
     inp = tmp_path / "in"
     variants = {"a": data, "b": data[::-1].copy(), "c": np.clip(data * 1.3, 0, None)}
@@ -415,3 +418,12 @@ def test_finished_volumes_wait_for_a_slow_writer(model, scan, tmp_path, monkeypa
     worker.join(timeout=60)
     assert done and done[0].written == [f"s{i}" for i in range(5)] and len(calls) == 5
     assert all(t["write_queue_wait_s"] >= 0 for t in done[0].case_timings.values())
+
+
+def test_readers_per_device():
+    class Fake:
+        def __init__(self, device):
+            self.device = device
+
+    assert predict.reader_count(Fake("cuda")) == 2 and predict.reader_count(Fake("cpu")) == 1
+    assert predict.reader_count(object()) == 1  # an ONNX Runtime predictor runs on the CPU
