@@ -27,7 +27,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
-from scipy.spatial import cKDTree
 
 from mslpipe.errors import MslpipeError
 
@@ -192,6 +191,8 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float
     surface voxel centres scaled by ``spacing``), which is far cheaper than a full-volume distance
     transform when lesions are small and scattered.
     """
+    from scipy.spatial import cKDTree  # here, not at the top: `predict` imports this module and needs no k-d tree
+
     p, r = _pair(pred, ref)
     sp = np.asarray(_spacing(spacing, p.ndim))
     if not p.any() or not r.any():

@@ -139,3 +139,13 @@ def test_predict_ends_with_everything_said_and_written(trained, synth_root, tmp_
     assert "skipped 1 existing (use --overwrite), failed 1" in out.stdout
     failed = [line for line in out.stderr.splitlines() if line.startswith("failed: ")]
     assert len(failed) == 1 and "bad.nii.gz" in failed[0] and "not a gzip file" in failed[0]
+
+
+def test_predict_imports_no_k_d_tree():
+    """`predict` imports the metrics module (through the lesion report) but needs none of scipy.spatial, which takes
+    a tenth of a second warm and about a second from a cold disk: the evaluation code imports it where it is used."""
+    code = ("import sys, mslpipe.cli, mslpipe.predict; "
+            "print(sorted(m for m in sys.modules if m.startswith('scipy.spatial')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, **TEXT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
