@@ -11,8 +11,9 @@ leave-one-subject-out folds; training03's three scans always stay together):
 
 The first two against each other isolate what the network contributes; the last two what the pipeline
 contributes. nnU-Net gets exactly mslpipe's folds through ``splits_final.json``. Each arm trains each fold
-for the same wall-clock budget (``--minutes-per-fold``, 3 by default; nnU-Net stops itself through
-``bench/nnunet/trainers``, mslpipe's epoch count is calibrated on two timed epochs). Every arm's predictions
+for the same wall-clock budget by the same rule (``--minutes-per-fold``, 3 by default; whole epochs while the
+next one fits: nnU-Net through ``bench/nnunet/trainers``, mslpipe through ``mslpipe train --minutes``). Every arm's
+predictions
 are scored by ``mslpipe evaluate --pred --ref`` (the same metric code), per fold and pooled over folds;
 nnU-Net's own validation summary.json is recorded beside it as a cross-check. Inference is timed end to
 end per volume (process start, model loading, reading, writing included) with and without test-time
@@ -115,6 +116,14 @@ def isbi_parts(rows: list[dict]) -> list:
     return [_v(sum(p[k] for p in parts) / len(parts)) for k in ("partial", "volume_correlation")]
 
 
+def stopping(entry: dict) -> str:
+    """How an entry's training ended: by the budget rule both systems share, or after a count fixed beforehand."""
+    t = entry["training"]
+    if entry["arm"].startswith("nnunet") or t.get("stopping", "").startswith("--minutes"):
+        return "fits"
+    return f"{t['planned_epochs']} fixed" if t.get("planned_epochs") else "one epoch"
+
+
 def render(setup: Setup, results: dict, machine_note: str) -> str:
     entries = sorted(results["entries"], key=lambda e: (list(ARMS).index(e["arm"]), e["fold"]))
     score_rows, train_rows = [], []
@@ -136,7 +145,7 @@ def render(setup: Setup, results: dict, machine_note: str) -> str:
             t = e["training"]
             own = t.get("nnunet_own_dice")
             cross = e.get("nnunet_validation_scored_by_mslpipe", {}).get("dice")
-            train_rows.append([arm, e["fold"], _v(e["budget_min"]), t["epochs"], _v(t["s_per_epoch"], 1),
+            train_rows.append([arm, e["fold"], _v(e["budget_min"]), stopping(e), t["epochs"], _v(t["s_per_epoch"], 1),
                                _v(t["time_to_best_s"], 0), _v(t["loop_s"] / 60, 2), _v(t["wall_s"] / 60, 2),
                                _v(own), _v(cross)])
     folds = "; ".join(f"fold {k}: val {', '.join(f['val'])}" for k, f in enumerate(setup.folds))
@@ -156,8 +165,12 @@ def render(setup: Setup, results: dict, machine_note: str) -> str:
         + "\n\nTraining. Loop minutes: epochs with their validation (the budgeted part); wall minutes: the whole "
         "train command (start-up, nnU-Net's final validation or mslpipe's validation export included). Time to "
         "best: seconds from the first epoch to the end of the epoch each system's own selection metric peaked "
-        "at. Own Dice: nnU-Net's validation summary.json; cross-check: the same predictions scored by mslpipe.\n\n"
-        + table(["arm", "fold", "budget min", "epochs", "s/epoch", "time to best s", "loop min", "wall min",
+        "at. Own Dice: nnU-Net's validation summary.json; cross-check: the same predictions scored by mslpipe. "
+        "Stopping: `fits` is nnU-Net's budget trainer and `mslpipe train --minutes` alike (whole epochs while the next "
+        "one fits into the budget); `N fixed` is an epoch count set beforehand from another run's seconds per epoch "
+        "(mslpipe before `--minutes`), which can overrun the budget by part of an epoch.\n\n"
+        + table(["arm", "fold", "budget min", "stopping", "epochs", "s/epoch", "time to best s", "loop min",
+                 "wall min",
                  "nnU-Net own Dice", "cross-check Dice"], train_rows)
         + throughput_table(entries) + goals(entries))
 
@@ -270,9 +283,6 @@ def main() -> None:
     ap.add_argument("--nnunet-bin", type=Path, default=None,
                     help="folder with nnUNetv2_* [bench/nnunet/.venv/bin if there, else PATH]")
     ap.add_argument("--compile", action="store_true", help="torch.compile in every arm (nnUNet_compile=t)")
-    ap.add_argument("--mslpipe-s-per-epoch", type=float, default=None,
-                    help="mslpipe's seconds per epoch on this card (from an earlier run's table): skips the "
-                         "two-epoch calibration run")
     ap.add_argument("--smoke", action="store_true", help="CPU wiring check: fold 0, one tiny epoch, no RESULTS.md")
     ap.add_argument("--cpu-speed", action="store_true",
                     help="CPU inference speed of briefly trained models (one epoch of --iterations); writes its own "
@@ -329,7 +339,7 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
     setup = Setup(work=work, name=name, dataset_id=args.dataset_id, device=device, budget_min=budget,
-                  nnunet_bin=nnunet_bin, compile=args.compile, s_per_epoch=args.mslpipe_s_per_epoch,
+                  nnunet_bin=nnunet_bin, compile=args.compile,
                   iterations=iterations, speed_only=args.cpu_speed, throughput=args.throughput)
     if args.render_only:
         arms = []  # the folds come from mslpipe's plan (made here if the work folder lacks it), nothing runs

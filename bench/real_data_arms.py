@@ -37,7 +37,6 @@ class Setup:
     budget_min: float
     nnunet_bin: Path | None
     compile: bool
-    s_per_epoch: float | None = None  # mslpipe's seconds per epoch, if known (skips the calibration run)
     iterations: int | None = None  # brief training: one epoch of this many iterations in every arm, no budget
     speed_only: bool = False  # skip nnU-Net's final validation (its scores are not wanted)
     throughput: bool = False  # also time each arm's default inference over every scan in one command
@@ -180,37 +179,24 @@ def _log_rows(path: Path) -> list[dict]:
 
 
 def train_mslpipe(setup: Setup, arm: str, fold: int, logs: Path) -> dict:
-    """Epochs are fixed before training, so the budget is met by calibration: time two epochs in a
-    throw-away run, then train ``floor(budget / seconds per epoch)`` epochs (the poly schedule spans them).
-    With ``setup.iterations``: one epoch of that many iterations, no calibration."""
+    """``mslpipe train --minutes``: whole epochs while the next one fits into the budget, nnU-Net's rule in
+    ``bench/nnunet/trainers`` (the poly schedule spans the epochs expected to fit). With ``setup.iterations``: one
+    epoch of that many iterations."""
     name, dev = setup.mslpipe_name(arm), setup.device
-    extra = ["--iterations", str(setup.iterations)] if setup.iterations else []
-    extra += ["--compile"] if setup.compile else []
-    probe_s, epochs = 0.0, 1  # one epoch with setup.iterations
-    if setup.iterations:
-        epochs = 1
-    elif setup.s_per_epoch:  # known from an earlier run on the same card: no probe
-        epochs = max(1, int(setup.budget_min * 60 // setup.s_per_epoch))
-    else:
-        probe = setup.work / "mslpipe" / "probe"
-        shutil.rmtree(probe, ignore_errors=True)
-        probe_s = run(mslpipe(*setup.mslpipe_globals(probe), "train", "-d", name, "--fold", str(fold), "--epochs", "2",
-                              "--device", dev, *extra), setup, logs / "probe.log")
-        per_epoch = float(_log_rows(probe / name / "leaky_unet" / f"fold_{fold}" / "log.csv")[-1]["seconds"])
-        epochs = max(1, int(setup.budget_min * 60 // per_epoch))
-        shutil.rmtree(probe, ignore_errors=True)
+    length = (["--epochs", "1", "--iterations", str(setup.iterations)] if setup.iterations
+              else ["--minutes", f"{setup.budget_min:g}"])
     fold_dir = setup.work / "mslpipe" / "results" / name / "leaky_unet" / f"fold_{fold}"
     shutil.rmtree(fold_dir, ignore_errors=True)
-    wall = run(mslpipe(*setup.mslpipe_globals(), "train", "-d", name, "--fold", str(fold), "--epochs", str(epochs),
-                       "--device", dev, *extra), setup, logs / "train.log")
+    wall = run(mslpipe(*setup.mslpipe_globals(), "train", "-d", name, "--fold", str(fold), *length,
+                       "--device", dev, *(["--compile"] if setup.compile else [])), setup, logs / "train.log")
     rows = _log_rows(fold_dir / "log.csv")
     secs = [float(r["seconds"]) for r in rows]
     dice = [float(r["val_dice"]) for r in rows]
     best = max(range(len(dice)), key=lambda i: dice[i]) if dice else None
     return {"wall_s": wall, "epochs": len(rows), "s_per_epoch": sorted(secs)[len(secs) // 2] if secs else None,
             "loop_s": sum(secs), "time_to_best_s": sum(secs[: best + 1]) if best is not None else None,
-            "best_epoch": best, "selection": "whole-volume validation Dice (mslpipe)", "probe_s": probe_s,
-            "planned_epochs": epochs}
+            "best_epoch": best, "selection": "whole-volume validation Dice (mslpipe)",
+            "stopping": "--minutes: whole epochs while the next fits" if not setup.iterations else "one epoch"}
 
 
 def predict_mslpipe(setup: Setup, arm: str, fold: int, inputs: Path, out: Path, tta: bool, log: Path) -> float:

@@ -116,6 +116,9 @@ def train(
     workers: Annotated[int | None, typer.Option(help="Data-loading workers.")] = None,
     ema_half_life: Annotated[float | None, typer.Option(
         help="Half-life of the weights' moving average, as a fraction of the run (0 = the last weights).")] = None,
+    minutes: Annotated[float | None, typer.Option(
+        help="Train for this many minutes: whole epochs (validation included) while the next one fits, the learning "
+             "rate decaying over the epochs expected to fit; --epochs is then a cap (default: 1000).")] = None,
 ) -> None:
     """Train a fold of the plan's network (checkpoints, log.csv and curve.png in results/)."""
     from mslpipe import train as train_mod
@@ -133,7 +136,7 @@ def train(
     for k in folds:
         result = train_mod.run(dataset, dirs, k, arch=arch, epochs=epochs, lr=lr, batch_size=batch_size,
                                iterations=iterations, device=device, compile=compile, resume=resume,
-                               num_workers=workers, ema_half_life=ema_half_life)
+                               num_workers=workers, ema_half_life=ema_half_life, minutes=minutes)
         if result["rank"] == 0:
             _echo(f"fold {k}: {result['epochs']} epochs, last validation Dice {result['val_dice']} → "
                   f"{result['fold_dir']}")

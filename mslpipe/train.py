@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from mslpipe import architectures, checkpoints, data_loading, inference, metrics
+from mslpipe.budget import EpochBudget
 from mslpipe.errors import MslpipeError
 from mslpipe.io import atomic_path, atomic_write_text, read_json, save_nifti, write_json
 from mslpipe.plans import Plan, Workdirs, apply_overrides, load_plan
@@ -124,9 +125,10 @@ def make_step(model, step_model, opt, loss_fn, device: str, ema=None):
     return step
 
 
-def poly_lr(plan: Plan, epoch: int) -> float:
+def poly_lr(plan: Plan, epoch: int, total: int | None = None) -> float:
+    """The plan's learning rate decayed polynomially over ``total`` epochs (the plan's by default)."""
     base = plan.optimizer.get("lr", 1e-2)
-    return base * (1 - epoch / plan.epochs) ** plan.lr_schedule.get("exponent", 0.9)
+    return base * (1 - epoch / (total or plan.epochs)) ** plan.lr_schedule.get("exponent", 0.9)
 
 
 # ---------------------------------------------------------------------------- distributed
@@ -224,7 +226,10 @@ def export_validation(model, cases: list[str], pre_dir: Path, plan: Plan, device
 def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, epochs: int | None = None,
         lr: float | None = None, batch_size: int | None = None, iterations: int | None = None,
         device: str = "auto", compile: bool = False, resume: bool = False, num_workers: int | None = None,
-        ema_half_life: float | None = None, show_progress: bool = True) -> dict[str, Any]:
+        ema_half_life: float | None = None, minutes: float | None = None, show_progress: bool = True
+        ) -> dict[str, Any]:
+    """``minutes``: whole epochs while the next one fits into this wall-clock budget (:mod:`mslpipe.budget`),
+    with ``epochs`` as a cap (1000 unless given)."""
     import torch
 
     plan_dir = dirs.plan_dir(name)
@@ -233,7 +238,9 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
     device = inference.pick_device(device)
     optimizer = dict(base.optimizer, lr=lr) if lr is not None else None
     arch_kwargs = {} if arch is not None and arch != base.architecture else None
-    plan = apply_overrides(base, {"architecture": arch, "arch_kwargs": arch_kwargs, "epochs": epochs,
+    budget = EpochBudget(minutes * 60, cap=epochs or 1000) if minutes is not None else None
+    plan = apply_overrides(base, {"architecture": arch, "arch_kwargs": arch_kwargs,
+                                  "epochs": None if budget else epochs,
                                   "batch_size": batch_size, "iterations_per_epoch": iterations,
                                   "optimizer": optimizer, "num_workers": num_workers,
                                   "ema_half_life": ema_half_life})
@@ -252,7 +259,8 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
                                out)
         write_json(out / "plan.json", plan.to_dict())
         write_json(out / "run.json", {"fold": fold, "train": data.train, "val": data.val, "device": device,
-                                      "world_size": world, "compile": compile})
+                                      "world_size": world, "compile": compile, "minutes": minutes,
+                                      "epoch_cap": budget.cap if budget else None})
 
     torch.manual_seed(plan.seed + rank)
     np.random.seed(plan.seed + rank)
@@ -278,6 +286,9 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
                                        "resume it with --ema-half-life 0", latest)
                 ema.load_state_dict(payload["ema"])
             start_epoch, best = payload["meta"]["epoch"] + 1, payload["meta"]["best_dice"]
+            if budget is not None and payload["meta"].get("budget"):  # the minutes already spent count
+                budget.spent = float(payload["meta"]["budget"]["spent"])
+                budget.epoch_s = [float(x) for x in payload["meta"]["budget"]["epoch_s"]]
             checkpoints.set_rng_state(payload["rng"])
             rows = [r for r in _read_log(out / "log.csv") if int(r["epoch"]) < start_epoch]
             log.info("resuming %s at epoch %d", out, start_epoch)
@@ -295,11 +306,14 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
                                             seed=plan.seed + rank, device_hint=device, start_epoch=start_epoch)
     meta = {"plan": plan.to_dict(), "fold": str(fold), "dataset": name}
     progress = _progress(show_progress and is_main)
+    total = budget.total(start_epoch) if budget else plan.epochs  # the run's epochs: fixed, or what fits
+    epoch, mark = start_epoch, time.perf_counter()
     with progress:
-        task = progress.add_task(f"fold {fold}", total=(plan.epochs - start_epoch) * plan.iterations_per_epoch)
-        for epoch in range(start_epoch, plan.epochs):
+        task = progress.add_task(f"fold {fold}", total=None if budget else (total - start_epoch)
+                                 * plan.iterations_per_epoch)
+        while epoch < total:
             t0 = time.perf_counter()
-            lr_now = poly_lr(plan, epoch)
+            lr_now = poly_lr(plan, epoch, total)
             for g in opt.param_groups:
                 g["lr"] = lr_now
             train_model.train()
@@ -308,33 +322,39 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
                 losses.append(step(*batch_to_device(batch, device, layout)))
                 progress.advance(task)
             train_loss = float(torch.stack(losses).mean())
-            if not is_main:
-                continue
-            val_loss, dices = validate(scored, data.val, pre_dir, plan, device, divisor, loss_fn)
-            val_dice = float(np.mean(list(dices.values()))) if dices else float("nan")
-            rows.append({"epoch": epoch, "train_loss": f"{train_loss:.5f}", "val_loss": f"{val_loss:.5f}",
-                         "val_dice": f"{val_dice:.5f}",
-                         "val_dice_per_case": " ".join(f"{c}={d:.4f}" for c, d in dices.items()),
-                         "lr": f"{lr_now:.6g}", "seconds": f"{time.perf_counter() - t0:.2f}"})
-            _write_log(out / "log.csv", rows)
-            plot_curve(rows, out / "curve.png")
-            progress.update(task, description=f"fold {fold} ep {epoch + 1}/{plan.epochs} "
-                                              f"loss {train_loss:.3f} val Dice {val_dice:.3f}")
-            improved = bool(dices) and val_dice > best
-            best = max(best, val_dice) if dices else best
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": checkpoints.rng_state(),
-                     "meta": {**meta, "epoch": epoch, "best_dice": best}}
-            if ema is not None:
-                state["ema"] = ema.state_dict()
-            if improved:
-                checkpoints.save(out / "checkpoint_best.pt", dict(state, model=scored.state_dict()))
-            if latest.exists():
-                os.replace(latest, previous)
-            checkpoints.save(latest, state)
+            if is_main:
+                val_loss, dices = validate(scored, data.val, pre_dir, plan, device, divisor, loss_fn)
+                val_dice = float(np.mean(list(dices.values()))) if dices else float("nan")
+                rows.append({"epoch": epoch, "train_loss": f"{train_loss:.5f}", "val_loss": f"{val_loss:.5f}",
+                             "val_dice": f"{val_dice:.5f}",
+                             "val_dice_per_case": " ".join(f"{c}={d:.4f}" for c, d in dices.items()),
+                             "lr": f"{lr_now:.6g}", "seconds": f"{time.perf_counter() - t0:.2f}"})
+                _write_log(out / "log.csv", rows)
+                plot_curve(rows, out / "curve.png")
+            if budget is not None:  # an epoch runs from the last one's end; rank 0's clock decides for all ranks
+                now = time.perf_counter()
+                budget.add(_from_rank0(now - mark, device, world))
+                mark, total = now, budget.total(epoch + 1)
+            if is_main:
+                progress.update(task, description=f"fold {fold} ep {epoch + 1}/{total} "
+                                                  f"loss {train_loss:.3f} val Dice {val_dice:.3f}")
+                improved = bool(dices) and val_dice > best
+                best = max(best, val_dice) if dices else best
+                state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": checkpoints.rng_state(),
+                         "meta": {**meta, "epoch": epoch, "best_dice": best,
+                                  **({"budget": budget.state()} if budget else {})}}
+                if ema is not None:
+                    state["ema"] = ema.state_dict()
+                if improved:
+                    checkpoints.save(out / "checkpoint_best.pt", dict(state, model=scored.state_dict()))
+                if latest.exists():
+                    os.replace(latest, previous)
+                checkpoints.save(latest, state)
+            epoch += 1
     if is_main:
         scored.eval()
         checkpoints.save(out / "checkpoint_final.pt", {"model": scored.state_dict(),
-                                                       "meta": {**meta, "epoch": plan.epochs - 1}})
+                                                       "meta": {**meta, "epoch": epoch - 1}})
         if data.val:
             export_validation(scored, data.val, pre_dir, plan, device, divisor, out / "validation")
     if world > 1:
@@ -343,7 +363,19 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
         dist.barrier()
         dist.destroy_process_group()
     final = rows[-1] if rows else {}
-    return {"fold_dir": out, "epochs": plan.epochs, "val_dice": final.get("val_dice"), "rows": rows, "rank": rank}
+    return {"fold_dir": out, "epochs": epoch, "val_dice": final.get("val_dice"), "rows": rows, "rank": rank}
+
+
+def _from_rank0(value: float, device: str, world: int) -> float:
+    """Rank 0's ``value`` on every rank (as is without DDP)."""
+    if world == 1:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device="cuda" if device == "cuda" else "cpu")
+    dist.broadcast(t, src=0)
+    return float(t.item())
 
 
 def _load_resume(latest: Path, previous: Path) -> dict | None:

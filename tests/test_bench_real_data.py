@@ -90,3 +90,11 @@ def test_runs_name_fold_and_arm_pairs(real_data):
     for bad in ("1:nnunet_3d", "x:nnunet_2d", "nnunet_2d", "1:"):
         with pytest.raises(SystemExit, match="FOLD:ARM"):
             real_data.parse_runs(bad)
+
+
+def test_the_training_table_says_how_each_run_stopped(real_data):
+    nn = {"arm": "nnunet_2d", "training": {}}
+    old = {"arm": "mslpipe_leaky_unet", "training": {"planned_epochs": 8, "probe_s": 0.0}}
+    new = {"arm": "mslpipe_leaky_unet", "training": {"stopping": "--minutes: whole epochs while the next fits"}}
+    one = {"arm": "mslpipe_leaky_unet", "training": {"stopping": "one epoch"}}
+    assert [real_data.stopping(e) for e in (nn, old, new, one)] == ["fits", "8 fixed", "fits", "one epoch"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -208,3 +209,47 @@ def test_resuming_without_an_average_with_one_is_refused(trained, planned, tmp_p
         train.run("syn", d, 0, epochs=3, iterations=2, device="cpu", resume=True, show_progress=False,
                   ema_half_life=0.1)
     assert "checkpoint_latest.pt" in str(info.value)
+
+
+def test_a_time_budget_runs_whole_epochs_and_resumes_with_the_minutes_spent(planned, tmp_path):
+    """--minutes: at least one epoch, however small the budget; --epochs caps it; the minutes spent are kept in
+    the checkpoint, so a resumed run stops where the budget ends and goes on when a larger one allows."""
+    d = _copy_planned(planned, tmp_path)
+    result = train.run("syn", d, 0, iterations=2, device="cpu", minutes=1e-5, show_progress=False)
+    fold = d.fold_dir("syn", "leaky_unet", 0)
+    assert result["epochs"] == 1 and len(_rows(fold / "log.csv")) == 1
+    assert float(_rows(fold / "log.csv")[0]["lr"]) == pytest.approx(train.poly_lr(result_plan(fold), 0, 1000))
+    meta = torch.load(fold / "checkpoint_latest.pt", weights_only=True)["meta"]
+    assert meta["budget"]["cap"] == 1000 and len(meta["budget"]["epoch_s"]) == 1 and meta["budget"]["spent"] > 0
+    run = json.loads((fold / "run.json").read_text())
+    assert run["minutes"] == 1e-5 and run["epoch_cap"] == 1000
+    # resumed with the same budget: spent, so nothing more; with a larger one, on to the cap
+    again = train.run("syn", d, 0, iterations=2, device="cpu", minutes=1e-5, resume=True, show_progress=False)
+    assert again["epochs"] == 1 and len(again["rows"]) == 1
+    more = train.run("syn", d, 0, iterations=2, device="cpu", minutes=60, epochs=3, resume=True, show_progress=False)
+    assert more["epochs"] == 3 and [int(r["epoch"]) for r in more["rows"]] == [0, 1, 2]
+    final = torch.load(fold / "checkpoint_final.pt", weights_only=True)["meta"]
+    assert final["epoch"] == 2
+    # the learning rate decays over the epochs expected to fit: here the cap of 3, reached at the end
+    lrs = [float(r["lr"]) for r in more["rows"]]
+    assert lrs[1] > lrs[2] and lrs[2] == pytest.approx(train.poly_lr(result_plan(fold), 2, 3))
+
+
+def result_plan(fold: Path):
+    from mslpipe.plans import load_plan
+
+    return load_plan(fold / "plan.json")
+
+
+def test_ddp_with_a_time_budget(planned, tmp_path):
+    """Under torchrun every rank stops after the same epoch (rank 0's clock decides), or the run would hang."""
+    d = _copy_planned(planned, tmp_path)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(30500 + os.getpid() % 1000),
+           "-m", "mslpipe", *_cli(d, "train", "-d", "syn", "--fold", "2", "--minutes", "0.00001", "--iterations",
+                                  "2", "--device", "cpu")[3:]]
+    out = subprocess.run(cmd, capture_output=True, **TEXT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    fold = d.fold_dir("syn", "leaky_unet", 2)
+    assert len(_rows(fold / "log.csv")) == 1 and (fold / "checkpoint_final.pt").exists()

@@ -1,0 +1,48 @@
+"""Training for a wall-clock budget: nnU-Net's rule (whole epochs while the next one fits)."""
+
+import pytest
+
+from mslpipe.budget import EpochBudget
+
+
+def test_untimed_runs_plan_for_the_cap():
+    assert EpochBudget(60).total(0) == 1000 and EpochBudget(60, cap=5).total(0) == 5
+
+
+def test_whole_epochs_while_the_next_one_fits():
+    b = EpochBudget(100)
+    b.add(30)
+    assert b.total(1) == 3  # 70 s left hold 2 more epochs of 30 s
+    b.add(30)
+    b.add(30)
+    assert b.total(3) == 3  # 90 s spent: a fourth epoch of 30 s would end at 120 s
+    b = EpochBudget(100)
+    for _ in range(3):
+        b.add(25)
+    assert b.total(3) == 4  # 75 + 25 = 100 still fits, exactly
+
+
+def test_the_last_three_epochs_set_the_pace():
+    b = EpochBudget(200)
+    for seconds in (100, 10, 10, 10):  # a slow first epoch (start-up), then fast ones
+        b.add(seconds)
+    assert b.total(4) == 4 + 7  # 200 - 130 = 70 s left, at 10 s an epoch
+
+
+def test_at_least_one_epoch_and_never_past_the_cap():
+    b = EpochBudget(1, cap=3)
+    assert b.total(0) == 3
+    b.add(50)  # the first epoch alone overran the budget: it stops there
+    assert b.total(1) == 1
+    b = EpochBudget(1000, cap=3)
+    b.add(1)
+    assert b.total(1) == 3
+
+
+def test_a_budget_must_be_positive():
+    with pytest.raises(ValueError, match="positive"):
+        EpochBudget(0)
+    with pytest.raises(ValueError, match="cap"):
+        EpochBudget(10, cap=0)
+    state = EpochBudget(60, cap=4, spent=10.0, epoch_s=[10.0]).state()
+    assert state == {"seconds": 60, "cap": 4, "spent": 10.0, "epoch_s": [10.0]}
