@@ -34,6 +34,11 @@ def test_goals_compare_default_inference_per_fold(real_data):
     assert "fold 1: Dice 0.600 vs 0.800 (NOT met); 5.0x faster per volume (NOT met: goal 10x)" in text
     assert "fold 2" not in text
     assert real_data.goals(entries[:1]) == ""
+    # a run that did not stop by the shared budget rule is named next to its Dice
+    entries[1].update(budget_min=1.5, training={"planned_epochs": 8, "loop_s": 96.0})
+    assert "fold 0: Dice 0.750 vs 0.700 (met, but mslpipe trained 8 fixed epochs for 1.60 of 1.5 minutes)" in (
+        real_data.goals(entries))
+    entries[1]["training"] = {"stopping": "--minutes: whole epochs while the next fits", "loop_s": 80.0}
     # with both systems' throughput over every scan, the goal line says that ratio too
     entries[0]["throughput"] = {"s_per_volume": 12.0, "n_volumes": 6, "wall_s": 72.0, "inference": "tta"}
     entries[1]["throughput"] = {"s_per_volume": 1.5, "n_volumes": 6, "wall_s": 9.0, "inference": "no_tta"}
