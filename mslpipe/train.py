@@ -244,6 +244,10 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
                                   "batch_size": batch_size, "iterations_per_epoch": iterations,
                                   "optimizer": optimizer, "num_workers": num_workers,
                                   "ema_half_life": ema_half_life})
+    if budget is not None and plan.ema_half_life:
+        raise MslpipeError("--minutes leaves the run's length open, and the weights' moving average needs it (its "
+                           "half-life is a fraction of the run): train --epochs N with --ema-half-life, or "
+                           "--minutes with --ema-half-life 0")
     divisor = architectures.required_divisor(plan.architecture, **plan.arch_kwargs)
     if any(p % divisor for p in plan.patch_size):  # another architecture may need a coarser grid
         plan = apply_overrides(plan, {"patch_size": [-(-p // divisor) * divisor for p in plan.patch_size]})

@@ -235,6 +235,13 @@ def test_a_time_budget_runs_whole_epochs_and_resumes_with_the_minutes_spent(plan
     assert lrs[1] > lrs[2] and lrs[2] == pytest.approx(train.poly_lr(result_plan(fold), 2, 3))
 
 
+def test_a_time_budget_and_a_moving_average_are_refused_together(planned, tmp_path):
+    d = _copy_planned(planned, tmp_path)
+    with pytest.raises(MslpipeError, match="--minutes leaves the run's length open"):
+        train.run("syn", d, 0, iterations=2, device="cpu", minutes=1, ema_half_life=0.1, show_progress=False)
+    assert not d.fold_dir("syn", "leaky_unet", 0).exists()  # refused before anything is written
+
+
 def result_plan(fold: Path):
     from mslpipe.plans import load_plan
 
