@@ -238,6 +238,10 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
     device = inference.pick_device(device)
     optimizer = dict(base.optimizer, lr=lr) if lr is not None else None
     arch_kwargs = {} if arch is not None and arch != base.architecture else None
+    if minutes is not None and not minutes > 0:
+        raise MslpipeError(f"--minutes must be positive, not {minutes:g}")
+    if minutes is not None and epochs is not None and epochs < 1:
+        raise MslpipeError(f"--epochs (with --minutes, the most epochs to run) must be at least 1, not {epochs}")
     budget = EpochBudget(minutes * 60, cap=epochs or 1000) if minutes is not None else None
     plan = apply_overrides(base, {"architecture": arch, "arch_kwargs": arch_kwargs,
                                   "epochs": None if budget else epochs,

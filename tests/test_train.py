@@ -242,6 +242,17 @@ def test_a_time_budget_and_a_moving_average_are_refused_together(planned, tmp_pa
     assert not d.fold_dir("syn", "leaky_unet", 0).exists()  # refused before anything is written
 
 
+def test_a_budget_that_is_not_positive_is_one_clear_line(planned, tmp_path):
+    d = _copy_planned(planned, tmp_path)
+    for args, message in ((["--minutes", "0"], "error: --minutes must be positive, not 0"),
+                          (["--minutes", "5", "--epochs", "0"], "error: --epochs (with --minutes, the most epochs "
+                                                                "to run) must be at least 1, not 0")):
+        out = subprocess.run(_cli(d, "train", "-d", "syn", "--fold", "0", *args, "--device", "cpu"),
+                             capture_output=True, **TEXT)
+        assert out.returncode == 1 and out.stderr.strip().splitlines() == [message]
+    assert not d.fold_dir("syn", "leaky_unet", 0).exists()
+
+
 def result_plan(fold: Path):
     from mslpipe.plans import load_plan
 
