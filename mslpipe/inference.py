@@ -70,7 +70,7 @@ def load_predictor(paths: list[Path], device: str = "auto", compile: bool = Fals
     (choosing it, starting it, moving the weights there)."""
     import torch
 
-    t1 = time.perf_counter()
+    t0 = time.perf_counter()
     if not paths:
         raise MslpipeError("no checkpoints to predict with: train a fold first or pass --checkpoint")
     models, plan = [], None
@@ -92,13 +92,13 @@ def load_predictor(paths: list[Path], device: str = "auto", compile: bool = Fals
             raise MslpipeError(f"weights do not fit architecture {this_plan.architecture} "
                                f"({str(exc).splitlines()[0]})", path) from exc
         models.append(model)
-    t2 = time.perf_counter()
+    t1 = time.perf_counter()
     device = pick_device(device)
     models = [prepare_model(model, device).eval() for model in models]
     if compile:
         models = [torch.compile(model) for model in models]
     if timings is not None:
-        timings.update({"checkpoints": t2 - t1, "device": time.perf_counter() - t2})
+        timings.update({"checkpoints": t1 - t0, "device": time.perf_counter() - t1})
     divisor = architectures.required_divisor(plan.architecture, **plan.arch_kwargs)
     return Predictor(models, plan, device, divisor, [str(p) for p in paths])
 

@@ -80,17 +80,12 @@ def init_output_prior(model, prior: float) -> None:
             heads[-1].bias.fill_(float(np.log(prior / (1 - prior))))
 
 
-def batch_to_device(batch: dict, device: str, layout=None) -> tuple:
+def batch_to_device(batch: dict, device: str, layout) -> tuple:
     """A loader batch as (image, label) on the device; the image in ``layout`` (a torch.memory_format, the
-    network's :func:`architectures.memory_format`), else channels_last on CUDA."""
-    import torch
-
+    network's :func:`architectures.memory_format`)."""
     x = batch["image"].to(device, non_blocking=True)
     y = batch["label"].to(device, non_blocking=True)
-    layout = layout or (torch.channels_last if device == "cuda" else None)
-    if layout is not None:
-        x = x.contiguous(memory_format=layout)
-    return x, y
+    return x.contiguous(memory_format=layout), y
 
 
 def make_ema(model, plan: Plan):
