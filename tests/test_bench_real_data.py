@@ -38,6 +38,9 @@ def test_goals_compare_default_inference_per_fold(real_data):
     entries[1].update(budget_min=1.5, training={"planned_epochs": 8, "loop_s": 96.0})
     assert "fold 0: Dice 0.750 vs 0.700 (met, but mslpipe trained 8 fixed epochs for 1.60 of 1.5 minutes)" in (
         real_data.goals(entries))
+    # a brief run (--iterations) trains one epoch in every arm: nothing unequal to name
+    entries[1]["training"] = {"stopping": "one epoch", "loop_s": 6.0}
+    assert "fold 0: Dice 0.750 vs 0.700 (met); 20.0x" in real_data.goals(entries)
     entries[1]["training"] = {"stopping": "--minutes: whole epochs while the next fits", "loop_s": 80.0}
     # with both systems' throughput over every scan, the goal line says that ratio too
     entries[0]["throughput"] = {"s_per_volume": 12.0, "n_volumes": 6, "wall_s": 72.0, "inference": "tta"}
@@ -102,4 +105,6 @@ def test_the_training_table_says_how_each_run_stopped(real_data):
     old = {"arm": "mslpipe_leaky_unet", "training": {"planned_epochs": 8, "probe_s": 0.0}}
     new = {"arm": "mslpipe_leaky_unet", "training": {"stopping": "--minutes: whole epochs while the next fits"}}
     one = {"arm": "mslpipe_leaky_unet", "training": {"stopping": "one epoch"}}
-    assert [real_data.stopping(e) for e in (nn, old, new, one)] == ["fits", "8 fixed", "fits", "one epoch"]
+    brief_nn = {"arm": "nnunet_2d", "iterations": 3, "training": {}}  # --iterations: nnU-Net's arms too
+    assert [real_data.stopping(e) for e in (nn, old, new, one, brief_nn)] == [
+        "fits", "8 fixed", "fits", "one epoch", "one epoch"]
