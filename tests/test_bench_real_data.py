@@ -108,3 +108,46 @@ def test_the_training_table_says_how_each_run_stopped(real_data):
     brief_nn = {"arm": "nnunet_2d", "iterations": 3, "training": {}}  # --iterations: nnU-Net's arms too
     assert [real_data.stopping(e) for e in (nn, old, new, one, brief_nn)] == [
         "fits", "8 fixed", "fits", "one epoch", "one epoch"]
+
+
+def _scored(arm, fold, dices, wall_s, key):
+    """An entry whose `key` inference scored one row per Dice (its other inference is far worse and slower)."""
+    def rows(ds):
+        return [{"case": f"f{fold}s{i}", "rater": 1, "dice": d, "iou": d / (2 - d), "precision": d, "recall": d,
+                 "ltpr": d, "lfpr": 1 - d, "lesion_f1": d, "abs_volume_diff_ml": 1.0, "pred_volume_ml": 10 * d + i,
+                 "ref_volume_ml": 10.0 + i} for i, d in enumerate(ds)]
+
+    def inference(ds, wall):
+        from statistics import mean
+        return {"scores": {"dice": mean(ds), "iou": None, "lesion_f1": mean(ds), "ltpr": mean(ds), "lfpr": 0.0,
+                           "isbi_score": None, "abs_volume_diff_ml": 1.0, "rows": rows(ds)},
+                "wall_s": wall, "n_volumes": len(ds), "s_per_volume": wall / len(ds)}
+
+    other = "tta" if key == "no_tta" else "no_tta"
+    return {"arm": arm, "fold": fold, "budget_min": 1.5,
+            "training": {"stopping": "--minutes: whole epochs while the next fits", "epochs": 7, "s_per_epoch": 11.0,
+                         "time_to_best_s": 60.0, "loop_s": 80.0, "wall_s": 120.0},
+            "inference": {key: inference(dices, wall_s), other: inference([0.0] * len(dices), 1e4)}}
+
+
+def test_all_folds_are_pooled_per_scan_in_the_table_and_the_goals(real_data):
+    from types import SimpleNamespace
+
+    # fold 0 holds 3 scans, the others one each: pooling is over scans, not a mean of the four folds' means
+    mine = [_scored("mslpipe_leaky_unet", 0, [0.8, 0.8, 0.8], 6.0, "no_tta")] + [
+        _scored("mslpipe_leaky_unet", k, [0.3], 5.0, "no_tta") for k in (1, 2, 3)]
+    theirs = [_scored("nnunet_2d", 0, [0.7, 0.7, 0.7], 45.0, "tta")] + [
+        _scored("nnunet_2d", k, [d], 40.0, "tta") for k, d in ((1, 0.4), (2, 0.4), (3, 0.2))]
+    setup = SimpleNamespace(folds=[{"val": ["a", "b", "c"]}, {"val": ["d"]}, {"val": ["e"]}, {"val": ["f"]}])
+    text = real_data.render(setup, {"entries": mine + theirs}, "test card")
+    # mslpipe (0.8*3 + 0.3*3) / 6 = 0.55; nnU-Net (0.7*3 + 0.4 + 0.4 + 0.2) / 6 = 0.517; fold means would say
+    # 0.425 against 0.425. Seconds per volume: 21/6 against 165/6, 7.9x; per fold 7.5x and 8x, so met on none
+    assert "pooled over all 4 folds (6 scans): Dice 0.550 vs 0.517 (met; met on 2 of 4 folds); 7.9x faster per " \
+           "volume (NOT met: goal 10x; met on 0 of 4 folds)" in text
+    pooled_row = next(line for line in text.splitlines() if line.startswith("| **mslpipe_leaky_unet** | pooled | no"))
+    assert pooled_row.split(" | ")[3] == "0.55" and pooled_row.rstrip(" |").endswith("3.5")
+    # with a fold of mslpipe missing there is no pooled row of it, and no pooled goal (nnU-Net's row stays)
+    text = real_data.render(setup, {"entries": mine[:3] + theirs}, "test card")
+    assert "| **nnunet_2d** | pooled | tta | 0.517 |" in text
+    assert "| **mslpipe_leaky_unet** | pooled" not in text and "pooled over all" not in text
+    assert real_data.pooled(setup, mine[:3], "no_tta") is None
