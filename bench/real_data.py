@@ -92,14 +92,20 @@ def prepare(setup: Setup, data: Path, overrides: dict | None, arms: list[str]) -
 
 
 def pooled(setup: Setup, entries: list[dict], key: str) -> dict | None:
-    """All folds of one arm scored together (each scan is in exactly one validation set), from the
-    per-case rows `mslpipe evaluate` wrote, so earlier runs' folds need no files of theirs."""
+    """All folds of one arm scored together, or None while a fold is missing (see :func:`pool_entries`)."""
     if {e["fold"] for e in entries} != set(range(len(setup.folds))):
         return None
-    result = pool([row for e in entries for row in e["inference"][key]["scores"]["rows"]])
+    return pool_entries(entries, key)
+
+
+def pool_entries(entries: list[dict], key: str) -> dict:
+    """Entries' ``key`` inference scored together (each scan is in exactly one validation set), from the per-case
+    rows `mslpipe evaluate` wrote, so earlier runs' folds need no files of theirs; seconds per volume as all the
+    predict commands' seconds over all their volumes. ``rows`` and ``n_volumes`` come along."""
+    rows = [row for e in entries for row in e["inference"][key]["scores"]["rows"]]
     n = sum(e["inference"][key]["n_volumes"] for e in entries)
-    result["s_per_volume"] = sum(e["inference"][key]["wall_s"] for e in entries) / n
-    return result
+    return {**pool(rows), "rows": rows, "n_volumes": n,
+            "s_per_volume": sum(e["inference"][key]["wall_s"] for e in entries) / n}
 
 
 def _v(x, digits=3):
@@ -114,6 +120,11 @@ def isbi_parts(rows: list[dict]) -> list:
 
     parts = [isbi_score([r for r in rows if r["rater"] == rater]) for rater in sorted({r["rater"] for r in rows})]
     return [_v(sum(p[k] for p in parts) / len(parts)) for k in ("partial", "volume_correlation")]
+
+
+def fixed_epochs(entry: dict) -> bool:
+    """Whether a run trained an epoch count fixed beforehand, not by the budget rule nnU-Net's trainer uses."""
+    return "training" in entry and stopping(entry).endswith(" fixed")
 
 
 def stopping(entry: dict) -> str:
@@ -139,10 +150,9 @@ def render(setup: Setup, results: dict, machine_note: str) -> str:
                                    _v(e["inference"][key]["s_per_volume"], 2)])
             p = pooled(setup, mine, key) if mine else None
             if p:
-                rows = [row for e in mine for row in e["inference"][key]["scores"]["rows"]]
                 score_rows.append([f"**{arm}**", "pooled", key, *(_v(p[k]) for k in ("dice", "iou", "lesion_f1",
-                                   "ltpr", "lfpr", "isbi_score")), *isbi_parts(rows), _v(p["abs_volume_diff_ml"], 2),
-                                   _v(p["s_per_volume"], 2)])
+                                   "ltpr", "lfpr", "isbi_score")), *isbi_parts(p["rows"]),
+                                   _v(p["abs_volume_diff_ml"], 2), _v(p["s_per_volume"], 2)])
         for e in mine:
             t = e["training"]
             own = t.get("nnunet_own_dice")
@@ -201,12 +211,11 @@ def goals(entries: list[dict], n_folds: int | None = None) -> str:
         dm, dn = m["scores"]["dice"], n["scores"]["dice"]
         speed = n["s_per_volume"] / m["s_per_volume"]
         e = by["mslpipe_leaky_unet", fold]
-        fixed = "training" in e and stopping(e).endswith(" fixed")  # not by the budget rule nnU-Net's trainer uses
         unequal = (f", but mslpipe trained {stopping(e)} epochs for {e['training']['loop_s'] / 60:.2f} of "
-                   f"{e['budget_min']:g} minutes" if fixed else "")
+                   f"{e['budget_min']:g} minutes" if fixed_epochs(e) else "")
         line = (f"fold {fold}: Dice {dm:.3f} vs {dn:.3f} ({'met' if dm >= dn else 'NOT met'}{unequal}); "
                 f"{speed:.1f}x faster per volume ({'met' if speed >= 10 else 'NOT met: goal 10x'})")
-        tm, tn = by["mslpipe_leaky_unet", fold].get("throughput"), by["nnunet_2d", fold].get("throughput")
+        tm, tn = e.get("throughput"), by["nnunet_2d", fold].get("throughput")
         if tm and tn:
             ratio = tn["s_per_volume"] / tm["s_per_volume"]
             line += (f", {ratio:.1f}x over all {tm['n_volumes']} scans in one command "
@@ -223,16 +232,15 @@ def goals(entries: list[dict], n_folds: int | None = None) -> str:
 def pooled_goal(mine: list[dict], theirs: list[dict]) -> str:
     """Both goals over every fold: Dice as the mean over all validation scans (each scan is in one fold), seconds
     per volume as all predict commands' seconds over all their volumes; and on how many folds each goal held."""
+    pm, pn = pool_entries(mine, "no_tta"), pool_entries(theirs, "tta")
+    dm, dn, speed = pm["dice"], pn["dice"], pn["s_per_volume"] / pm["s_per_volume"]
     m = [e["inference"]["no_tta"] for e in mine]
     n = [e["inference"]["tta"] for e in theirs]
-    dm, dn = (pool([row for i in side for row in i["scores"]["rows"]])["dice"] for side in (m, n))
-    speed = (sum(i["wall_s"] for i in n) / sum(i["n_volumes"] for i in n)) / (
-        sum(i["wall_s"] for i in m) / sum(i["n_volumes"] for i in m))
     dice_folds = sum(a["scores"]["dice"] >= b["scores"]["dice"] for a, b in zip(m, n, strict=True))
     speed_folds = sum(b["s_per_volume"] >= 10 * a["s_per_volume"] for a, b in zip(m, n, strict=True))
-    fixed = [e["fold"] for e in mine if "training" in e and stopping(e).endswith(" fixed")]
+    fixed = [e["fold"] for e in mine if fixed_epochs(e)]
     unequal = f", but mslpipe trained a fixed epoch count on fold(s) {', '.join(map(str, fixed))}" if fixed else ""
-    return (f"pooled over all {len(m)} folds ({sum(i['n_volumes'] for i in m)} scans): Dice {dm:.3f} vs {dn:.3f} "
+    return (f"pooled over all {len(m)} folds ({pm['n_volumes']} scans): Dice {dm:.3f} vs {dn:.3f} "
             f"({'met' if dm >= dn else 'NOT met'}{unequal}; met on {dice_folds} of {len(m)} folds); "
             f"{speed:.1f}x faster per volume ({'met' if speed >= 10 else 'NOT met: goal 10x'}; met on {speed_folds} "
             f"of {len(m)} folds)")
