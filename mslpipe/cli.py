@@ -197,7 +197,8 @@ def evaluate_cmd(
     dataset: Annotated[str | None, typer.Option("-d", "--dataset", help="Score a trained dataset.")] = None,
     arch: str | None = None,
     pred: Annotated[Path | None, typer.Option(help="Folder of predicted masks.")] = None,
-    ref: Annotated[Path | None, typer.Option(help="Folder of reference masks.")] = None,
+    ref: Annotated[Path | None, typer.Option(
+        help="Folder of reference masks, or an ISBI 2015-layout dataset (its masks/ folders).")] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="summary.json path.")] = None,
     qc_report: Annotated[bool, typer.Option("--report", help="With -d: crossval/report.html with TP/FP/FN overlays.")
                          ] = False,
@@ -221,7 +222,12 @@ def evaluate_cmd(
 
 
 def _summary_text(summary: dict, evaluate_mod) -> str:
-    parts = ["Cross-validation (out-of-fold)", evaluate_mod.format_table(summary)]
+    folds, planned = summary.get("folds", []), summary.get("n_folds_planned")
+    head = "Cross-validation (out-of-fold)"
+    if planned and len(folds) < planned:  # the untrained folds' validation scans are in no row
+        head += (f": {len(folds)} of {planned} folds trained ({', '.join(folds)}); the other folds' validation "
+                 "scans are not scored")
+    parts = [head, evaluate_mod.format_table(summary)]
     if "test" in summary:
         parts += ["Held-out test subjects (fold ensemble)", evaluate_mod.format_table(summary["test"])]
     pp = summary["postprocessing"]

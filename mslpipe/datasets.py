@@ -46,23 +46,29 @@ def _nifti_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti(p)) if folder.is_dir() else []
 
 
-def _discover_isbi(root: Path, channels: list[str]) -> list[Case]:
+def isbi_images(paths: list[Path]) -> dict[str, Case]:
+    """Group ISBI-named images (``SUBJECT_TT_MODALITY_pp.nii[.gz]``) into cases by ``SUBJECT_TT``, one image per
+    modality (lower case); names that do not follow the pattern are left out."""
     cases: dict[str, Case] = {}
-    for image in sorted(p for suffix in NIFTI_SUFFIXES for p in root.rglob(f"*_pp{suffix}")):
-        if image.parent.name != "preprocessed":
-            continue
+    for image in sorted(paths):
         m = ISBI_IMAGE.match(strip_nifti_suffix(image.name))
         if not m:
             continue
-        subject, tp, mod = m["subject"], int(m["tp"]), m["mod"].lower()
+        subject, mod = m["subject"], m["mod"].lower()
         case_id = f"{subject}_{m['tp']}"
         case = cases.get(case_id)
         if case is None:
-            case = cases[case_id] = Case(case_id, subject, tp, {},
+            case = cases[case_id] = Case(case_id, subject, int(m["tp"]), {},
                                          test_only=not subject.startswith("training"))
         if mod in case.images:
             raise MslpipeError(f"duplicate case {case_id} ({mod} found twice)", image)
         case.images[mod] = image
+    return cases
+
+
+def _discover_isbi(root: Path, channels: list[str]) -> list[Case]:
+    cases = isbi_images([p for suffix in NIFTI_SUFFIXES for p in root.rglob(f"*_pp{suffix}")
+                         if p.parent.name == "preprocessed"])
     for case in cases.values():
         subject_dir = case.images[next(iter(case.images))].parent.parent
         raters = {}
@@ -71,7 +77,7 @@ def _discover_isbi(root: Path, channels: list[str]) -> list[Case]:
             if m and f"{m['subject']}_{m['tp']}" == case.id:
                 raters[int(m["rater"])] = mask
         case.masks = [raters[r] for r in sorted(raters)]
-    return _select_channels(list(cases.values()), channels, root)
+    return select_channels(list(cases.values()), channels, root)
 
 
 def _discover_nnunet(root: Path, channels: list[str]) -> list[Case]:
@@ -87,10 +93,11 @@ def _discover_nnunet(root: Path, channels: list[str]) -> list[Case]:
             images = {ch: root / folder / f"{cid}_{i:04d}{ending}" for ch, i in channel_index.items()}
             masks = [] if test_only else [root / "labelsTr" / f"{cid}{ending}"]
             cases.append(Case(cid, str(subjects.get(cid, cid)), 1, images, masks, test_only))
-    return _select_channels(cases, channels, root)
+    return select_channels(cases, channels, root)
 
 
-def _select_channels(cases: list[Case], channels: list[str], root: Path) -> list[Case]:
+def select_channels(cases: list[Case], channels: list[str], root: Path) -> list[Case]:
+    """Keep each case's images of ``channels``, in that order; a case without one of them is an error."""
     for case in cases:
         missing = [ch for ch in channels if ch not in case.images]
         if missing:

@@ -221,20 +221,42 @@ def _names(items: Sequence[str], limit: int = 10) -> str:
     return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
-def match_folders(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike) -> list[CasePair]:
+def isbi_masks(folder: Path) -> dict[str, Path]:
+    """The masks anywhere in an ISBI 2015-layout tree (``.../masks/SUBJECT_TT_maskR.nii[.gz]``), by name."""
+    from mslpipe.datasets import ISBI_MASK
+
+    found: dict[str, Path] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.parent.name == "masks" and is_nifti(p) and p.is_file()):
+        name = strip_nifti_suffix(path.name)
+        if not ISBI_MASK.match(name):
+            continue
+        if name in found:
+            raise MslpipeError(f"two files for the name {name!r}: {found[name]} and {path}", folder)
+        found[name] = path
+    return found
+
+
+def match_folders(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike,
+                  unpredicted: list[str] | None = None) -> list[CasePair]:
     """Pair predictions with references by case name (file name without .nii/.nii.gz).
 
     A reference named ``CASE`` is the single rater of ``CASE``; ``CASE_mask1``, ``CASE_mask2``, ...
-    are several raters (ordered: an exact ``CASE`` first, then by mask number). Raises
-    :class:`MslpipeError` for an empty prediction folder or any unmatched name.
+    are several raters (ordered: an exact ``CASE`` first, then by mask number). ``ref_dir`` is a folder of
+    masks, or a dataset in the ISBI 2015 layout (its root, ``training/`` or one subject's folder): its
+    ``masks/`` folders are the references, and its labelled cases without a prediction are not an error but
+    go to ``unpredicted`` (when a list), since a dataset is often predicted in part. Raises
+    :class:`MslpipeError` for an empty prediction folder or any other unmatched name.
     """
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     preds = _nifti_by_name(pred_dir, "prediction")
     refs = _nifti_by_name(ref_dir, "reference")
     if not preds:
         raise MslpipeError("no NIfTI predictions (.nii or .nii.gz) in this folder", pred_dir)
+    dataset = not refs
+    refs = refs or isbi_masks(ref_dir)
     if not refs:
-        raise MslpipeError("no NIfTI reference masks (.nii or .nii.gz) in this folder", ref_dir)
+        raise MslpipeError("no NIfTI reference masks (.nii or .nii.gz) in this folder, nor an ISBI 2015-layout "
+                           "dataset's masks/ folders below it", ref_dir)
     groups: dict[str, list[tuple[int, Path]]] = {}
     for name, path in refs.items():
         m = _RATER_RE.match(name)
@@ -244,6 +266,13 @@ def match_folders(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike) -> li
             groups.setdefault(m["case"], []).append((int(m["rater"]), path))
     no_ref = sorted(set(preds) - set(groups))
     no_pred = sorted(p.name for case in set(groups) - set(preds) for _, p in groups[case])
+    if dataset and not no_ref and no_pred:
+        left = sorted(set(groups) - set(preds))
+        log.info("%d labelled case(s) in %s have no prediction and are not scored: %s", len(left), ref_dir,
+                 _names(left))
+        if unpredicted is not None:
+            unpredicted.extend(left)
+        no_pred = []
     if no_ref or no_pred:
         parts = []
         if no_ref:
@@ -259,11 +288,14 @@ def run_folders(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike,
                 out: str | os.PathLike | None = None, connectivity: int = 26, slice_axis: int = 2,
                 spacing_from="ref") -> dict:
     """Match, score, write ``summary.json`` (default ``pred_dir/summary.json``), return the summary."""
-    pairs = match_folders(pred_dir, ref_dir)
+    unpredicted: list[str] = []
+    pairs = match_folders(pred_dir, ref_dir, unpredicted)
     summary = score_pairs(pairs, spacing_from=spacing_from, connectivity=connectivity,
                           slice_axis=slice_axis)
     summary["pred_dir"] = str(pred_dir)
     summary["ref_dir"] = str(ref_dir)
+    if unpredicted:  # a dataset as the reference: its labelled cases that were not predicted, said not dropped
+        summary["unpredicted_references"] = unpredicted
     path = Path(out) if out is not None else Path(pred_dir) / SUMMARY_NAME
     write_json(path, summary)
     log.info("wrote %s (%d cases, %d rows)", path, summary["n_cases"], summary["n_rows"])
@@ -308,6 +340,9 @@ def format_table(summary: dict, width: int = 140) -> str:
     skipped = {k: n for k, n in summary.get("mean_skipped", {}).items() if n}
     if skipped:
         line += "; skipped in means: " + ", ".join(f"{k} {n}" for k, n in skipped.items())
+    left = summary.get("unpredicted_references")
+    if left:
+        line += f"\nnot scored: {len(left)} labelled case(s) of the reference dataset, not predicted ({_names(left)})"
     return buffer.getvalue() + line + "\n"
 
 

@@ -249,7 +249,7 @@ def volumes_from_scans(path: Path, plan: Plan) -> list[np.ndarray]:
     from mslpipe import preprocess
     from mslpipe.predict import gather_sources
 
-    sources = gather_sources(Path(path), n_channels=len(plan.channels))
+    sources = gather_sources(Path(path), plan.channels)
     out = []
     for i in quantize.spread(len(sources), quantize.MAX_VOLUMES):
         channels, affine = sources[i].read()

@@ -21,7 +21,7 @@ import numpy as np
 
 from mslpipe import preprocess
 from mslpipe import report as lesion_report
-from mslpipe.datasets import check_case_id, discover
+from mslpipe.datasets import check_case_id, discover, isbi_images, select_channels
 from mslpipe.errors import MslpipeError
 from mslpipe.io import (
     find_dicom_series,
@@ -112,23 +112,36 @@ class PredictReport:
 
 
 # ---------------------------------------------------------------------------- inputs
-def gather_sources(inp: Path, n_channels: int = 1, dirs: Workdirs | None = None,
+def gather_sources(inp: Path, channels: list[str] | None = None, dirs: Workdirs | None = None,
                    dataset: str | None = None) -> list[Source]:
-    """Turn IN into scans: one NIfTI file, a folder of NIfTI files, DICOM series, or a dataset."""
+    """Turn IN into scans: one NIfTI file, a folder of NIfTI files, DICOM series, or a dataset.
+
+    ``channels``: the model's input channels (default FLAIR alone). Files named as in ISBI 2015's
+    ``preprocessed/`` folders (``SUBJECT_TT_MODALITY_pp``) are grouped into one scan per ``SUBJECT_TT``, named so
+    (as ``predict -d`` and ``evaluate`` name it), with the model's channels picked by modality: the other
+    modalities beside them are no scans of their own.
+    """
     inp = Path(inp)
+    channels = [c.lower() for c in (channels or ["flair"])]
     if not inp.exists():
         raise MslpipeError("input not found", inp)
     if inp.is_file():
         if not is_nifti(inp):
             raise MslpipeError("not a NIfTI file (.nii or .nii.gz); give a DICOM series as a folder", inp)
-        return [_nifti_source(inp, n_channels)]
+        isbi = isbi_images([inp])
+        if isbi:
+            return _isbi_sources(inp, channels, only=next(iter(isbi)))
+        return [_nifti_source(inp, len(channels))]
     niftis = sorted(p for p in inp.iterdir() if p.is_file() and is_nifti(p))
     if niftis:
-        if n_channels > 1:  # nnU-Net naming: CASE_0000.nii.gz, CASE_0001.nii.gz, ...
-            stems = [strip_nifti_suffix(p.name) for p in niftis]
+        sources = _isbi_sources(inp, channels)
+        isbi_files = {p for s in isbi_images(niftis).values() for p in s.images.values()}
+        plain = [p for p in niftis if p not in isbi_files]
+        if len(channels) > 1:  # nnU-Net naming: CASE_0000.nii.gz, CASE_0001.nii.gz, ...
+            stems = [strip_nifti_suffix(p.name) for p in plain]
             cases = sorted({s[:-5] for s in stems if s[-5:-4] == "_"})
-            return [_nifti_source(inp / f"{c}_0000.nii.gz", n_channels) for c in cases]
-        return [_nifti_source(p, 1) for p in niftis]
+            return sources + [_nifti_source(inp / f"{c}_0000.nii.gz", len(channels)) for c in cases]
+        return sources + [_nifti_source(p, 1) for p in plain]
     if (inp / "training").is_dir() or (inp / "dataset.json").exists() or any(inp.glob("test*/preprocessed")):
         return _dataset_test_sources(inp, dirs, dataset)
     series = find_dicom_series(inp)
@@ -136,6 +149,24 @@ def gather_sources(inp: Path, n_channels: int = 1, dirs: Workdirs | None = None,
         folders = sorted({Path(files[0]).parent for _, files in series})
         return [Source(check_case_id(f.name, f), [f], "dicom") for f in folders]
     raise MslpipeError("no NIfTI files, DICOM series or dataset found in this folder", inp)
+
+
+def _isbi_sources(where: Path, channels: list[str], only: str | None = None) -> list[Source]:
+    """The ISBI-named scans in ``where`` (a folder, or one file and its folder's other modalities of that case)."""
+    folder = where if where.is_dir() else where.parent
+    cases = isbi_images([p for p in folder.iterdir() if p.is_file() and is_nifti(p)])
+    if only is not None:
+        cases = {only: cases[only]}
+        mod = next(m for m, p in cases[only].images.items() if p == where)
+        if mod not in channels:
+            raise MslpipeError(f"by its ISBI name a {mod} scan, but the model segments {'+'.join(channels)} "
+                               f"(give the {channels[0]} file, or rename this one if its name is wrong)", where)
+    ignored = sorted(m for c in cases.values() for m in c.images if m not in channels)
+    if ignored:
+        log.info("%s: ISBI-named %s images are not the model's channels (%s); not segmented", folder,
+                 "/".join(sorted(set(ignored))), "+".join(channels))
+    chosen = select_channels(list(cases.values()), channels, folder)
+    return [Source(check_case_id(c.id, folder), list(c.images.values())) for c in chosen]
 
 
 def _nifti_source(path: Path, n_channels: int) -> Source:
@@ -319,7 +350,7 @@ def run(inp: Path, out: Path, *, dirs: Workdirs, dataset: str | None = None, arc
         load_parts["torch import"] = time.perf_counter() - t_import
         predictor = inference.load_predictor(paths, device=device, compile=compile, timings=load_parts)
     load_s = time.perf_counter() - t0
-    sources = gather_sources(inp, len(predictor.plan.channels), dirs, dataset)
+    sources = gather_sources(inp, predictor.plan.channels, dirs, dataset)
     pp = postprocessing_for(dirs, dataset, predictor.plan.architecture)
     result = predict_sources(predictor, sources, Path(out), tta=tta, postprocessing=pp,
                              save_probabilities=save_probabilities, overwrite=overwrite, progress=progress,

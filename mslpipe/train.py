@@ -339,8 +339,10 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
                 budget.add(_from_rank0(now - mark, device, world))
                 mark, total = now, budget.total(epoch + 1)
             if is_main:
+                # under a budget the bar's length is the epochs expected to fit, re-estimated after each one
                 progress.update(task, description=f"fold {fold} ep {epoch + 1}/{total} "
-                                                  f"loss {train_loss:.3f} val Dice {val_dice:.3f}")
+                                                  f"loss {train_loss:.3f} val Dice {val_dice:.3f}",
+                                total=(total - start_epoch) * plan.iterations_per_epoch)
                 improved = bool(dices) and val_dice > best
                 best = max(best, val_dice) if dices else best
                 state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": checkpoints.rng_state(),

@@ -66,6 +66,7 @@ def evaluate_dataset(name: str, dirs: Workdirs, arch: str | None = None, device:
     summary["what"] = ("cross-validation: out-of-fold predictions of each trained fold's final model, "
                        f"postprocessed with min_lesion_mm3={pp['min_lesion_mm3']}")
     summary["folds"] = sorted({p.pred_path.parent.parent.name for p in pairs})
+    summary["n_folds_planned"] = len(splits["folds"])
     summary["postprocessing"] = pp
 
     test_cases = [c for c, _ in refs.items()

@@ -225,3 +225,38 @@ def test_select_min_lesion_size_keeps_zero_when_removal_hurts(tmp_path):
     assert result["min_lesion_mm3"] == 0
     assert [c["min_lesion_mm3"] for c in result["candidates"]] == [0, 3, 10]
     assert "keeping 0" in result["chosen_because"]
+
+
+def _isbi_tree(root, masks):
+    for name, mask in masks.items():
+        save_nifti(root / "training" / name.split("_")[0] / "masks" / f"{name}.nii.gz", mask, AFFINE)
+    return root
+
+
+def test_isbi_dataset_as_reference_scores_the_predicted_cases(dirs, tmp_path):
+    """`--ref` may be an ISBI 2015-layout tree: its masks/ folders are the references (raters by mask number);
+    labelled cases that were not predicted are listed in the summary and the table, not scored, not an error."""
+    pred, _ = dirs
+    root = _isbi_tree(tmp_path / "isbi", {"training01_01_mask1": lesions(A), "training01_01_mask2": lesions(A, B),
+                                          "training02_01_mask1": lesions(B)})
+    save_nifti(pred / "training01_01.nii.gz", lesions(A), AFFINE)
+    summary = run_folders(pred, root)
+    assert [(r["case"], r["rater"], r["dice"]) for r in summary["per_case"]] == [
+        ("training01_01", 1, 1.0), ("training01_01", 2, pytest.approx(2 * 8 / (8 + 26)))]
+    assert summary["unpredicted_references"] == ["training02_01"]
+    assert "not scored: 1 labelled case(s) of the reference dataset, not predicted (training02_01)" \
+        in format_table(summary)
+    # one subject's folder works as well; every case predicted: nothing listed
+    assert "unpredicted_references" not in run_folders(pred, root / "training" / "training01")
+
+
+def test_isbi_dataset_reference_still_refuses_predictions_without_a_mask(dirs, tmp_path):
+    pred, _ = dirs
+    root = _isbi_tree(tmp_path / "isbi", {"training01_01_mask1": lesions(A)})
+    save_nifti(pred / "training01_01.nii.gz", lesions(A), AFFINE)
+    save_nifti(pred / "training01_01_flair_pp.nii.gz", lesions(A), AFFINE)
+    with pytest.raises(MslpipeError, match="no reference in .* for: training01_01_flair_pp"):
+        run_folders(pred, root)
+    (tmp_path / "empty" / "training").mkdir(parents=True)
+    with pytest.raises(MslpipeError, match="nor an ISBI 2015-layout dataset's masks/ folders"):
+        match_folders(pred, tmp_path / "empty")

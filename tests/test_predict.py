@@ -427,3 +427,35 @@ def test_readers_per_device():
 
     assert predict.reader_count(Fake("cuda")) == 2 and predict.reader_count(Fake("cpu")) == 1
     assert predict.reader_count(object()) == 1  # an ONNX Runtime predictor runs on the CPU
+
+
+def _isbi_folder(folder, cases=("training01_01", "training01_02"), mods=("flair", "t2", "mprage")):
+    data = np.zeros((4, 5, 3), np.float32)
+    for case in cases:
+        for mod in mods:
+            save_nifti(folder / f"{case}_{mod}_pp.nii", data, np.eye(4), dtype=np.float32)
+    return folder
+
+
+def test_isbi_preprocessed_folder_gives_one_scan_per_case(tmp_path):
+    """ISBI's preprocessed/ folders hold every modality of a scan: the model's channels are picked, the other
+    modalities are no scans of their own, and the output is named as `predict -d` and `evaluate` name it."""
+    inp = _isbi_folder(tmp_path / "preprocessed")
+    save_nifti(inp / "other.nii.gz", np.zeros((4, 5, 3), np.float32), np.eye(4), dtype=np.float32)
+    sources = predict.gather_sources(inp)
+    assert [(s.case, [p.name for p in s.paths]) for s in sources] == [
+        ("training01_01", ["training01_01_flair_pp.nii"]), ("training01_02", ["training01_02_flair_pp.nii"]),
+        ("other", ["other.nii.gz"])]
+    two = predict.gather_sources(inp / "training01_02_flair_pp.nii", ["t2", "flair"])
+    assert [(s.case, [p.name for p in s.paths]) for s in two] == [
+        ("training01_02", ["training01_02_t2_pp.nii", "training01_02_flair_pp.nii"])]
+
+
+def test_isbi_named_input_of_another_modality_or_without_the_channel_fails(tmp_path):
+    inp = _isbi_folder(tmp_path / "preprocessed")
+    with pytest.raises(MslpipeError, match="by its ISBI name a t2 scan, but the model segments flair") as exc:
+        predict.gather_sources(inp / "training01_01_t2_pp.nii")
+    assert "training01_01_t2_pp.nii" in str(exc.value)
+    only_t2 = _isbi_folder(tmp_path / "t2only", cases=("training02_01",), mods=("t2",))
+    with pytest.raises(MslpipeError, match=r"case training02_01 has no flair image \(found \['t2'\]\)"):
+        predict.gather_sources(only_t2)

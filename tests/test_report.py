@@ -220,7 +220,7 @@ def test_predict_report_end_to_end(model, synth_root, tmp_path):
 
 def test_a_failed_case_report_is_a_failed_case(model, synth_root, tmp_path, monkeypatch):
     scan = next((synth_root / "training").glob("training02/preprocessed/*_flair_pp.nii.gz"))
-    case = scan.name.removesuffix(".nii.gz")
+    case = scan.name.removesuffix("_flair_pp.nii.gz")  # an ISBI-named scan is named by its case
 
     def broken(*args, **kwargs):
         raise RuntimeError("renderer exploded")
@@ -242,7 +242,7 @@ def test_cli_predict_report(model, synth_root, tmp_path):
                            "--checkpoint", str(model), "--device", "cpu", "--report"],
                           capture_output=True, text=True, encoding="utf-8", env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    case = scan.name.removesuffix(".nii.gz")
+    case = scan.name.removesuffix("_flair_pp.nii.gz")  # an ISBI-named scan is named by its case
     assert (tmp_path / "o" / f"{case}.lesions.json").is_file() and (tmp_path / "o" / "report.html").is_file()
 
 

@@ -211,7 +211,7 @@ def test_resuming_without_an_average_with_one_is_refused(trained, planned, tmp_p
     assert "checkpoint_latest.pt" in str(info.value)
 
 
-def test_a_time_budget_runs_whole_epochs_and_resumes_with_the_minutes_spent(planned, tmp_path):
+def test_a_time_budget_runs_whole_epochs_and_resumes_with_the_minutes_spent(planned, tmp_path, monkeypatch):
     """--minutes: at least one epoch, however small the budget; --epochs caps it; the minutes spent are kept in
     the checkpoint, so a resumed run stops where the budget ends and goes on when a larger one allows."""
     d = _copy_planned(planned, tmp_path)
@@ -226,8 +226,12 @@ def test_a_time_budget_runs_whole_epochs_and_resumes_with_the_minutes_spent(plan
     # resumed with the same budget: spent, so nothing more; with a larger one, on to the cap
     again = train.run("syn", d, 0, iterations=2, device="cpu", minutes=1e-5, resume=True, show_progress=False)
     assert again["epochs"] == 1 and len(again["rows"]) == 1
+    bars, real_progress = [], train._progress
+    monkeypatch.setattr(train, "_progress", lambda enabled: bars.append(real_progress(False)) or bars[-1])
     more = train.run("syn", d, 0, iterations=2, device="cpu", minutes=60, epochs=3, resume=True, show_progress=False)
     assert more["epochs"] == 3 and [int(r["epoch"]) for r in more["rows"]] == [0, 1, 2]
+    # the progress bar, open-ended at first, ends full: the 2 epochs this run added, of 2 iterations each
+    assert [(t.total, t.completed) for t in bars[0].tasks] == [(4, 4)]
     final = torch.load(fold / "checkpoint_final.pt", weights_only=True)["meta"]
     assert final["epoch"] == 2
     # the learning rate decays over the epochs expected to fit: here the cap of 3, reached at the end

@@ -14,6 +14,13 @@ def test_evaluate_dataset(trained, planned):
     written = json.loads((root / "summary.json").read_text())
     assert written["per_case"] and "dice" in written["mean"] and "iou" in written["mean"]
     assert written["folds"] == ["fold_0"]
+    # with one fold of several trained, the command's table says so: the other folds' scans are in no row
+    n_folds = len(planned[1]["splits"]["folds"])
+    assert n_folds > 1 and written["n_folds_planned"] == n_folds
+    from mslpipe import cli, evaluate
+
+    assert cli._summary_text(summary, evaluate).startswith(f"Cross-validation (out-of-fold): 1 of {n_folds} folds "
+                                                           "trained (fold_0); the other folds' validation scans")
     val_subjects = set(planned[1]["splits"]["folds"][0]["val"])
     assert {r["case"].split("_")[0] for r in written["per_case"]} == val_subjects
     assert {r["rater"] for r in written["per_case"]} == {1, 2}
