@@ -20,6 +20,7 @@ STATE: dict = {"debug": False}
 
 Name = Annotated[str, typer.Option("-d", "--dataset", help="Dataset name (a folder of raw_data/).")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+Arch = Annotated[str | None, typer.Option(help="Registered architecture (`mslpipe archs`); default: the plan's.")]
 
 
 def _dirs():
@@ -107,8 +108,10 @@ def plan_cmd(
 def train(
     dataset: Name,
     fold: Annotated[str, typer.Option(help="0..4, 'all' or 'final' (train+val of the 8:1:1 view).")] = "0",
-    arch: str | None = None, epochs: int | None = None, lr: float | None = None,
-    batch_size: int | None = None,
+    arch: Arch = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (default: the plan's).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Initial learning rate (default: the plan's, 0.01).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Slices per batch (default: the plan's).")] = None,
     iterations: Annotated[int | None, typer.Option(help="Batches per epoch.")] = None,
     device: Device = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network.")] = False,
@@ -156,15 +159,18 @@ def predict(
     input: Annotated[Path, typer.Option("-i", "--input", help="NIfTI file, folder of NIfTI/DICOM, or dataset.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")],
     dataset: Annotated[str | None, typer.Option("-d", "--dataset", help="Use this dataset's trained folds.")] = None,
-    arch: str | None = None,
+    arch: Arch = None,
     folds: Annotated[list[str] | None, typer.Option(help="Folds to ensemble, e.g. --folds 0,1,2 "
                                                          "(default: every trained fold).")] = None,
     checkpoint: Annotated[list[Path] | None, typer.Option(help="Checkpoint file(s) instead of -d.")] = None,
     device: Device = "auto",
     tta: Annotated[bool, typer.Option("--tta", help="Average over mirrored inputs.")] = False,
-    save_probabilities: Annotated[bool, typer.Option("--save-probabilities")] = False,
+    save_probabilities: Annotated[bool, typer.Option(
+        "--save-probabilities", help="Also write OUT/probabilities/<case>.nii.gz (float32 lesion probability).")
+                                  ] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
-    compile: Annotated[bool, typer.Option("--compile")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network (it compiles before the "
+                                                            "first scan; off by default).")] = False,
     onnx: Annotated[Path | None, typer.Option("--onnx", help="An exported model (`mslpipe export`) run by ONNX "
                                                             "Runtime on the CPU, without torch.")] = None,
     lesion_report: Annotated[bool, typer.Option("--report", help="Also write lesion tables (OUT/<case>.lesions."
@@ -195,7 +201,7 @@ def predict(
 @app.command("evaluate")
 def evaluate_cmd(
     dataset: Annotated[str | None, typer.Option("-d", "--dataset", help="Score a trained dataset.")] = None,
-    arch: str | None = None,
+    arch: Arch = None,
     pred: Annotated[Path | None, typer.Option(help="Folder of predicted masks.")] = None,
     ref: Annotated[Path | None, typer.Option(
         help="Folder of reference masks, or an ISBI 2015-layout dataset (its masks/ folders).")] = None,
@@ -298,7 +304,7 @@ def export(
     dataset: Annotated[str | None, typer.Option("-d", "--dataset", help="Export this dataset's trained fold.")] = None,
     fold: Annotated[int | None, typer.Option(help="Fold to export (default: the only trained one).")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="A checkpoint file instead of -d.")] = None,
-    arch: str | None = None,
+    arch: Arch = None,
     format: Annotated[str, typer.Option("--format", help="onnx (the only format).")] = "onnx",
     exporter: Annotated[str, typer.Option(help="auto, dynamo or torchscript (legacy).")] = "auto",
     precision: Annotated[str, typer.Option(help="fp32, or int8: quantized for small CPUs (about 4x smaller, "

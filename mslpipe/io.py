@@ -35,6 +35,16 @@ FILE_MODE = 0o666 & ~_current_umask()
 
 
 # ---------------------------------------------------------------------------- atomic writes
+def make_dir(path: str | os.PathLike) -> Path:
+    """``mkdir -p``; a folder that cannot be made (read-only place, a file in the way) is one MslpipeError."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MslpipeError(f"cannot create this folder ({exc.strerror or exc})", path) from exc
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds.
@@ -267,24 +277,45 @@ def _check_dicom_spacing(files: list[str], folder: Path) -> None:
         )
 
 
+# header fields that name a series, as (DICOM tag, key): what a FLAIR series is recognised by
+SERIES_TAGS = (("0008|103e", "description"), ("0018|1030", "protocol"), ("0020|0011", "number"))
+
+
 @_keep_locale()
-def load_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Read the single DICOM series in ``folder`` as (float32 array, nibabel-style RAS affine).
+def dicom_series_info(files: list[str]) -> dict[str, str]:
+    """The naming fields (:data:`SERIES_TAGS`) of a series, from its first file's header ('' where absent)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    reader.LoadPrivateTagsOff()
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return {key: "" for _, key in SERIES_TAGS}
+    return {key: reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else "" for tag, key in SERIES_TAGS}
+
+
+@_keep_locale()
+def load_dicom_series(folder: str | os.PathLike, files: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read the single DICOM series in ``folder`` (or the series of ``files``, sorted, one series found by
+    :func:`find_dicom_series`; ``folder`` then names it in errors) as (float32 array, nibabel-style RAS affine).
 
     Refuses a folder with no series, with several series mixed together, or with a gap.
     """
     import SimpleITK as sitk
 
     folder = Path(folder)
-    if not folder.is_dir():
-        raise MslpipeError("not a folder", folder)
-    series = find_dicom_series(folder)
-    if not series:
-        raise MslpipeError("no DICOM series found", folder)
-    if len(series) > 1:
-        raise MslpipeError(f"{len(series)} DICOM series mixed in one folder; give one series per folder",
-                           folder)
-    files = series[0][1]
+    if files is None:
+        if not folder.is_dir():
+            raise MslpipeError("not a folder", folder)
+        series = find_dicom_series(folder)
+        if not series:
+            raise MslpipeError("no DICOM series found", folder)
+        if len(series) > 1:
+            raise MslpipeError(f"{len(series)} DICOM series mixed in one folder; give one series per folder",
+                               folder)
+        files = series[0][1]
     _check_dicom_spacing(files, folder)
     try:
         reader = sitk.ImageSeriesReader()
@@ -315,8 +346,10 @@ def sitk_to_numpy(image, where: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 @_keep_locale()
-def write_dicom_series(folder: str | os.PathLike, data: np.ndarray, affine: np.ndarray) -> Path:
-    """Write a volume as a DICOM series (one file per slice): used by tests and for demos."""
+def write_dicom_series(folder: str | os.PathLike, data: np.ndarray, affine: np.ndarray, description: str = "",
+                       number: int = 1, prefix: str = "slice") -> Path:
+    """Write a volume as a DICOM series (one file per slice, ``PREFIX_KKKK.dcm``; ``description`` and ``number``
+    in its SeriesDescription and SeriesNumber): used by tests and for demos."""
     import SimpleITK as sitk
 
     folder = Path(folder)
@@ -333,7 +366,7 @@ def write_dicom_series(folder: str | os.PathLike, data: np.ndarray, affine: np.n
     image.SetOrigin((lps @ affine[:3, 3]).tolist())
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    uid = "1.2.826.0.1.3680043.2.1125." + str(abs(hash(str(folder))) % 10**12)
+    uid = "1.2.826.0.1.3680043.2.1125." + str(abs(hash(f"{folder}|{description}|{number}")) % 10**12)
     for k in range(image.GetDepth()):
         sl = image[:, :, k]
         origin = image.TransformIndexToPhysicalPoint((0, 0, k))
@@ -342,9 +375,12 @@ def write_dicom_series(folder: str | os.PathLike, data: np.ndarray, affine: np.n
         sl.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in origin))
         sl.SetMetaData("0020|0037", "\\".join(f"{v:.6f}" for v in direction[:, :2].T.ravel()))
         sl.SetMetaData("0020|0013", str(k + 1))
+        sl.SetMetaData("0020|0011", str(number))
+        if description:
+            sl.SetMetaData("0008|103e", description)
         sl.SetMetaData("0028|0030", f"{spacing[1]:.6f}\\{spacing[0]:.6f}")
         sl.SetMetaData("0018|0050", f"{spacing[2]:.6f}")
-        with atomic_path(folder / f"slice_{k:04d}.dcm") as tmp:
+        with atomic_path(folder / f"{prefix}_{k:04d}.dcm") as tmp:
             writer.SetFileName(str(tmp))
             writer.Execute(sl)
     return folder

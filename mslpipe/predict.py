@@ -9,6 +9,7 @@ interrupted run is resumed by starting it again.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -24,10 +25,12 @@ from mslpipe import report as lesion_report
 from mslpipe.datasets import check_case_id, discover, isbi_images, select_channels
 from mslpipe.errors import MslpipeError
 from mslpipe.io import (
+    dicom_series_info,
     find_dicom_series,
     is_nifti,
     load_dicom_series,
     load_image,
+    make_dir,
     read_json,
     save_nifti,
     strip_nifti_suffix,
@@ -46,12 +49,13 @@ class Source:
 
     case: str
     paths: list[Path]
-    kind: str = "nifti"  # or "dicom"
+    kind: str = "nifti"  # or "dicom": paths holds the series' folder, files its files
+    files: list[str] | None = None
 
     def read(self) -> tuple[list[np.ndarray], np.ndarray]:
         channels, affine = [], None
         for path in self.paths:
-            data, aff = load_dicom_series(path) if self.kind == "dicom" else load_image(path)
+            data, aff = load_dicom_series(path, self.files) if self.kind == "dicom" else load_image(path)
             if affine is not None and (data.shape != channels[0].shape or not np.allclose(aff, affine, atol=1e-3)):
                 raise MslpipeError("channel is not on the same grid as the first channel", path)
             channels.append(data)
@@ -146,9 +150,49 @@ def gather_sources(inp: Path, channels: list[str] | None = None, dirs: Workdirs 
         return _dataset_test_sources(inp, dirs, dataset)
     series = find_dicom_series(inp)
     if series:
-        folders = sorted({Path(files[0]).parent for _, files in series})
-        return [Source(check_case_id(f.name, f), [f], "dicom") for f in folders]
+        return _dicom_sources(series)
     raise MslpipeError("no NIfTI files, DICOM series or dataset found in this folder", inp)
+
+
+# SeriesDescription / ProtocolName words of a FLAIR series: "T2 FLAIR", Siemens' "dark fluid" and TIRM
+FLAIR_WORDS = ("flair", "dark fluid", "dark-fluid", "darkfluid", "tirm")
+
+
+def _dicom_sources(series: list[tuple[str, list[str]]]) -> list[Source]:
+    """One scan per DICOM series, named after its folder (plus its series number and description where a folder
+    holds several). Of several series (a study), those whose description or protocol names FLAIR
+    (:data:`FLAIR_WORDS`) are segmented and the others left out; where none does, all are (with a warning). A
+    single series is segmented whatever its name."""
+    infos = [dicom_series_info(files) for _, files in series]
+    folders = [Path(files[0]).parent for _, files in series]
+    chosen = list(range(len(series)))
+    if len(series) > 1:
+        flair = [i for i, info in enumerate(infos)
+                 if any(w in f"{info['description']} {info['protocol']}".lower() for w in FLAIR_WORDS)]
+        if flair:
+            left = [_series_label(folders[i], infos[i]) for i in chosen if i not in flair]
+            if left:
+                log.warning("%d of %d DICOM series are FLAIR by their description and segmented; left out: %s",
+                            len(flair), len(series), "; ".join(left))
+            chosen = flair
+        else:
+            log.warning("none of the %d DICOM series names FLAIR in its description or protocol: segmenting every "
+                        "one (give the FLAIR series' folder to segment only that)", len(series))
+    shared = {f for f in folders if folders.count(f) > 1}
+    sources = []
+    for i in chosen:
+        name = folders[i].name
+        if folders[i] in shared:
+            name += f"_s{infos[i]['number'] or i + 1}" + (f"_{infos[i]['description']}" if infos[i]["description"]
+                                                          else "")
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-") or f"series{i + 1}"
+        sources.append(Source(check_case_id(safe, folders[i]), [folders[i]], "dicom", series[i][1]))
+    return sources
+
+
+def _series_label(folder: Path, info: dict[str, str]) -> str:
+    what = info["description"] or info["protocol"] or "no description"
+    return f"{folder.name} (series {info['number'] or '?'}: {what})"
 
 
 def _isbi_sources(where: Path, channels: list[str], only: str | None = None) -> list[Source]:
@@ -237,7 +281,7 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise MslpipeError(f"several inputs would write the same output name: {sorted(dupes)}", out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     pp = {**predictor.postprocessing, **(postprocessing or {})}
 
     def read(src: Source):  # beside the network: read and preprocess the next scan

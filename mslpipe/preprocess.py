@@ -19,7 +19,7 @@ from scipy import ndimage
 from mslpipe import postprocess
 from mslpipe.datasets import Case
 from mslpipe.errors import MslpipeError
-from mslpipe.io import load_image, load_mask, read_json, save_npy, write_json
+from mslpipe.io import load_image, load_mask, make_dir, read_json, save_npy, write_json
 from mslpipe.plans import Plan
 
 log = logging.getLogger(__name__)
@@ -371,7 +371,7 @@ def run(cases: list[Case], plan: Plan, out_dir: Path, progress=None) -> list[str
 
     Returns the ids that were (re)written.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir)
     key = plan.preprocessing_hash()
     written = []
     for case in cases:

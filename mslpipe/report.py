@@ -52,9 +52,12 @@ CSS = (
     "margin-right:6px;vertical-align:middle;border:1px solid #333}.none{font-weight:bold}.note{font-size:12px}"
     ".warn{color:#b00;font-weight:bold}"
 )
+# the patient's side at the left and right edge of a panel, by the canonical axis it slices (see ORIENTATION_NOTE)
+SIDES = {2: ("L", "R"), 1: ("L", "R"), 0: ("P", "A")}
 ORIENTATION_NOTE = (
     "Slices are reoriented to RAS (nibabel's closest canonical orientation) and drawn with the origin "
-    "at the lower left, in the neurological convention: the patient's left is on the image's left; "
+    "at the lower left, in the neurological convention: the patient's left is on the image's left (marked L, "
+    "R, and P, A in sagittal views); "
     "anterior is up in axial views, superior is up in coronal and sagittal views, anterior is on the "
     "right in sagittal views. Slice numbers are voxel indices of the input scan."
 )
@@ -188,6 +191,8 @@ def _render(path: Path, panels: list[dict], window: tuple[float, float]) -> None
                   interpolation=smooth)
         if p.get("marker") is not None:
             ax.plot(*p["marker"], marker="+", color="yellow", markersize=9, markeredgewidth=1)
+        for x, side, align in zip((0.01, 0.99), p.get("sides", ()), ("left", "right"), strict=False):
+            ax.text(x, 0.5, side, transform=ax.transAxes, ha=align, va="center", fontsize=8, color="#cccccc")
         ax.set_title(p["title"], fontsize=8, color="white")
         ax.set_axis_off()
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.04)
@@ -217,7 +222,7 @@ def render_case_images(out_dir: Path, case: str, image: np.ndarray, mask: np.nda
     def panel(axis: int, k: int, title: str, marker=None) -> dict:
         return {"image": np.take(img, k, axis), "pred": np.take(pred, k, axis),
                 "ref": None if truth is None else np.take(truth, k, axis), "aspect": aspects[axis],
-                "title": title, "marker": marker}
+                "title": title, "marker": marker, "sides": SIDES[axis]}
 
     qc = Path(out_dir) / QC_DIR
     images = []

@@ -459,3 +459,45 @@ def test_isbi_named_input_of_another_modality_or_without_the_channel_fails(tmp_p
     only_t2 = _isbi_folder(tmp_path / "t2only", cases=("training02_01",), mods=("t2",))
     with pytest.raises(MslpipeError, match=r"case training02_01 has no flair image \(found \['t2'\]\)"):
         predict.gather_sources(only_t2)
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_clear_error(model, scan, tmp_path):
+    data, affine = scan
+    save_nifti(tmp_path / "in" / "a.nii.gz", data, affine, dtype=np.float32)
+    (tmp_path / "taken").write_text("a file where the output folder's parent should be")
+    with pytest.raises(MslpipeError, match="cannot create this folder") as exc:
+        predict.run(tmp_path / "in", tmp_path / "taken" / "out", dirs=None, checkpoint=[model], device="cpu")
+    assert str(tmp_path / "taken" / "out") in str(exc.value)
+
+
+def _series(folder, value, description, number, prefix="slice"):
+    data = np.full((6, 7, 5), value, np.float32)
+    data[0, 0, 0] = 0  # not constant
+    return write_dicom_series(folder, data, np.diag([1.0, 1.0, 2.0, 1.0]), description, number, prefix)
+
+
+def test_a_dicom_study_gives_its_flair_series(tmp_path, caplog):
+    """A study of several series: the FLAIR ones (by description or protocol) are segmented, the others left out
+    with a warning naming them; series sharing one folder are told apart by number and description."""
+    study = tmp_path / "study"
+    _series(study / "AX T2 FLAIR", 100, "AX T2 FLAIR", 3)
+    _series(study / "t1", 200, "SAG T1 MPRAGE", 2)
+    _series(study / "mixed", 300, "t2_tirm_tra_dark-fluid", 7, prefix="a")
+    _series(study / "mixed", 400, "DWI b1000", 8, prefix="b")
+    with caplog.at_level("WARNING"):
+        sources = predict.gather_sources(study)
+    assert [s.case for s in sources] == ["AX_T2_FLAIR", "mixed_s7_t2_tirm_tra_dark-fluid"]
+    assert "2 of 4 DICOM series are FLAIR" in caplog.text and "t1 (series 2: SAG T1 MPRAGE)" in caplog.text
+    assert "mixed (series 8: DWI b1000)" in caplog.text
+    (image,), _ = sources[1].read()  # the mixed folder's FLAIR series, not its DWI
+    assert image.shape == (6, 7, 5) and image.max() == 300
+
+
+def test_dicom_series_without_a_flair_name_are_all_segmented_and_one_series_whatever_its_name(tmp_path, caplog):
+    study = tmp_path / "study"
+    _series(study / "a", 100, "", 1)
+    _series(study / "b", 200, "T1", 2)
+    with caplog.at_level("WARNING"):
+        assert [s.case for s in predict.gather_sources(study)] == ["a", "b"]
+    assert "none of the 2 DICOM series names FLAIR" in caplog.text
+    assert [s.case for s in predict.gather_sources(study / "b")] == ["b"]

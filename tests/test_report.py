@@ -287,3 +287,27 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert ((g > r + 60) & (g > b + 60)).sum() > 0  # true positives
     assert ((r > g + 90) & (r > b + 90)).sum() > 0  # false positives
     assert ((b > r + 60) & (b > g + 30)).sum() > 0  # false negatives
+
+
+def test_qc_panels_mark_the_patients_sides(tmp_path, monkeypatch):
+    """Each panel names the patient's side at its left and right edge (L/R; P/A in sagittal views), so a PNG
+    read on its own, outside report.html's orientation note, shows which side is which."""
+    pil = pytest.importorskip("PIL.Image")
+    dark = {"image": np.zeros((40, 40), np.float32), "pred": np.zeros((40, 40), bool), "ref": None, "aspect": 1.0,
+            "title": ""}
+    for sides, name in (((), "plain.png"), (("L", "R"), "marked.png")):
+        report._render(tmp_path / name, [{**dark, "sides": sides}], (0.0, 1.0))
+    bright = {}
+    for name in ("plain.png", "marked.png"):
+        with pil.open(tmp_path / name) as im:
+            rgb = np.asarray(im.convert("RGB")).astype(int)
+        edges = (slice(0, rgb.shape[1] // 6), slice(-rgb.shape[1] // 6, None))
+        bright[name] = [int((rgb[:, band].sum(axis=2) > 300).sum()) for band in edges]
+    assert bright["plain.png"] == [0, 0] and all(bright["marked.png"]), bright
+    panels = []
+    monkeypatch.setattr(report, "_render",
+                        lambda path, ps, window: panels.append((path.name, [p["sides"] for p in ps])))
+    mask, _ = _known_mask()
+    report.write_case_report(tmp_path, "c", _image(), mask, AFFINE)
+    assert panels == [("c_slices.png", [("L", "R")] * len(panels[0][1])),
+                      ("c_planes.png", [("L", "R"), ("L", "R"), ("P", "A")])]
