@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mslpipe import architectures, inference, predict, preprocess, train  # noqa: E402
+from mslpipe import architectures, datasets, inference, predict, preprocess, train  # noqa: E402
 from mslpipe.io import load_image, save_nifti  # noqa: E402
 from mslpipe.plan import DEFAULT_CONTEXT_SLICES  # noqa: E402
 from mslpipe.plans import Plan  # noqa: E402
@@ -95,7 +95,7 @@ def measure(arch: str, kwargs: dict, device: str, data, affine, args) -> list:
         src = Path(tmp) / "in"
         for i in range(args.volumes):
             save_nifti(src / f"scan{i:02d}.nii.gz", data, affine, dtype=np.float32)
-        sources = predict.gather_sources(src)
+        sources = datasets.gather_sources(src)
         t0 = time.perf_counter()
         predict.predict_sources(predictor, sources, Path(tmp) / "out", overwrite=True)
         sync(device)

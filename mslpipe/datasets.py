@@ -1,7 +1,9 @@
-"""Find the cases of a dataset on disk: ISBI 2015 layout or nnU-Net raw layout.
+"""Find scans on disk: the cases of a dataset (ISBI 2015 or nnU-Net raw layout), and the scans to segment.
 
 A :class:`Case` is one scan (one subject at one time point) with its image channels and,
 for labelled cases, one mask per rater. Nothing is loaded here; :mod:`mslpipe.plan` verifies.
+A :class:`Source` is one scan for `predict` (:func:`gather_sources`: a NIfTI file, a folder of them, ISBI-named
+files, DICOM series or a dataset's test split), read when its turn comes.
 """
 
 from __future__ import annotations
@@ -11,8 +13,20 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from mslpipe.errors import MslpipeError
-from mslpipe.io import NIFTI_SUFFIXES, is_nifti, read_json, strip_nifti_suffix
+from mslpipe.io import (
+    NIFTI_SUFFIXES,
+    dicom_series_info,
+    find_dicom_series,
+    is_nifti,
+    load_dicom_series,
+    load_image,
+    read_json,
+    strip_nifti_suffix,
+)
+from mslpipe.plans import Workdirs
 
 log = logging.getLogger(__name__)
 
@@ -134,3 +148,142 @@ def discover(root: str | Path, channels: list[str] | None = None) -> list[Case]:
             if path.is_symlink() and not path.resolve().is_relative_to(root.resolve()):
                 log.info("%s is a symlink out of the dataset folder; reading it, never writing", path)
     return sorted(cases, key=lambda c: c.id)
+
+
+# ---------------------------------------------------------------------------- scans to segment (predict's inputs)
+@dataclass
+class Source:
+    """One scan to segment: its output name and how to read its channels."""
+
+    case: str
+    paths: list[Path]
+    kind: str = "nifti"  # or "dicom": paths holds the series' folder, files its files
+    files: list[str] | None = None
+
+    def read(self) -> tuple[list[np.ndarray], np.ndarray]:
+        channels, affine = [], None
+        for path in self.paths:
+            data, aff = load_dicom_series(path, self.files) if self.kind == "dicom" else load_image(path)
+            if affine is not None and (data.shape != channels[0].shape or not np.allclose(aff, affine, atol=1e-3)):
+                raise MslpipeError("channel is not on the same grid as the first channel", path)
+            channels.append(data)
+            affine = aff if affine is None else affine
+        return channels, affine
+
+
+def gather_sources(inp: Path, channels: list[str] | None = None, dirs: Workdirs | None = None,
+                   dataset: str | None = None) -> list[Source]:
+    """Turn IN into scans: one NIfTI file, a folder of NIfTI files, DICOM series, or a dataset.
+
+    ``channels``: the model's input channels (default FLAIR alone). Files named as in ISBI 2015's
+    ``preprocessed/`` folders (``SUBJECT_TT_MODALITY_pp``) are grouped into one scan per ``SUBJECT_TT``, named so
+    (as ``predict -d`` and ``evaluate`` name it), with the model's channels picked by modality: the other
+    modalities beside them are no scans of their own.
+    """
+    inp = Path(inp)
+    channels = [c.lower() for c in (channels or ["flair"])]
+    if not inp.exists():
+        raise MslpipeError("input not found", inp)
+    if inp.is_file():
+        if not is_nifti(inp):
+            raise MslpipeError("not a NIfTI file (.nii or .nii.gz); give a DICOM series as a folder", inp)
+        isbi = isbi_images([inp])
+        if isbi:
+            return _isbi_sources(inp, channels, only=next(iter(isbi)))
+        return [_nifti_source(inp, len(channels))]
+    niftis = sorted(p for p in inp.iterdir() if p.is_file() and is_nifti(p))
+    if niftis:
+        sources = _isbi_sources(inp, channels)
+        isbi_files = {p for s in isbi_images(niftis).values() for p in s.images.values()}
+        plain = [p for p in niftis if p not in isbi_files]
+        if len(channels) > 1:  # nnU-Net naming: CASE_0000.nii.gz, CASE_0001.nii.gz, ...
+            stems = [strip_nifti_suffix(p.name) for p in plain]
+            cases = sorted({s[:-5] for s in stems if s[-5:-4] == "_"})
+            return sources + [_nifti_source(inp / f"{c}_0000.nii.gz", len(channels)) for c in cases]
+        return sources + [_nifti_source(p, 1) for p in plain]
+    if (inp / "training").is_dir() or (inp / "dataset.json").exists() or any(inp.glob("test*/preprocessed")):
+        return _dataset_test_sources(inp, dirs, dataset)
+    series = find_dicom_series(inp)
+    if series:
+        return _dicom_sources(series)
+    raise MslpipeError("no NIfTI files, DICOM series or dataset found in this folder", inp)
+
+
+# SeriesDescription / ProtocolName words of a FLAIR series: "T2 FLAIR", Siemens' "dark fluid" and TIRM
+FLAIR_WORDS = ("flair", "dark fluid", "dark-fluid", "darkfluid", "tirm")
+
+
+def _dicom_sources(series: list[tuple[str, list[str]]]) -> list[Source]:
+    """One scan per DICOM series, named after its folder (plus its series number and description where a folder
+    holds several). Of several series (a study), those whose description or protocol names FLAIR
+    (:data:`FLAIR_WORDS`) are segmented and the others left out; where none does, all are (with a warning). A
+    single series is segmented whatever its name."""
+    infos = [dicom_series_info(files) for _, files in series]
+    folders = [Path(files[0]).parent for _, files in series]
+    chosen = list(range(len(series)))
+    if len(series) > 1:
+        flair = [i for i, info in enumerate(infos)
+                 if any(w in f"{info['description']} {info['protocol']}".lower() for w in FLAIR_WORDS)]
+        if flair:
+            left = [_series_label(folders[i], infos[i]) for i in chosen if i not in flair]
+            if left:
+                log.warning("%d of %d DICOM series are FLAIR by their description and segmented; left out: %s",
+                            len(flair), len(series), "; ".join(left))
+            chosen = flair
+        else:
+            log.warning("none of the %d DICOM series names FLAIR in its description or protocol: segmenting every "
+                        "one (give the FLAIR series' folder to segment only that)", len(series))
+    shared = {f for f in folders if folders.count(f) > 1}
+    sources = []
+    for i in chosen:
+        name = folders[i].name
+        if folders[i] in shared:
+            name += f"_s{infos[i]['number'] or i + 1}" + (f"_{infos[i]['description']}" if infos[i]["description"]
+                                                          else "")
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-") or f"series{i + 1}"
+        sources.append(Source(check_case_id(safe, folders[i]), [folders[i]], "dicom", series[i][1]))
+    return sources
+
+
+def _series_label(folder: Path, info: dict[str, str]) -> str:
+    what = info["description"] or info["protocol"] or "no description"
+    return f"{folder.name} (series {info['number'] or '?'}: {what})"
+
+
+def _isbi_sources(where: Path, channels: list[str], only: str | None = None) -> list[Source]:
+    """The ISBI-named scans in ``where`` (a folder, or one file and its folder's other modalities of that case)."""
+    folder = where if where.is_dir() else where.parent
+    cases = isbi_images([p for p in folder.iterdir() if p.is_file() and is_nifti(p)])
+    if only is not None:
+        cases = {only: cases[only]}
+        mod = next(m for m, p in cases[only].images.items() if p == where)
+        if mod not in channels:
+            raise MslpipeError(f"by its ISBI name a {mod} scan, but the model segments {'+'.join(channels)} "
+                               f"(give the {channels[0]} file, or rename this one if its name is wrong)", where)
+    ignored = sorted(m for c in cases.values() for m in c.images if m not in channels)
+    if ignored:
+        log.info("%s: ISBI-named %s images are not the model's channels (%s); not segmented", folder,
+                 "/".join(sorted(set(ignored))), "+".join(channels))
+    chosen = select_channels(list(cases.values()), channels, folder)
+    return [Source(check_case_id(c.id, folder), list(c.images.values())) for c in chosen]
+
+
+def _nifti_source(path: Path, n_channels: int) -> Source:
+    name = strip_nifti_suffix(path.name)
+    if n_channels > 1:
+        base = name[:-5]
+        paths = [path.parent / f"{base}_{i:04d}{path.name[len(name):]}" for i in range(n_channels)]
+        return Source(check_case_id(base, path), paths)
+    return Source(check_case_id(name, path), [path])
+
+
+def _dataset_test_sources(root: Path, dirs: Workdirs | None, dataset: str | None) -> list[Source]:
+    cases = discover(root)
+    test_subjects: set[str] = set()
+    if dirs is not None and dataset is not None and (dirs.plan_dir(dataset) / "splits.json").exists():
+        test_subjects = set(read_json(dirs.plan_dir(dataset) / "splits.json")["test"])
+    chosen = [c for c in cases if c.test_only or c.subject in test_subjects]
+    if not chosen:
+        raise MslpipeError("dataset has no test scans (no test-only cases and no test split; give -d NAME "
+                           "after `mslpipe plan`)", root)
+    return [Source(c.id, list(c.images.values())) for c in chosen]

@@ -222,13 +222,11 @@ def _names(items: Sequence[str], limit: int = 10) -> str:
 
 
 def isbi_masks(folder: Path) -> dict[str, Path]:
-    """The masks anywhere in an ISBI 2015-layout tree (``.../masks/SUBJECT_TT_maskR.nii[.gz]``), by name."""
-    from mslpipe.datasets import ISBI_MASK
-
+    """The masks anywhere in an ISBI 2015-layout tree (``.../masks/CASE_maskR.nii[.gz]``), by name."""
     found: dict[str, Path] = {}
     for path in sorted(p for p in folder.rglob("*") if p.parent.name == "masks" and is_nifti(p) and p.is_file()):
         name = strip_nifti_suffix(path.name)
-        if not ISBI_MASK.match(name):
+        if not _RATER_RE.match(name):
             continue
         if name in found:
             raise MslpipeError(f"two files for the name {name!r}: {found[name]} and {path}", folder)

@@ -247,7 +247,7 @@ def volumes_from_scans(path: Path, plan: Plan) -> list[np.ndarray]:
     """Up to ``quantize.MAX_VOLUMES`` scans (a NIfTI file, a folder of them, or DICOM series), read and
     preprocessed as `predict` does: the calibration set for a checkpoint that comes without its dataset."""
     from mslpipe import preprocess
-    from mslpipe.predict import gather_sources
+    from mslpipe.datasets import gather_sources
 
     sources = gather_sources(Path(path), plan.channels)
     out = []

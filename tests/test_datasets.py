@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mslpipe.datasets import check_case_id, discover
+from mslpipe.datasets import check_case_id, discover, gather_sources
 from mslpipe.errors import MslpipeError
-from mslpipe.io import save_nifti
+from mslpipe.io import save_nifti, write_dicom_series
 
 SHAPE = (4, 5, 3)
 
@@ -237,3 +237,69 @@ def test_check_case_id_refuses_unsafe_names(bad):
 @pytest.mark.parametrize("good", ["training01_01", "case.001", "A-1_b"])
 def test_check_case_id_accepts_safe_names(good):
     assert check_case_id(good, "x") == good
+
+
+# ---------------------------------------------------------------------------- scans to segment
+def _isbi_folder(folder, cases=("training01_01", "training01_02"), mods=("flair", "t2", "mprage")):
+    data = np.zeros((4, 5, 3), np.float32)
+    for case in cases:
+        for mod in mods:
+            save_nifti(folder / f"{case}_{mod}_pp.nii", data, np.eye(4), dtype=np.float32)
+    return folder
+
+
+def test_isbi_preprocessed_folder_gives_one_scan_per_case(tmp_path):
+    """ISBI's preprocessed/ folders hold every modality of a scan: the model's channels are picked, the other
+    modalities are no scans of their own, and the output is named as `predict -d` and `evaluate` name it."""
+    inp = _isbi_folder(tmp_path / "preprocessed")
+    save_nifti(inp / "other.nii.gz", np.zeros((4, 5, 3), np.float32), np.eye(4), dtype=np.float32)
+    sources = gather_sources(inp)
+    assert [(s.case, [p.name for p in s.paths]) for s in sources] == [
+        ("training01_01", ["training01_01_flair_pp.nii"]), ("training01_02", ["training01_02_flair_pp.nii"]),
+        ("other", ["other.nii.gz"])]
+    two = gather_sources(inp / "training01_02_flair_pp.nii", ["t2", "flair"])
+    assert [(s.case, [p.name for p in s.paths]) for s in two] == [
+        ("training01_02", ["training01_02_t2_pp.nii", "training01_02_flair_pp.nii"])]
+
+
+def test_isbi_named_input_of_another_modality_or_without_the_channel_fails(tmp_path):
+    inp = _isbi_folder(tmp_path / "preprocessed")
+    with pytest.raises(MslpipeError, match="by its ISBI name a t2 scan, but the model segments flair") as exc:
+        gather_sources(inp / "training01_01_t2_pp.nii")
+    assert "training01_01_t2_pp.nii" in str(exc.value)
+    only_t2 = _isbi_folder(tmp_path / "t2only", cases=("training02_01",), mods=("t2",))
+    with pytest.raises(MslpipeError, match=r"case training02_01 has no flair image \(found \['t2'\]\)"):
+        gather_sources(only_t2)
+
+
+def _series(folder, value, description, number, prefix="slice"):
+    data = np.full((6, 7, 5), value, np.float32)
+    data[0, 0, 0] = 0  # not constant
+    return write_dicom_series(folder, data, np.diag([1.0, 1.0, 2.0, 1.0]), description, number, prefix)
+
+
+def test_a_dicom_study_gives_its_flair_series(tmp_path, caplog):
+    """A study of several series: the FLAIR ones (by description or protocol) are segmented, the others left out
+    with a warning naming them; series sharing one folder are told apart by number and description."""
+    study = tmp_path / "study"
+    _series(study / "AX T2 FLAIR", 100, "AX T2 FLAIR", 3)
+    _series(study / "t1", 200, "SAG T1 MPRAGE", 2)
+    _series(study / "mixed", 300, "t2_tirm_tra_dark-fluid", 7, prefix="a")
+    _series(study / "mixed", 400, "DWI b1000", 8, prefix="b")
+    with caplog.at_level("WARNING"):
+        sources = gather_sources(study)
+    assert [s.case for s in sources] == ["AX_T2_FLAIR", "mixed_s7_t2_tirm_tra_dark-fluid"]
+    assert "2 of 4 DICOM series are FLAIR" in caplog.text and "t1 (series 2: SAG T1 MPRAGE)" in caplog.text
+    assert "mixed (series 8: DWI b1000)" in caplog.text
+    (image,), _ = sources[1].read()  # the mixed folder's FLAIR series, not its DWI
+    assert image.shape == (6, 7, 5) and image.max() == 300
+
+
+def test_dicom_series_without_a_flair_name_are_all_segmented_and_one_series_whatever_its_name(tmp_path, caplog):
+    study = tmp_path / "study"
+    _series(study / "a", 100, "", 1)
+    _series(study / "b", 200, "T1", 2)
+    with caplog.at_level("WARNING"):
+        assert [s.case for s in gather_sources(study)] == ["a", "b"]
+    assert "none of the 2 DICOM series names FLAIR" in caplog.text
+    assert [s.case for s in gather_sources(study / "b")] == ["b"]
