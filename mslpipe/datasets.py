@@ -105,7 +105,10 @@ def _discover_nnunet(root: Path, channels: list[str]) -> list[Case]:
         ids = sorted({p.name[: -len(ending) - 5] for p in (root / folder).glob(f"*_0000{ending}")})
         for cid in ids:
             images = {ch: root / folder / f"{cid}_{i:04d}{ending}" for ch, i in channel_index.items()}
-            masks = [] if test_only else [root / "labelsTr" / f"{cid}{ending}"]
+            if test_only:  # labelsTs, where the dataset has it, holds the test cases' masks
+                masks = [p for p in [root / "labelsTs" / f"{cid}{ending}"] if p.is_file()]
+            else:
+                masks = [root / "labelsTr" / f"{cid}{ending}"]
             cases.append(Case(cid, str(subjects.get(cid, cid)), 1, images, masks, test_only))
     return select_channels(cases, channels, root)
 

@@ -222,6 +222,12 @@ def run(name: str, dirs: Workdirs, input_path: Path | None = None, device: str =
     labelled_subjects = [c["subject"] for c in fingerprint["cases"] if not c["test_only"]]
     splits = make_splits(labelled_subjects, seed, n_folds, test_fraction)
     splits["test_only_cases"] = [c["case"] for c in fingerprint["cases"] if c["test_only"]]
+    shared = sorted({c["subject"] for c in fingerprint["cases"] if c["test_only"]} & set(labelled_subjects))
+    if shared:  # e.g. an nnU-Net dataset whose imagesTs holds other time points of training patients
+        note = (f"test-only cases share {len(shared)} subject(s) with the training cases ({', '.join(shared[:5])}): "
+                "their scores are not those of unseen patients")
+        log.warning(note)
+        splits["warning"] = "; ".join(filter(None, [splits.get("warning"), note]))
     plan_dir = dirs.plan_dir(name)
     write_json(plan_dir / "fingerprint.json", fingerprint)
     save_plan(plan, plan_dir / "plans.json")

@@ -69,8 +69,10 @@ def evaluate_dataset(name: str, dirs: Workdirs, arch: str | None = None, device:
     summary["n_folds_planned"] = len(splits["folds"])
     summary["postprocessing"] = pp
 
+    # the held-out test subjects, and the dataset's own test cases where it has their masks (nnU-Net's labelsTs)
     test_cases = [c for c, _ in refs.items()
-                  if any(f["case"] == c and f["subject"] in splits["test"] for f in fingerprint["cases"])]
+                  if any(f["case"] == c and (f["subject"] in splits["test"] or f["test_only"])
+                         for f in fingerprint["cases"])]
     if test_cases:
         test_dir = root / "test"
         report = predict.run(Path(fingerprint["source"]), test_dir, dirs=dirs, dataset=name, arch=arch,
@@ -79,7 +81,8 @@ def evaluate_dataset(name: str, dirs: Workdirs, arch: str | None = None, device:
             raise MslpipeError(f"prediction failed on test cases {report.failed}")
         test_pairs = [evaluate.CasePair(c, test_dir / f"{c}.nii.gz", refs[c]) for c in sorted(test_cases)]
         summary["test"] = evaluate.score_pairs(test_pairs, connectivity=connectivity, slice_axis=2)
-        summary["test"]["what"] = "held-out test subjects, ensemble of the trained folds, postprocessed"
+        summary["test"]["what"] = ("held-out test subjects (and the dataset's own labelled test cases), ensemble of "
+                                   "the trained folds, postprocessed")
     write_json(root / "summary.json", summary)
     return summary
 

@@ -153,6 +153,15 @@ def test_nnunet_layout(tmp_path):
     assert cases[2].test_only and cases[2].masks == []
 
 
+def test_nnunet_labels_ts_are_the_test_cases_masks(tmp_path):
+    """labelsTs, where it holds a test case's mask (nnU-Net datasets often ship one), is that case's reference."""
+    root = _nnunet(tmp_path / "ds", test=("new001", "new002"))
+    _touch_nifti(root / "labelsTs" / "new001.nii.gz")
+    cases = {c.id: c for c in discover(root)}
+    assert cases["new001"].test_only and cases["new001"].masks == [root / "labelsTs" / "new001.nii.gz"]
+    assert cases["new002"].test_only and cases["new002"].masks == []
+
+
 def test_nnunet_second_channel_and_nii_ending(tmp_path):
     root = _nnunet(tmp_path / "ds", channels={"0": "T1", "1": "FLAIR"}, ending=".nii")
     cases = discover(root)
@@ -303,3 +312,13 @@ def test_dicom_series_without_a_flair_name_are_all_segmented_and_one_series_what
         assert [s.case for s in gather_sources(study)] == ["a", "b"]
     assert "none of the 2 DICOM series names FLAIR" in caplog.text
     assert [s.case for s in gather_sources(study / "b")] == ["b"]
+
+
+def test_real_isbi_scans_are_named_as_their_masks(real_data):
+    """On the real data: predict's names for an ISBI preprocessed/ folder are the case ids whose masks
+    `evaluate --ref DATASET` finds, so the two commands meet without renaming."""
+    from mslpipe.evaluate import isbi_masks
+
+    sources = gather_sources(real_data / "training" / "training03" / "preprocessed")
+    assert [s.case for s in sources] == ["training03_01", "training03_02", "training03_03"]
+    assert {name.rsplit("_mask", 1)[0] for name in isbi_masks(real_data)} == {c.id for c in discover(real_data)}

@@ -150,7 +150,8 @@ def test_export_reads_back_with_subjects(exported):
     for case in cases:
         assert case.subject == subject[case.id]
         assert case.test_only == (case.id in written["test"])
-        assert [m.name for m in case.masks] == ([] if case.test_only else [f"{case.id}.nii.gz"])
+        assert [m.name for m in case.masks] == [f"{case.id}.nii.gz"]  # test cases: their labelsTs masks
+        assert case.masks[0].parent.name == ("labelsTs" if case.test_only else "labelsTr")
 
 
 def test_nii_sources_are_reencoded_with_their_header(tmp_path):

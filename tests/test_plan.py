@@ -444,3 +444,24 @@ def test_plan_on_real_data(tmp_path, real_data):
         parts = [test_cases, set(plan.cases_of(f["val"], fp)), set(plan.cases_of(f["train"], fp))]
         assert sum(set(t03) <= part for part in parts) == 1
         assert sum(bool(set(t03) & part) for part in parts) == 1
+
+
+def test_test_cases_of_training_patients_are_named(synth_planned, tmp_path, caplog):
+    """A dataset whose test-only cases (imagesTs) belong to training subjects (subjects.json) is planned, with a
+    warning in splits.json and the log: those cases' scores are not of unseen patients."""
+    from mslpipe import nnunet_export
+
+    d, first = synth_planned
+    root = tmp_path / "Dataset002_syn"
+    nnunet_export.run("syn", d, root)
+    clean = plan.run("nn", _workdirs(tmp_path / "clean"), input_path=root, device="cpu")
+    assert "subject(s) with the training cases" not in clean["splits"].get("warning", "")
+    subjects = read_json(root / "subjects.json")
+    test_case = sorted(p.name.removesuffix("_0000.nii.gz") for p in (root / "imagesTs").iterdir())[0]
+    subjects[test_case] = first["splits"]["folds"][0]["train"][0]  # a training patient's time point
+    (root / "subjects.json").write_text(json.dumps(subjects))
+    with caplog.at_level(logging.WARNING):
+        result = plan.run("nn", _workdirs(tmp_path / "leaky"), input_path=root, device="cpu")
+    note = f"test-only cases share 1 subject(s) with the training cases ({subjects[test_case]})"
+    assert note in result["splits"]["warning"] and note in caplog.text
+    assert note in read_json(_workdirs(tmp_path / "leaky").plan_dir("nn") / "splits.json")["warning"]

@@ -39,3 +39,26 @@ def test_demo_end_to_end_tiny(tmp_path):
                                                                      "depth": 2})
     assert "test" in result["summary"] and result["summary"]["test"]["per_case"]
     assert (tmp_path / "demo" / "results" / "synthetic" / "leaky_unet" / "summary.json").exists()
+
+
+def test_evaluate_scores_a_datasets_own_labelled_test_cases(planned, tmp_path):
+    """An nnU-Net dataset with imagesTs and labelsTs (here mslpipe's own export of a plan): `evaluate -d` scores
+    those test cases against their labelsTs masks, beside the test subjects the plan held out itself."""
+    from conftest import TINY_OVERRIDES
+
+    from mslpipe import nnunet_export, plan, train
+    from mslpipe.plans import Workdirs
+
+    d, first = planned
+    exported = tmp_path / "Dataset001_syn"
+    nnunet_export.run("syn", d, exported)
+    test_cases = sorted(p.name.removesuffix(".nii.gz") for p in (exported / "labelsTs").iterdir())
+    assert test_cases  # the first plan's held-out subjects
+    d2 = Workdirs.resolve(tmp_path / "raw", tmp_path / "plans", tmp_path / "pre", tmp_path / "results")
+    planned2 = plan.run("nn", d2, input_path=exported, device="cpu", overrides=TINY_OVERRIDES)
+    assert sorted(planned2["splits"]["test_only_cases"]) == test_cases
+    train.run("nn", d2, 0, epochs=1, iterations=1, device="cpu", show_progress=False)
+    summary = workflow.evaluate_dataset("nn", d2, device="cpu")
+    scored = {r["case"] for r in summary["test"]["per_case"]}
+    held_out = {c["case"] for c in planned2["fingerprint"]["cases"] if c["subject"] in planned2["splits"]["test"]}
+    assert scored == set(test_cases) | held_out
