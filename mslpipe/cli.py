@@ -33,6 +33,14 @@ def _echo(text: str) -> None:
     typer.echo(text)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from mslpipe import __version__
+
+        _echo(f"mslpipe {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _global(
     raw: Annotated[Path | None, typer.Option(envvar="MSLPIPE_RAW",
@@ -44,6 +52,8 @@ def _global(
                                                  help="Results folder (default: ./results).")] = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="More log output.")] = False,
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=lambda v: _version(v),
+                                          help="Print mslpipe's version and exit.")] = False,
 ) -> None:
     STATE["dirs"] = (raw, plans, preprocessed, results)
     STATE["debug"] = debug

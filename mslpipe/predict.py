@@ -9,25 +9,23 @@ interrupted run is resumed by starting it again.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mslpipe import preprocess
+from mslpipe import __version__, preprocess
 from mslpipe import report as lesion_report
 from mslpipe.datasets import Source, gather_sources
 from mslpipe.errors import MslpipeError
-from mslpipe.io import (
-    make_dir,
-    read_json,
-    save_nifti,
-)
+from mslpipe.io import make_dir, read_json, save_nifti, write_json
 from mslpipe.plans import Workdirs, load_plan
 
 if TYPE_CHECKING:  # imported where used: the ONNX Runtime path (`--onnx`) must never import torch
@@ -250,8 +248,37 @@ def run(inp: Path, out: Path, *, dirs: Workdirs, dataset: str | None = None, arc
     load_s = time.perf_counter() - t0
     sources = gather_sources(inp, predictor.plan.channels, dirs, dataset)
     pp = postprocessing_for(dirs, dataset, predictor.plan.architecture)
+    started = datetime.now(timezone.utc).isoformat(timespec="microseconds")
     result = predict_sources(predictor, sources, Path(out), tta=tta, postprocessing=pp,
                              save_probabilities=save_probabilities, overwrite=overwrite, progress=progress,
                              report=report)
     result.load_s, result.load_parts, result.started = load_s, load_parts, t0
+    if result.written or result.failed:
+        try:
+            record_run(Path(out), predictor, sources, result, started=started, inp=Path(inp), tta=tta,
+                       postprocessing={**predictor.postprocessing, **(pp or {})})
+        except MslpipeError as exc:
+            result.failed.append(("provenance", str(exc)))
+            log.error("%s", exc)
     return result
+
+
+PROVENANCE_DIR = "provenance"
+
+
+def record_run(out: Path, predictor, sources: list[Source], result: PredictReport, *, started: str, inp: Path,
+               tta: bool, postprocessing: dict) -> Path:
+    """Write ``OUT/provenance/predict_<UTC time>_<pid>.json``: which mslpipe, models, plan, device and settings
+    wrote which masks from which inputs, so that every mask in the folder can be traced to what made it. One
+    file per run: reruns and runs side by side into one folder add records and never overwrite one."""
+    inputs = {s.case: [str(p.resolve()) for p in s.paths] for s in sources}
+    record = {
+        "started": started, "mslpipe_version": __version__, "input": str(inp.resolve()),
+        "models": list(predictor.sources), "architecture": predictor.plan.architecture,
+        "plan_hash": predictor.plan.hash, "device": getattr(predictor, "device", "cpu (ONNX Runtime)"), "tta": tta,
+        "postprocessing": postprocessing,
+        "written": {case: inputs.get(case, []) for case in result.written},
+        "failed": {case: reason for case, reason in result.failed},
+    }
+    stamp = datetime.fromisoformat(started).strftime("%Y%m%dT%H%M%S.%fZ")
+    return write_json(out / PROVENANCE_DIR / f"predict_{stamp}_{os.getpid()}.json", record)

@@ -26,6 +26,26 @@ def test_help_lists_every_stage():
         assert cmd in out.stdout
 
 
+def test_version():
+    from mslpipe import __version__
+
+    out = run_cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"mslpipe {__version__}"
+
+
+def test_every_option_says_what_it_does():
+    """No option of any command is listed without a help text (rich's table leaves its last column empty)."""
+    for cmd in ("synth", "plan", "train", "predict", "evaluate", "demo", "compare", "export", "export-nnunet"):
+        out = subprocess.run([sys.executable, "-m", "mslpipe", cmd, "--help"], capture_output=True, **TEXT,
+                             env={**os.environ, "COLUMNS": "200"})
+        bare = []
+        for line in out.stdout.splitlines():
+            words = line.strip("│ *").split()
+            if words and words[0].startswith("--") and all(w[0] in "-<" for w in words):  # flags, metavar only
+                bare.append(words[0])
+        assert out.returncode == 0 and not bare, (cmd, bare)
+
+
 def test_help_shows_the_defaults_in_brackets():
     """Defaults written in help texts survive rich's markup (square brackets would be eaten as tags)."""
     out = subprocess.run([sys.executable, "-m", "mslpipe", "plan", "--help"], capture_output=True, **TEXT,

@@ -436,3 +436,27 @@ def test_an_output_folder_that_cannot_be_made_is_one_clear_error(model, scan, tm
     with pytest.raises(MslpipeError, match="cannot create this folder") as exc:
         predict.run(tmp_path / "in", tmp_path / "taken" / "out", dirs=None, checkpoint=[model], device="cpu")
     assert str(tmp_path / "taken" / "out") in str(exc.value)
+
+
+def test_each_run_leaves_a_provenance_record(model, scan, tmp_path):
+    """OUT/provenance/ gets one JSON per run that wrote or failed something: mslpipe's version, the models, plan,
+    device and settings, and which input each mask came from; a run that only skips leaves none."""
+    import json
+
+    from mslpipe import __version__
+
+    data, affine = scan
+    save_nifti(tmp_path / "in" / "a.nii.gz", data, affine, dtype=np.float32)
+    predict.run(tmp_path / "in", tmp_path / "out", dirs=None, checkpoint=[model], device="cpu")
+    predict.run(tmp_path / "in", tmp_path / "out", dirs=None, checkpoint=[model], device="cpu")  # skips only
+    (tmp_path / "in" / "b.nii.gz").write_bytes(b"not a nifti")
+    predict.run(tmp_path / "in", tmp_path / "out", dirs=None, checkpoint=[model], device="cpu", tta=True,
+                overwrite=True)
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "out" / "provenance").glob("predict_*.json"))]
+    assert len(records) == 2
+    first, second = sorted(records, key=lambda r: len(r["failed"]))
+    assert first["mslpipe_version"] == __version__ and first["models"] == [str(model)]
+    assert first["written"] == {"a": [str((tmp_path / "in" / "a.nii.gz").resolve())]} and first["failed"] == {}
+    assert first["device"] == "cpu" and first["tta"] is False and first["plan_hash"]
+    assert "min_lesion_mm3" in first["postprocessing"]
+    assert second["tta"] is True and list(second["written"]) == ["a"] and list(second["failed"]) == ["b"]

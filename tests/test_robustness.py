@@ -109,7 +109,8 @@ def test_two_predict_runs_into_one_folder(model, synth_root, tmp_path):
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
-    outs = sorted((tmp_path / "out").iterdir())
+    outs = sorted(p for p in (tmp_path / "out").iterdir() if p.name != "provenance")
+    assert len(list((tmp_path / "out" / "provenance").iterdir())) == 2  # a record per run, neither overwritten
     # no temporary files left; ISBI-named scans are named by their case
     assert [p.name for p in outs] == sorted(s.name.replace("_flair_pp", "") for s in srcs)
     for p in outs:
