@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -31,6 +32,23 @@ def _dirs():
 
 def _echo(text: str) -> None:
     typer.echo(text)
+
+
+@contextlib.contextmanager
+def _progress_bar():
+    """A progress bar on standard error for a stage's cases, gone when done (nothing at all where it is no
+    terminal): yields ``update(stage, done, total, case)``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    tasks: dict[str, Any] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        def update(stage: str, done: int, total: int, case: str) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total, description=f"{stage} {case}")
+        yield update
 
 
 def _version(value: bool) -> None:
@@ -99,9 +117,10 @@ def plan_cmd(
     from mslpipe.plans import Plan
 
     norm = {**Plan("x").normalization, "scheme": normalization} if normalization else None
-    result = plan_mod.run(dataset, _dirs(), input, device=device, arch=arch, seed=seed, n_folds=folds,
-                          test_fraction=test_fraction, overrides={"context_slices": context_slices,
-                                                                  "normalization": norm})
+    with _progress_bar() as update:
+        result = plan_mod.run(dataset, _dirs(), input, device=device, arch=arch, seed=seed, n_folds=folds,
+                              test_fraction=test_fraction, overrides={"context_slices": context_slices,
+                                                                      "normalization": norm}, progress=update)
     p, s = result["plan"], result["splits"]
     _echo(f"plan {p.hash} for {dataset}: {result['fingerprint']['n_cases']} scans, "
           f"{result['fingerprint']['n_subjects']} subjects; {p.architecture} {p.arch_kwargs or '(full width)'} "
@@ -189,9 +208,12 @@ def predict(
     """Segment scans; writes OUT/<case>.nii.gz (uint8 0/1 on the input grid)."""
     from mslpipe import predict as predict_mod
 
-    report = predict_mod.run(input, output, dirs=_dirs(), dataset=dataset, arch=arch, folds=_parse_folds(folds),
-                             checkpoint=checkpoint, device=device, tta=tta, save_probabilities=save_probabilities,
-                             overwrite=overwrite, compile=compile, report=lesion_report, onnx=onnx)
+    with _progress_bar() as update:
+        report = predict_mod.run(input, output, dirs=_dirs(), dataset=dataset, arch=arch,
+                                 folds=_parse_folds(folds), checkpoint=checkpoint, device=device, tta=tta,
+                                 save_probabilities=save_probabilities, overwrite=overwrite, compile=compile,
+                                 report=lesion_report, onnx=onnx,
+                                 progress=lambda done, total, case: update("predict", done, total, case))
     _echo(f"wrote {len(report.written)}, skipped {len(report.skipped)} existing"
           f"{' (use --overwrite)' if report.skipped else ''}, failed {len(report.failed)} → {output}")
     timing = report.timing_summary(time.perf_counter() - STATE["start"],

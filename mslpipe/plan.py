@@ -5,6 +5,7 @@ Verification runs over every case before anything is written, so bad input leave
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable
@@ -205,11 +206,18 @@ def cases_of(subjects: list[str], fingerprint: dict) -> list[str]:
 # ---------------------------------------------------------------------------- the command
 def run(name: str, dirs: Workdirs, input_path: Path | None = None, device: str = "auto",
         arch: str = "leaky_unet", seed: int = 12345, n_folds: int = 5, test_fraction: float = 0.1,
-        overrides: dict | None = None, progress: Callable[[str, str], None] | None = None) -> dict:
-    """Run the whole `plan` stage; return the paths written and a few facts for the console."""
+        overrides: dict | None = None, progress: Callable[[str, int, int, str], None] | None = None) -> dict:
+    """Run the whole `plan` stage; return the paths written and a few facts for the console. ``progress`` is
+    told (stage, cases done, cases in all, case id) after each case of the "verify" and "preprocess" stages."""
     root = Path(input_path) if input_path else dirs.raw / name
     cases = discover(root)
-    step = (lambda stage: (lambda cid: progress(stage, cid))) if progress else (lambda stage: None)
+
+    def step(stage: str):
+        if progress is None:
+            return None
+        done = itertools.count(1)
+        return lambda cid: progress(stage, next(done), len(cases), cid)
+
     fingerprint = verify_and_fingerprint(cases, step("verify"), root)
     fingerprint["dataset"] = name
     fingerprint["source"] = str(root.resolve())

@@ -115,12 +115,13 @@ def postprocessing_for(dirs: Workdirs, dataset: str | None, arch: str) -> dict |
 def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredictor, sources: list[Source],
                     out: Path, *, tta: bool = False,
                     postprocessing: dict | None = None, save_probabilities: bool = False,
-                    overwrite: bool = False, progress: Callable[[str], None] | None = None,
+                    overwrite: bool = False, progress: Callable[[int, int, str], None] | None = None,
                     report: bool = False) -> PredictReport:
     """Segment every source into ``out``; read-ahead and writes overlap the computation.
 
     ``report``: also write each case's lesion table and QC images (:mod:`mslpipe.report`), report
     skipped cases that have none yet, and rebuild ``report.csv`` and ``report.html`` at the end.
+    ``progress`` is told (scans done, scans to do, case) after each scan's network (or its failure).
     """
     want_report, result = report, PredictReport()
     todo = []
@@ -197,7 +198,7 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
                 result.failed.append((src.case, str(exc)))
                 log.error("%s", exc)
             if progress:
-                progress(src.case)
+                progress(i + 1, len(todo), src.case)
         t0 = time.perf_counter()
         for src, fut in pending:
             collect(src, fut)
@@ -220,7 +221,7 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
 def run(inp: Path, out: Path, *, dirs: Workdirs, dataset: str | None = None, arch: str | None = None,
         folds: list[int] | None = None, checkpoint: list[Path] | None = None, device: str = "auto",
         tta: bool = False, save_probabilities: bool = False, overwrite: bool = False,
-        compile: bool = False, progress: Callable[[str], None] | None = None,
+        compile: bool = False, progress: Callable[[int, int, str], None] | None = None,
         report: bool = False, onnx: Path | None = None) -> PredictReport:
     """``onnx``: an exported model run by ONNX Runtime on the CPU (no torch); otherwise checkpoints."""
     t0 = time.perf_counter()

@@ -465,3 +465,11 @@ def test_test_cases_of_training_patients_are_named(synth_planned, tmp_path, capl
     note = f"test-only cases share 1 subject(s) with the training cases ({subjects[test_case]})"
     assert note in result["splits"]["warning"] and note in caplog.text
     assert note in read_json(_workdirs(tmp_path / "leaky").plan_dir("nn") / "splits.json")["warning"]
+
+
+def test_plan_tells_progress_per_stage_and_case(tiny_root, tmp_path):
+    calls = []
+    plan.run("tiny", _workdirs(tmp_path), input_path=tiny_root, device="cpu", progress=lambda *a: calls.append(a))
+    ids = ["training01_01", "training02_01"]
+    assert calls == [("verify", 1, 2, ids[0]), ("verify", 2, 2, ids[1]),
+                     ("preprocess", 1, 2, ids[0]), ("preprocess", 2, 2, ids[1])]

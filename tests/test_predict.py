@@ -438,6 +438,17 @@ def test_an_output_folder_that_cannot_be_made_is_one_clear_error(model, scan, tm
     assert str(tmp_path / "taken" / "out") in str(exc.value)
 
 
+def test_progress_is_told_each_scan_and_the_count(model, scan, tmp_path):
+    data, affine = scan
+    for name in ("a", "b"):
+        save_nifti(tmp_path / "in" / f"{name}.nii.gz", data, affine, dtype=np.float32)
+    (tmp_path / "in" / "c.nii.gz").write_bytes(b"not a nifti")
+    calls = []
+    predict.run(tmp_path / "in", tmp_path / "out", dirs=None, checkpoint=[model], device="cpu",
+                progress=lambda *args: calls.append(args))
+    assert calls == [(1, 3, "a"), (2, 3, "b"), (3, 3, "c")]  # a failed scan counts as done
+
+
 def test_each_run_leaves_a_provenance_record(model, scan, tmp_path):
     """OUT/provenance/ gets one JSON per run that wrote or failed something: mslpipe's version, the models, plan,
     device and settings, and which input each mask came from; a run that only skips leaves none."""
