@@ -124,6 +124,7 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
     ``progress`` is told (scans done, scans to do, case) after each scan's network (or its failure).
     """
     want_report, result = report, PredictReport()
+    made_by = what_segments(predictor, tta)
     todo = []
     for src in sources:
         if (out / f"{src.case}.nii.gz").exists() and not overwrite:
@@ -154,7 +155,7 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
             save_nifti(out / "probabilities" / f"{src.case}.nii.gz", prob, affine, dtype=np.float32)
         if want_report:
             notes = [prepared.warning] if prepared.warning else []
-            lesion_report.write_case_report(out, src.case, image, mask, affine, warnings=notes)
+            lesion_report.write_case_report(out, src.case, image, mask, affine, warnings=notes, made_by=made_by)
             lesion_report.write_report_csv(out)
         timings.update(postprocess_s=t1 - t0, write_s=time.perf_counter() - t1)
 
@@ -267,6 +268,12 @@ def run(inp: Path, out: Path, *, dirs: Workdirs, dataset: str | None = None, arc
 PROVENANCE_DIR = "provenance"
 
 
+def what_segments(predictor, tta: bool) -> dict:
+    """mslpipe's version, the model files, their plan's hash and TTA: what each mask's report and record name."""
+    return {"mslpipe_version": __version__, "models": list(predictor.sources), "plan_hash": predictor.plan.hash,
+            "tta": tta}
+
+
 def record_run(out: Path, predictor, sources: list[Source], result: PredictReport, *, started: str, inp: Path,
                tta: bool, postprocessing: dict) -> Path:
     """Write ``OUT/provenance/predict_<UTC time>_<pid>.json``: which mslpipe, models, plan, device and settings
@@ -274,9 +281,8 @@ def record_run(out: Path, predictor, sources: list[Source], result: PredictRepor
     file per run: reruns and runs side by side into one folder add records and never overwrite one."""
     inputs = {s.case: [str(p.resolve()) for p in s.paths] for s in sources}
     record = {
-        "started": started, "mslpipe_version": __version__, "input": str(inp.resolve()),
-        "models": list(predictor.sources), "architecture": predictor.plan.architecture,
-        "plan_hash": predictor.plan.hash, "device": getattr(predictor, "device", "cpu (ONNX Runtime)"), "tta": tta,
+        "started": started, **what_segments(predictor, tta), "input": str(inp.resolve()),
+        "architecture": predictor.plan.architecture, "device": getattr(predictor, "device", "cpu (ONNX Runtime)"),
         "postprocessing": postprocessing,
         "written": {case: inputs.get(case, []) for case in result.written},
         "failed": {case: reason for case, reason in result.failed},

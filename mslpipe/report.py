@@ -267,15 +267,19 @@ def case_json_path(out_dir: Path, case: str) -> Path:
 
 
 def write_case_report(out_dir: Path, case: str, image: np.ndarray, mask: np.ndarray, affine: np.ndarray,
-                      ref: np.ndarray | None = None, connectivity: int = 26, warnings: list[str] | None = None) -> dict:
+                      ref: np.ndarray | None = None, connectivity: int = 26, warnings: list[str] | None = None,
+                      made_by: dict | None = None) -> dict:
     """Write ``<case>.lesions.csv``, ``qc/<case>_*.png`` and, last, ``<case>.lesions.json``; return the JSON.
-    ``warnings``: sentences about the scan's quality (e.g. from ``preprocess.brain_volume_warning``), shown first."""
+    ``warnings``: sentences about the scan's quality (e.g. from ``preprocess.brain_volume_warning``), shown first.
+    ``made_by``: what segmented the scan (``mslpipe_version``, ``models``, ``plan_hash``, ``tta``), shown with it."""
     out_dir = Path(out_dir)
     try:
         if np.shape(image) != np.shape(mask) or (ref is not None and np.shape(ref) != np.shape(mask)):
             raise MslpipeError("image, mask and reference must have the same shape for the report",
                                case_json_path(out_dir, case))
         summary = {**lesion_summary(mask, affine, case, connectivity), "warnings": list(warnings or [])}
+        if made_by:
+            summary["made_by"] = dict(made_by)
         if ref is not None:
             summary["reference"] = _reference_summary(mask, ref, connectivity)
         _write_lesion_csv(out_dir / f"{case}.lesions.csv", summary)
@@ -384,8 +388,18 @@ def _case_section(out_dir: Path, s: dict) -> str:
                        f'<figcaption>{_esc(item.get("caption", ""))}</figcaption></figure>')
     warns = "".join(f'<p class="warn">Check this scan: {_esc(w)}</p>' for w in s.get("warnings", []))
     return (f'<section class="case" id="case-{_esc(s["case"])}"><h2>{_esc(s["case"])}</h2>{warns}<div class="row">'
-            f'<div class="numbers">{_numbers(s)}<ul class="legend">{_legend(s)}</ul></div>'
+            f'<div class="numbers">{_numbers(s)}<ul class="legend">{_legend(s)}</ul>{_made_by(s)}</div>'
             f'<div class="images">{"".join(figures)}</div></div></section>')
+
+
+def _made_by(s: dict) -> str:
+    made = s.get("made_by")
+    if not isinstance(made, dict):
+        return ""
+    models = ", ".join("/".join(Path(str(m)).parts[-2:]) for m in made.get("models", []))
+    tta = " with mirroring" if made.get("tta") else ""
+    return (f'<p class="note">Segmented by mslpipe {_esc(made.get("mslpipe_version", "?"))}{tta}: '
+            f'{_esc(models or "?")} (plan {_esc(str(made.get("plan_hash", "?"))[:12])}).</p>')
 
 
 def render_page(out_dir: Path, summaries: list[dict]) -> str:

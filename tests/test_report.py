@@ -208,7 +208,15 @@ def test_predict_report_end_to_end(model, synth_root, tmp_path):
         for name in (f"{case}.nii.gz", f"{case}.lesions.csv", f"{case}.lesions.json", f"qc/{case}_slices.png"):
             assert (out / name).is_file(), name
     assert [r["case"] for r in _read_csv(out / "report.csv")] == ["scan_a", "scan_b"]
-    assert (out / "report.html").read_text().count('<section class="case"') == 2
+    page = (out / "report.html").read_text()
+    assert page.count('<section class="case"') == 2
+    # each case says what segmented it: mslpipe's version, the model file, the plan
+    from mslpipe import __version__
+
+    made = json.loads((out / "scan_a.lesions.json").read_text())["made_by"]
+    assert made["mslpipe_version"] == __version__ and made["models"] == [str(model)] and made["tta"] is False
+    assert page.count(f"Segmented by mslpipe {__version__}: {model.parent.name}/{model.name} "
+                      f"(plan {made['plan_hash'][:12]}).") == 2
     # a rerun skips finished cases and reports those an earlier run left without a report
     for path in [out / "scan_b.lesions.json", out / "scan_b.lesions.csv", out / "report.csv", out / "report.html"]:
         path.unlink()
