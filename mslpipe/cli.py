@@ -303,6 +303,8 @@ def compare(
     min_growth_percent: Annotated[float, typer.Option(help="Enlarging/shrinking: relative change of at "
                                                            "least this.")] = 25.0,
     min_growth_mm3: Annotated[float, typer.Option(help="... and an absolute change of at least this.")] = 10.0,
+    register: Annotated[bool, typer.Option("--register", help="Two FLAIR images from two visits: align the "
+                                           "follow-up to the baseline (rigid) before comparing.")] = False,
     device: Device = "auto",
 ) -> None:
     """Longitudinal change: new, enlarging, stable, shrinking and disappeared lesions (mask, CSV, JSON)."""
@@ -320,7 +322,12 @@ def compare(
     if not scans or len(scans) != 2:
         raise MslpipeError("give two files, BASELINE FOLLOWUP, or -d NAME --subject S")
     change = workflow.compare_scans(scans[0], scans[1], output, dirs=_dirs(), dataset=dataset,
-                                    checkpoint=checkpoint, device=device, **thresholds)
+                                    checkpoint=checkpoint, device=device, register=register, **thresholds)
+    reg = change.summary.get("registration")
+    if reg:
+        _echo(f"registered the follow-up to the baseline: rotation {reg['rotation_deg']} deg, translation "
+              f"{reg['translation_mm']} mm, brain correlation {reg['correlation_before']:.2f} → "
+              f"{reg['correlation_after']:.2f}")
     _echo(f"{_counts_text(change.summary['counts'])}, volume {change.summary['volume_change_ml']:+.3f} mL "
           f"→ {output}")
 

@@ -326,6 +326,20 @@ def load_dicom_series(folder: str | os.PathLike, files: list[str] | None = None)
     return sitk_to_numpy(image, folder)
 
 
+def numpy_to_sitk(data: np.ndarray, affine: np.ndarray, dtype=np.float32):
+    """An (i,j,k) array with its nibabel-style RAS affine as a SimpleITK image (LPS geometry): the inverse of
+    :func:`sitk_to_numpy`. The affine must be a rotation times spacing (no shear)."""
+    import SimpleITK as sitk
+
+    lps = np.diag([-1.0, -1.0, 1.0])
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    image = sitk.GetImageFromArray(np.asarray(data, dtype=dtype).transpose(2, 1, 0))
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((lps @ affine[:3, :3] / spacing).ravel().tolist())
+    image.SetOrigin((lps @ affine[:3, 3]).tolist())
+    return image
+
+
 def sitk_to_numpy(image, where: Path) -> tuple[np.ndarray, np.ndarray]:
     """Convert a SimpleITK image to (array in i,j,k order, RAS affine) as nibabel would load it."""
     import SimpleITK as sitk
@@ -360,10 +374,7 @@ def write_dicom_series(folder: str | os.PathLike, data: np.ndarray, affine: np.n
     values = np.rint(np.asarray(data, dtype=np.float64))  # round to the nearest integer, not truncate
     if values.size and not (np.isfinite(values).all() and values.min() >= -32768 and values.max() <= 32767):
         raise MslpipeError("NaN, Inf or values outside the int16 range cannot be written as DICOM", folder)
-    image = sitk.GetImageFromArray(values.astype(np.int16).transpose(2, 1, 0))
-    image.SetSpacing(spacing.tolist())
-    image.SetDirection(direction.ravel().tolist())
-    image.SetOrigin((lps @ affine[:3, 3]).tolist())
+    image = numpy_to_sitk(values, affine, dtype=np.int16)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     uid = "1.2.826.0.1.3680043.2.1125." + str(abs(hash(f"{folder}|{description}|{number}")) % 10**12)

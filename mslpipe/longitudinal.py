@@ -24,8 +24,9 @@ Change mask labels (uint8 NIfTI on the follow-up's grid)::
 
     0 background, 1 stable, 2 enlarging, 3 new, 4 shrinking, 5 disappeared (baseline voxels)
 
-The two masks must share one grid (same shape, affines equal within 1e-3): mslpipe does not register
-scans; register the follow-up to the baseline first.
+The two masks must share one grid (same shape, affines equal within 1e-3). Two FLAIR images from two
+visits are aligned first by ``compare --register`` (:mod:`mslpipe.registration`, rigid), which compares the
+follow-up's mask on the baseline grid.
 
 API::
 
@@ -88,12 +89,13 @@ def check_same_grid(shape_a, affine_a, shape_b, affine_b, path_a: object, path_b
     """Refuse two scans on different grids, naming both files."""
     if tuple(shape_a) != tuple(shape_b):
         raise MslpipeError(f"baseline {path_a} has shape {tuple(shape_a)} but follow-up {path_b} has "
-                           f"{tuple(shape_b)}: scans must be co-registered onto one grid first")
+                           f"{tuple(shape_b)}: scans must be co-registered onto one grid first "
+                           "(two FLAIR images from two visits: `compare --register` aligns them)")
     diff = float(np.max(np.abs(np.asarray(affine_a, dtype=float) - np.asarray(affine_b, dtype=float))))
     if not diff <= GEOMETRY_ATOL:
         raise MslpipeError(f"baseline {path_a} and follow-up {path_b} have different affines (largest "
                            f"difference {diff:.4g} > {GEOMETRY_ATOL}): scans must be co-registered onto one "
-                           "grid first")
+                           "grid first (two FLAIR images from two visits: `compare --register` aligns them)")
 
 
 def load_pair(baseline: str | Path, followup: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

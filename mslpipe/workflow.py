@@ -108,17 +108,22 @@ def demo(out: Path, *, subjects: int = 10, timepoints: int = 2, shape=(64, 72, 4
 
 # ---------------------------------------------------------------------------- longitudinal change
 def compare_scans(baseline: Path, followup: Path, out: Path, *, dirs: Workdirs, dataset: str | None = None,
-                  checkpoint: list[Path] | None = None, device: str = "auto",
+                  checkpoint: list[Path] | None = None, device: str = "auto", register: bool = False,
                   **thresholds) -> longitudinal.Change:
     """`mslpipe compare BASELINE FOLLOWUP`: two masks, or two FLAIR images and a model to segment them.
 
     A file whose values are not all 0/1 is taken for an image: with a model (``dataset``'s trained folds
     or ``checkpoint``) it is segmented into ``out/segmentations/{baseline,followup}/`` first; without one
-    it is refused.
+    it is refused. ``register``: the two images come from two visits, not one grid: the follow-up image is
+    registered to the baseline (rigid, :mod:`mslpipe.registration`) and its mask compared on the baseline grid;
+    ``out/registered/`` keeps the follow-up image and mask on that grid and the transform.
     """
     paths, segmented = [], {}
     for role, path in (("baseline", Path(baseline)), ("followup", Path(followup))):
         if longitudinal.read_mask(path) is not None or (dataset is None and not checkpoint):
+            if register:
+                raise MslpipeError("--register aligns the two FLAIR images: give the images and a model (-d NAME "
+                                   "or --checkpoint PATH) to segment them, not masks", path)
             paths.append(path)  # a mask, or an image that load_pair refuses with the reason
             continue
         seg_dir = out / "segmentations" / role
@@ -128,8 +133,39 @@ def compare_scans(baseline: Path, followup: Path, out: Path, *, dirs: Workdirs, 
             raise MslpipeError(f"segmenting the {role} scan failed: {report.failed[0][1]}")
         paths.append(seg_dir / f"{report.written[0]}.nii.gz")
         segmented[role] = {"image": str(path), "mask": str(paths[-1])}
-    extra = {"segmented": segmented} if segmented else None
-    return longitudinal.compare_files(paths[0], paths[1], out, extra=extra, **thresholds)
+    extra: dict[str, Any] = {"segmented": segmented} if segmented else {}
+    if register:
+        paths[1], extra["registration"] = _register_followup(Path(baseline), Path(followup), paths[1],
+                                                             out / "registered")
+    change = longitudinal.compare_files(paths[0], paths[1], out, extra=extra or None, **thresholds)
+    if register:
+        change.summary["registration"] = extra["registration"]
+    return change
+
+
+def _register_followup(baseline: Path, followup: Path, followup_mask: Path, reg_dir: Path) -> tuple[Path, dict]:
+    """Register the follow-up image to the baseline, map its mask onto the baseline grid; (that mask, summary)."""
+    from mslpipe import registration
+
+    base, base_affine = load_image(baseline)
+    follow, follow_affine = load_image(followup)
+    rigid = registration.register_rigid(base, base_affine, follow, follow_affine, where=followup)
+    mask, mask_affine = load_image(followup_mask)
+    files = {"followup_mask": reg_dir / "followup_mask_on_baseline.nii.gz",
+             "followup_image": reg_dir / "followup_on_baseline.nii.gz",
+             "transform": reg_dir / "followup_on_baseline.tfm"}
+    save_nifti(files["followup_mask"], registration.resample_mask(mask, mask_affine, base.shape, base_affine, rigid),
+               base_affine)
+    save_nifti(files["followup_image"], registration.resample_image(follow, follow_affine, base.shape, base_affine,
+                                                                    rigid), base_affine, dtype=np.float32)
+    registration.write_transform(rigid, files["transform"])
+    summary = {**rigid.summary(), **{k: str(v) for k, v in files.items()}}
+    if not rigid.correlation_after >= registration.MIN_ALIGNED_CORRELATION:
+        summary["warning"] = (f"the aligned scans correlate poorly ({rigid.correlation_after:.2f} < "
+                              f"{registration.MIN_ALIGNED_CORRELATION}): check {files['followup_image'].name} "
+                              "against the baseline before trusting the change")
+        log.warning("%s: %s", followup, summary["warning"])
+    return files["followup_mask"], summary
 
 
 def compare_subject(dataset: str, subject: str, out: Path, *, dirs: Workdirs, pred: Path | None = None,

@@ -238,3 +238,46 @@ def test_cli_compare_subject(longitudinal_root, tmp_path):
     missing = _cli("--raw", raw, "compare", "-d", "longi", "--subject", "training09", "-o", tmp_path / "x")
     assert missing.returncode == 1 and "training01" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_two_visits_are_registered_before_comparing(trained, synth_root, tmp_path, monkeypatch):
+    """`compare --register`: the follow-up FLAIR, turned and shifted onto another grid as a second visit would be,
+    is aligned to the baseline; its mask is compared on the baseline grid, and out/registered/ keeps the aligned
+    image and mask and the transform. Without --register the two grids are refused, naming the option."""
+    from test_registration import _moved
+
+    from mslpipe import workflow
+
+    d, result = trained
+    model = [result["fold_dir"] / "checkpoint_final.pt"]
+    baseline, second = sorted((synth_root / "training" / "training01" / "preprocessed").glob("*_flair_pp.nii.gz"))
+    data, affine = load_image(second)
+    follow_affine = affine.copy()
+    follow_affine[:3, 3] += (6.0, -3.0, 2.0)
+    save_nifti(tmp_path / "visit2.nii.gz", _moved(data, affine, 4.0, (2.0, -2.0, 1.0), follow_affine), follow_affine,
+               dtype=np.float32)
+    with pytest.raises(MslpipeError, match="compare --register"):
+        workflow.compare_scans(baseline, tmp_path / "visit2.nii.gz", tmp_path / "plain", dirs=d, checkpoint=model,
+                               device="cpu")
+    change = workflow.compare_scans(baseline, tmp_path / "visit2.nii.gz", tmp_path / "out", dirs=d,
+                                    checkpoint=model, device="cpu", register=True)
+    reg = read_json(tmp_path / "out" / "summary.json")["registration"]
+    assert reg == change.summary["registration"] and reg["correlation_after"] > 0.75 > reg["correlation_before"]
+    assert "warning" not in reg
+    assert abs(abs(reg["rotation_deg"][2]) - 4.0) < 1.0
+    for key in ("followup_mask", "followup_image", "transform"):
+        assert os.path.exists(reg[key]), key
+    assert change.mask.shape == load_image(baseline)[0].shape
+    assert load_image(reg["followup_mask"])[0].shape == change.mask.shape
+    # an alignment below the correlation floor is said, in the summary and the log, not passed over
+    from mslpipe import registration
+
+    monkeypatch.setattr(registration, "MIN_ALIGNED_CORRELATION", 0.999)
+    _, weak = workflow._register_followup(baseline, tmp_path / "visit2.nii.gz",
+                                          tmp_path / "out" / "segmentations" / "followup" / "visit2.nii.gz",
+                                          tmp_path / "weak")
+    assert "the aligned scans correlate poorly" in weak["warning"] and "followup_on_baseline.nii.gz" in weak["warning"]
+    mask = tmp_path / "out" / "segmentations" / "baseline"
+    with pytest.raises(MslpipeError, match="--register aligns the two FLAIR images"):
+        workflow.compare_scans(next(mask.glob("*.nii.gz")), tmp_path / "visit2.nii.gz", tmp_path / "m", dirs=d,
+                               register=True)
