@@ -292,8 +292,9 @@ def demo(
 def compare(
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")],
     scans: Annotated[list[Path] | None, typer.Argument(metavar="BASELINE FOLLOWUP",
-                                                       help="Two co-registered lesion masks "
-                                                            "(or FLAIR images, with -d/--checkpoint).")] = None,
+                                                       help="Two co-registered lesion masks, or two FLAIR "
+                                                            "images (NIfTI or DICOM folders) with -d/--checkpoint "
+                                                            "(and --register for two visits).")] = None,
     dataset: Annotated[str | None, typer.Option("-d", "--dataset", help="With --subject: the dataset; with two "
                                                 "images: segment them with its trained folds.")] = None,
     subject: Annotated[str | None, typer.Option(help="Compare this subject's consecutive time points.")] = None,

@@ -132,7 +132,7 @@ def resample_mask(mask: np.ndarray, mask_affine: np.ndarray, shape, fixed_affine
 
 
 def write_transform(rigid: Rigid, path: Path) -> Path:
-    """Save the transform as an ITK transform file (readable by SimpleITK, ITK-SNAP, Slicer, ANTs)."""
+    """Save the transform as an ITK transform file (``sitk.ReadTransform`` reads it back)."""
     import SimpleITK as sitk
 
     with atomic_path(path, suffix=".tfm") as tmp:

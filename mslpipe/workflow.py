@@ -14,7 +14,7 @@ import numpy as np
 
 from mslpipe import evaluate, longitudinal, plan, postprocess, predict, train
 from mslpipe import report as lesion_report
-from mslpipe.datasets import discover
+from mslpipe.datasets import Source, discover, gather_sources
 from mslpipe.errors import MslpipeError
 from mslpipe.io import load_image, load_mask, read_json, save_nifti, write_json
 from mslpipe.plans import Workdirs, load_plan
@@ -120,7 +120,12 @@ def compare_scans(baseline: Path, followup: Path, out: Path, *, dirs: Workdirs, 
     """
     paths, segmented = [], {}
     for role, path in (("baseline", Path(baseline)), ("followup", Path(followup))):
-        if longitudinal.read_mask(path) is not None or (dataset is None and not checkpoint):
+        if path.is_dir():  # a DICOM series: an image, segmented like a NIfTI image
+            _one_scan(path, role)
+            if dataset is None and not checkpoint:
+                raise MslpipeError(f"the {role} is a DICOM folder, an image: give a model (-d NAME or --checkpoint "
+                                   "PATH) to segment it", path)
+        elif longitudinal.read_mask(path) is not None or (dataset is None and not checkpoint):
             if register:
                 raise MslpipeError("--register aligns the two FLAIR images: give the images and a model (-d NAME "
                                    "or --checkpoint PATH) to segment them, not masks", path)
@@ -143,12 +148,28 @@ def compare_scans(baseline: Path, followup: Path, out: Path, *, dirs: Workdirs, 
     return change
 
 
+def _one_scan(path: Path, role: str) -> Source:
+    """The single scan in a DICOM folder (a study's FLAIR series, or the one series there)."""
+    sources = gather_sources(path)
+    if len(sources) != 1:
+        raise MslpipeError(f"the {role} folder holds {len(sources)} scans ({', '.join(s.case for s in sources)}): "
+                           "give the folder of one series", path)
+    return sources[0]
+
+
+def _read_scan(path: Path, role: str) -> tuple[np.ndarray, np.ndarray]:
+    if path.is_dir():
+        channels, affine = _one_scan(path, role).read()
+        return channels[0], affine
+    return load_image(path)
+
+
 def _register_followup(baseline: Path, followup: Path, followup_mask: Path, reg_dir: Path) -> tuple[Path, dict]:
     """Register the follow-up image to the baseline, map its mask onto the baseline grid; (that mask, summary)."""
     from mslpipe import registration
 
-    base, base_affine = load_image(baseline)
-    follow, follow_affine = load_image(followup)
+    base, base_affine = _read_scan(baseline, "baseline")
+    follow, follow_affine = _read_scan(followup, "followup")
     rigid = registration.register_rigid(base, base_affine, follow, follow_affine, where=followup)
     mask, mask_affine = load_image(followup_mask)
     files = {"followup_mask": reg_dir / "followup_mask_on_baseline.nii.gz",

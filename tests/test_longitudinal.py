@@ -281,3 +281,35 @@ def test_two_visits_are_registered_before_comparing(trained, synth_root, tmp_pat
     with pytest.raises(MslpipeError, match="--register aligns the two FLAIR images"):
         workflow.compare_scans(next(mask.glob("*.nii.gz")), tmp_path / "visit2.nii.gz", tmp_path / "m", dirs=d,
                                register=True)
+
+
+def test_two_visits_as_dicom_series(trained, synth_root, tmp_path):
+    """A hospital's two visits come as DICOM: each series folder is segmented and the follow-up registered; a
+    folder of several FLAIR series is refused, naming them, and a DICOM folder without a model is refused."""
+    from test_registration import _moved
+
+    from mslpipe import workflow
+    from mslpipe.io import write_dicom_series
+
+    d, result = trained
+    model = [result["fold_dir"] / "checkpoint_final.pt"]
+    first, second = sorted((synth_root / "training" / "training01" / "preprocessed").glob("*_flair_pp.nii.gz"))
+    (a, aff_a), (b, aff_b) = load_image(first), load_image(second)
+    follow_affine = aff_b.copy()
+    follow_affine[:3, 3] += (5.0, 2.0, -3.0)
+    write_dicom_series(tmp_path / "visit1" / "AX FLAIR", np.rint(a), aff_a, "AX FLAIR", 3)
+    write_dicom_series(tmp_path / "visit2" / "AX FLAIR", np.rint(_moved(b, aff_b, 3.0, (2.0, 1.0, 0.0),
+                                                                        follow_affine)), follow_affine, "AX FLAIR", 3)
+    write_dicom_series(tmp_path / "visit2" / "SAG T1", np.rint(b), aff_b, "SAG T1", 2)  # a study: T1 left out
+    change = workflow.compare_scans(tmp_path / "visit1", tmp_path / "visit2", tmp_path / "out", dirs=d,
+                                    checkpoint=model, device="cpu", register=True)
+    reg = change.summary["registration"]
+    assert "warning" not in reg and abs(abs(reg["rotation_deg"][2]) - 3.0) < 1.0
+    assert change.mask.shape == a.shape
+    write_dicom_series(tmp_path / "visit3" / "AX FLAIR", np.rint(b), aff_b, "AX FLAIR", 3)
+    write_dicom_series(tmp_path / "visit3" / "AX FLAIR post", np.rint(b), aff_b, "AX FLAIR post", 9)
+    with pytest.raises(MslpipeError, match=r"the followup folder holds 2 scans \(AX_FLAIR, AX_FLAIR_post\)"):
+        workflow.compare_scans(tmp_path / "visit1", tmp_path / "visit3", tmp_path / "o3", dirs=d, checkpoint=model,
+                               device="cpu", register=True)
+    with pytest.raises(MslpipeError, match="the baseline is a DICOM folder, an image: give a model"):
+        workflow.compare_scans(tmp_path / "visit1", tmp_path / "visit2", tmp_path / "o4", dirs=d)
