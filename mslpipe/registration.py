@@ -89,11 +89,9 @@ def register_rigid(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarr
         transform = reg.Execute(f_img, m_img)
     except RuntimeError as exc:
         raise MslpipeError(f"registration failed ({str(exc).strip().splitlines()[-1]})", where) from exc
-    euler = sitk.Euler3DTransform()
-    euler.SetParameters(transform.GetNthTransform(0).GetParameters() if hasattr(transform, "GetNthTransform")
-                        else transform.GetParameters())
-    euler.SetFixedParameters(transform.GetNthTransform(0).GetFixedParameters()
-                             if hasattr(transform, "GetNthTransform") else transform.GetFixedParameters())
+    # not in place, Execute returns the optimised copy of the initial transform inside a composite one
+    inner = transform.GetNthTransform(0) if transform.GetName() == "CompositeTransform" else transform
+    euler = sitk.Euler3DTransform(inner)
     params = euler.GetParameters()
     brain = _brain(fixed)
     before = _resample(moving, moving_affine, fixed.shape, fixed_affine, sitk.Transform(), linear=True)
