@@ -70,7 +70,7 @@ def _global(
                                                  help="Results folder (default: ./results).")] = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="More log output.")] = False,
-    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=lambda v: _version(v),
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version,
                                           help="Print mslpipe's version and exit.")] = False,
 ) -> None:
     STATE["dirs"] = (raw, plans, preprocessed, results)

@@ -190,15 +190,16 @@ def gather_sources(inp: Path, channels: list[str] | None = None, dirs: Workdirs 
     if inp.is_file():
         if not is_nifti(inp):
             raise MslpipeError("not a NIfTI file (.nii or .nii.gz); give a DICOM series as a folder", inp)
-        isbi = isbi_images([inp])
-        if isbi:
-            return _isbi_sources(inp, channels, only=next(iter(isbi)))
-        return [_nifti_source(inp, len(channels))]
-    niftis = sorted(p for p in inp.iterdir() if p.is_file() and is_nifti(p))
+        if not isbi_images([inp]):
+            return [_nifti_source(inp, len(channels))]
+        case = next(c for c in isbi_images(_nifti_files(inp.parent)).values() if inp in c.images.values())
+        return _isbi_sources({case.id: case}, channels, inp.parent, only=inp)
+    niftis = _nifti_files(inp)
     if niftis:
-        sources = _isbi_sources(inp, channels)
-        isbi_files = {p for s in isbi_images(niftis).values() for p in s.images.values()}
+        cases = isbi_images(niftis)
+        isbi_files = {p for c in cases.values() for p in c.images.values()}  # before the channels are picked
         plain = [p for p in niftis if p not in isbi_files]
+        sources = _isbi_sources(cases, channels, inp)
         if len(channels) > 1:  # nnU-Net naming: CASE_0000.nii.gz, CASE_0001.nii.gz, ...
             stems = [strip_nifti_suffix(p.name) for p in plain]
             cases = sorted({s[:-5] for s in stems if s[-5:-4] == "_"})
@@ -253,20 +254,18 @@ def _series_label(folder: Path, info: dict[str, str]) -> str:
     return f"{folder.name} (series {info['number'] or '?'}: {what})"
 
 
-def _isbi_sources(where: Path, channels: list[str], only: str | None = None) -> list[Source]:
-    """The ISBI-named scans in ``where`` (a folder, or one file and its folder's other modalities of that case)."""
-    folder = where if where.is_dir() else where.parent
-    cases = isbi_images([p for p in folder.iterdir() if p.is_file() and is_nifti(p)])
+def _isbi_sources(cases: dict[str, Case], channels: list[str], folder: Path, only: Path | None = None) -> list[Source]:
+    """The ISBI-named ``cases`` of ``folder`` as scans of the model's channels; ``only``: the one file asked for,
+    refused when it is not of those channels."""
     if only is not None:
-        cases = {only: cases[only]}
-        mod = next(m for m, p in cases[only].images.items() if p == where)
+        mod = next(m for c in cases.values() for m, p in c.images.items() if p == only)
         if mod not in channels:
             raise MslpipeError(f"by its ISBI name a {mod} scan, but the model segments {'+'.join(channels)} "
-                               f"(give the {channels[0]} file, or rename this one if its name is wrong)", where)
-    ignored = sorted(m for c in cases.values() for m in c.images if m not in channels)
+                               f"(give the {channels[0]} file, or rename this one if its name is wrong)", only)
+    ignored = sorted({m for c in cases.values() for m in c.images if m not in channels})
     if ignored:
         log.info("%s: ISBI-named %s images are not the model's channels (%s); not segmented", folder,
-                 "/".join(sorted(set(ignored))), "+".join(channels))
+                 "/".join(ignored), "+".join(channels))
     chosen = select_channels(list(cases.values()), channels, folder)
     return [Source(check_case_id(c.id, folder), list(c.images.values())) for c in chosen]
 

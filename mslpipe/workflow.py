@@ -118,10 +118,10 @@ def compare_scans(baseline: Path, followup: Path, out: Path, *, dirs: Workdirs, 
     registered to the baseline (rigid, :mod:`mslpipe.registration`) and its mask compared on the baseline grid;
     ``out/registered/`` keeps the follow-up image and mask on that grid and the transform.
     """
-    paths, segmented = [], {}
+    paths, segmented, dicom = [], {}, {}
     for role, path in (("baseline", Path(baseline)), ("followup", Path(followup))):
         if path.is_dir():  # a DICOM series: an image, segmented like a NIfTI image
-            _one_scan(path, role)
+            dicom[role] = _one_scan(path, role)
             if dataset is None and not checkpoint:
                 raise MslpipeError(f"the {role} is a DICOM folder, an image: give a model (-d NAME or --checkpoint "
                                    "PATH) to segment it", path)
@@ -140,8 +140,8 @@ def compare_scans(baseline: Path, followup: Path, out: Path, *, dirs: Workdirs, 
         segmented[role] = {"image": str(path), "mask": str(paths[-1])}
     extra: dict[str, Any] = {"segmented": segmented} if segmented else {}
     if register:
-        paths[1], extra["registration"] = _register_followup(Path(baseline), Path(followup), paths[1],
-                                                             out / "registered")
+        images = [_read_scan(dicom.get(role), path) for role, path in (("baseline", baseline), ("followup", followup))]
+        paths[1], extra["registration"] = _register_followup(images, Path(followup), paths[1], out / "registered")
     change = longitudinal.compare_files(paths[0], paths[1], out, extra=extra or None, **thresholds)
     if register:
         change.summary["registration"] = extra["registration"]
@@ -157,19 +157,21 @@ def _one_scan(path: Path, role: str) -> Source:
     return sources[0]
 
 
-def _read_scan(path: Path, role: str) -> tuple[np.ndarray, np.ndarray]:
-    if path.is_dir():
-        channels, affine = _one_scan(path, role).read()
-        return channels[0], affine
-    return load_image(path)
+def _read_scan(source: Source | None, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A DICOM folder's scan (its ``source``, found already) or a NIfTI image: (first channel, affine)."""
+    if source is None:
+        return load_image(path)
+    channels, affine = source.read()
+    return channels[0], affine
 
 
-def _register_followup(baseline: Path, followup: Path, followup_mask: Path, reg_dir: Path) -> tuple[Path, dict]:
-    """Register the follow-up image to the baseline, map its mask onto the baseline grid; (that mask, summary)."""
+def _register_followup(images: list[tuple[np.ndarray, np.ndarray]], followup: Path, followup_mask: Path,
+                       reg_dir: Path) -> tuple[Path, dict]:
+    """Register the follow-up image to the baseline (``images``: both, with their affines), map the follow-up's
+    mask onto the baseline grid; (that mask, summary)."""
     from mslpipe import registration
 
-    base, base_affine = _read_scan(baseline, "baseline")
-    follow, follow_affine = _read_scan(followup, "followup")
+    (base, base_affine), (follow, follow_affine) = images
     rigid = registration.register_rigid(base, base_affine, follow, follow_affine, where=followup)
     mask, mask_affine = load_image(followup_mask)
     files = {"followup_mask": reg_dir / "followup_mask_on_baseline.nii.gz",

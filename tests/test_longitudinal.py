@@ -273,7 +273,8 @@ def test_two_visits_are_registered_before_comparing(trained, synth_root, tmp_pat
     from mslpipe import registration
 
     monkeypatch.setattr(registration, "MIN_ALIGNED_CORRELATION", 0.999)
-    _, weak = workflow._register_followup(baseline, tmp_path / "visit2.nii.gz",
+    images = [load_image(baseline), load_image(tmp_path / "visit2.nii.gz")]
+    _, weak = workflow._register_followup(images, tmp_path / "visit2.nii.gz",
                                           tmp_path / "out" / "segmentations" / "followup" / "visit2.nii.gz",
                                           tmp_path / "weak")
     assert "the aligned scans correlate poorly" in weak["warning"] and "followup_on_baseline.nii.gz" in weak["warning"]
