@@ -244,30 +244,33 @@ def evaluate_cmd(
 ) -> None:
     """Dice, IoU, lesion-wise TPR/FPR/F1, volume difference, HD95, ISBI score."""
     from mslpipe import evaluate as evaluate_mod
+    from mslpipe.tables import format_table
 
     if pred is not None or ref is not None:
         if pred is None or ref is None:
             raise MslpipeError("--pred and --ref go together")
         summary = evaluate_mod.run_folders(pred, ref, output)
-        _echo(evaluate_mod.format_table(summary))
+        _echo(format_table(summary))
         return
     if dataset is None:
         raise MslpipeError("give -d NAME, or --pred DIR --ref DIR")
     from mslpipe import workflow
 
     summary = workflow.evaluate_dataset(dataset, _dirs(), arch=arch, device=device, report=qc_report)
-    _echo(_summary_text(summary, evaluate_mod))
+    _echo(_summary_text(summary))
 
 
-def _summary_text(summary: dict, evaluate_mod) -> str:
+def _summary_text(summary: dict) -> str:
+    from mslpipe.tables import format_table
+
     folds, planned = summary.get("folds", []), summary.get("n_folds_planned")
     head = "Cross-validation (out-of-fold)"
     if planned and len(folds) < planned:  # the untrained folds' validation scans are in no row
         head += (f": {len(folds)} of {planned} folds trained ({', '.join(folds)}); the other folds' validation "
                  "scans are not scored")
-    parts = [head, evaluate_mod.format_table(summary)]
+    parts = [head, format_table(summary)]
     if "test" in summary:
-        parts += ["Held-out test subjects (fold ensemble)", evaluate_mod.format_table(summary["test"])]
+        parts += ["Held-out test subjects (fold ensemble)", format_table(summary["test"])]
     pp = summary["postprocessing"]
     parts.append(f"minimum lesion size chosen on cross-validation: {pp['min_lesion_mm3']} mm³")
     return "\n".join(parts)
@@ -279,11 +282,10 @@ def demo(
     subjects: int = 10, epochs: int = 20, iterations: int = 30, seed: int = 0, device: Device = "auto",
 ) -> None:
     """End to end on synthetic data: synth → plan → train fold 0 → predict test split → evaluate."""
-    from mslpipe import evaluate as evaluate_mod
     from mslpipe import workflow
 
     result = workflow.demo(out, subjects=subjects, epochs=epochs, iterations=iterations, seed=seed, device=device)
-    _echo(_summary_text(result["summary"], evaluate_mod))
+    _echo(_summary_text(result["summary"]))
     test = result["summary"].get("test", {})
     _echo(f"demo done in {out}: test-subject volume Dice {test.get('mean', {}).get('dice', float('nan')):.3f}")
 

@@ -13,7 +13,6 @@ import math
 import os
 import re
 from collections.abc import Iterable, Sequence
-from io import StringIO
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,9 +27,12 @@ from mslpipe.metrics import (
     connectivity_structure,
     dice,
     isbi_score,
+    lesion_counts_by_size,
     lesion_f1,
+    pool_counts_by_size,
 )
 from mslpipe.postprocess import remove_small_components
+from mslpipe.tables import name_list
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,11 @@ RULES = {
                   "Pearson correlation of predicted and reference lesion volumes across scans; "
                   "computed per rater and averaged over raters. When Corr is undefined (fewer than "
                   "2 scans or no volume variance) the score is null and isbi_score_reason says why.",
+    "lesions_by_size": "Lesion detection by lesion volume, summed over all (case, rater) rows (per_rater: that "
+                       "rater's rows): a reference lesion counts in the size class of its own volume and is detected "
+                       "when any voxel of it is predicted; a predicted lesion counts in the class of its own volume "
+                       "and is a false positive when no voxel of it is in the reference. ltpr and fp_fraction are "
+                       "null where the class holds no lesion.",
     "raters": "With several reference masks per case (CASE_mask1, CASE_mask2, ...) each scan is "
               "scored against each rater: one per_case row per (case, rater), rater 1-based.",
 }
@@ -154,6 +161,7 @@ def score_pairs(pairs: Iterable, spacing_from="ref", connectivity: int = 26, sli
             m = case_metrics(pred, ref, spacing, connectivity=connectivity, slice_axis=slice_axis)
             row = {"case": pair.case, "rater": rater, "ref_file": ref_path.name}
             row.update({k: _clean(m[k]) for k in MEAN_KEYS + _ROW_EXTRA})
+            row["lesions_by_size"] = lesion_counts_by_size(pred, ref, spacing, connectivity=connectivity)
             rows.append(row)
         log.info("scored %s against %d rater(s)", pair.case, len(refs))
 
@@ -167,6 +175,7 @@ def score_pairs(pairs: Iterable, spacing_from="ref", connectivity: int = 26, sli
             "rater": rater, "n_cases": len(sub), "mean": r_means, "mean_skipped": r_skipped,
             "isbi_score": isbi["score"], "isbi_score_reason": isbi["reason"],
             "volume_correlation": isbi["volume_correlation"], "isbi_per_scan_part": isbi["partial"],
+            "lesions_by_size": pool_counts_by_size([r["lesions_by_size"] for r in sub]),
         })
     scores = [p["isbi_score"] for p in per_rater]
     corrs = [p["volume_correlation"] for p in per_rater]
@@ -183,6 +192,7 @@ def score_pairs(pairs: Iterable, spacing_from="ref", connectivity: int = 26, sli
         "volume_correlation": None if None in corrs else float(np.mean(corrs)),
         # the score's per-scan terms alone (at most 0.75): defined for any number of scans
         "isbi_per_scan_part": float(np.mean([p["isbi_per_scan_part"] for p in per_rater])) if per_rater else None,
+        "lesions_by_size": pool_counts_by_size([r["lesions_by_size"] for r in rows]),
         "n_cases": len(pairs),
         "n_raters": len(per_rater),
         "n_rows": len(rows),
@@ -214,11 +224,6 @@ def _nifti_by_name(folder: Path, what: str) -> dict[str, Path]:
             raise MslpipeError(f"two files for the name {name!r}: {found[name].name} and {path.name}", folder)
         found[name] = path
     return found
-
-
-def _names(items: Sequence[str], limit: int = 10) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
 def isbi_masks(folder: Path) -> dict[str, Path]:
@@ -267,16 +272,16 @@ def match_folders(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike,
     if dataset and not no_ref and no_pred:
         left = sorted(set(groups) - set(preds))
         log.info("%d labelled case(s) in %s have no prediction and are not scored: %s", len(left), ref_dir,
-                 _names(left))
+                 name_list(left))
         if unpredicted is not None:
             unpredicted.extend(left)
         no_pred = []
     if no_ref or no_pred:
         parts = []
         if no_ref:
-            parts.append(f"no reference in {ref_dir} for: {_names(no_ref)}")
+            parts.append(f"no reference in {ref_dir} for: {name_list(no_ref)}")
         if no_pred:
-            parts.append(f"no prediction for reference(s): {_names(no_pred)}")
+            parts.append(f"no prediction for reference(s): {name_list(no_pred)}")
         raise MslpipeError("unmatched cases; " + "; ".join(parts), pred_dir)
     return [CasePair(case, preds[case], [p for _, p in sorted(groups[case], key=lambda t: t[0])])
             for case in sorted(preds)]
@@ -298,50 +303,6 @@ def run_folders(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike,
     write_json(path, summary)
     log.info("wrote %s (%d cases, %d rows)", path, summary["n_cases"], summary["n_rows"])
     return summary
-
-
-# ---------------------------------------------------------------------------- console
-_COLUMNS = (("Dice", "dice"), ("IoU", "iou"), ("PPV", "precision"), ("TPR", "recall"),
-            ("LTPR", "ltpr"), ("LFPR", "lfpr"), ("LF1", "lesion_f1"), ("HD95 mm", "hd95_mm"),
-            ("|ΔV| mL", "abs_volume_diff_ml"), ("slice Dice", "slice_dice_study"))
-
-
-def _fmt(value) -> str:
-    return "—" if value is None else f"{value:.3f}"
-
-
-def format_table(summary: dict, width: int = 140) -> str:
-    """A plain-text table: one line per (case, rater), then the mean and the ISBI score."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="Evaluation", show_lines=False)
-    table.add_column("case")
-    table.add_column("rater", justify="right")
-    for title, _ in _COLUMNS:
-        table.add_column(title, justify="right")
-    for row in summary["per_case"]:
-        table.add_row(row["case"], str(row["rater"]), *(_fmt(row[key]) for _, key in _COLUMNS))
-    table.add_section()
-    table.add_row("mean", "", *(_fmt(summary["mean"][key]) for _, key in _COLUMNS))
-    buffer = StringIO()
-    console = Console(file=buffer, width=width, color_system=None, force_terminal=False)
-    console.print(table)
-    isbi, part = summary.get("isbi_score"), summary.get("isbi_per_scan_part")
-    line = f"ISBI score: {_fmt(isbi)}" if isbi is not None else \
-        f"ISBI score: undefined ({summary.get('isbi_score_reason')})"
-    if part is not None:  # the correlation term (a quarter of the score) is over few scans here, often noisy
-        n_scans = len({row["case"] for row in summary["per_case"]})
-        corr = summary.get("volume_correlation")
-        line += (f" = per-scan part {_fmt(part)} (at most 0.75) + volume correlation {_fmt(corr)} / 4 over "
-                 f"{n_scans} scans" if isbi is not None else f"; per-scan part {_fmt(part)} (at most 0.75)")
-    skipped = {k: n for k, n in summary.get("mean_skipped", {}).items() if n}
-    if skipped:
-        line += "; skipped in means: " + ", ".join(f"{k} {n}" for k, n in skipped.items())
-    left = summary.get("unpredicted_references")
-    if left:
-        line += f"\nnot scored: {len(left)} labelled case(s) of the reference dataset, not predicted ({_names(left)})"
-    return buffer.getvalue() + line + "\n"
 
 
 # ---------------------------------------------------------------------------- tuning

@@ -136,6 +136,61 @@ def lesion_counts(pred: np.ndarray, ref: np.ndarray, connectivity: int = 26) -> 
     }
 
 
+#: Lesion size classes (mm³) for detection by size: below 10 mm³ (a few voxels at 1 mm, under the
+#: 3 mm diameter that MRI criteria count as a lesion), small, medium, large, confluent.
+SIZE_EDGES_MM3 = (10.0, 50.0, 200.0, 1000.0)
+
+
+def lesion_counts_by_size(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
+                          edges_mm3: Sequence[float] = SIZE_EDGES_MM3, connectivity: int = 26) -> list[dict[str, int]]:
+    """:func:`lesion_counts` split by lesion volume: one dict per size class.
+
+    Class ``i`` holds lesions of at least ``edges_mm3[i-1]`` and below ``edges_mm3[i]`` mm³ (the first class
+    starts at 0, the last is open). A reference lesion counts in the class of its own volume
+    (``n_ref_lesions``, ``n_detected_ref_lesions``), a predicted lesion in that of its own volume
+    (``n_pred_lesions``, ``n_fp_pred_lesions``), detection and false positives as in :func:`lesion_counts`.
+    """
+    p, r = _pair(pred, ref)
+    edges = np.asarray(edges_mm3, dtype=np.float64)
+    if edges.ndim != 1 or not np.all(np.isfinite(edges)) or np.any(edges <= 0) or np.any(np.diff(edges) <= 0):
+        raise ValueError(f"lesion size edges must be increasing positive numbers, got {edges_mm3!r}")
+    voxel_mm3 = float(np.prod(_spacing(spacing, p.ndim)))
+    overlap = p & r
+    out = [{"n_ref_lesions": 0, "n_detected_ref_lesions": 0, "n_pred_lesions": 0, "n_fp_pred_lesions": 0}
+           for _ in range(edges.size + 1)]
+    for mask, total, hit_key, hit_flag in ((r, "n_ref_lesions", "n_detected_ref_lesions", True),
+                                           (p, "n_pred_lesions", "n_fp_pred_lesions", False)):
+        labels, n = label_lesions(mask, connectivity)
+        if n == 0:
+            continue
+        size_class = np.searchsorted(edges, np.bincount(labels.ravel())[1:] * voxel_mm3, side="right")
+        touched = np.zeros(n + 1, dtype=bool)
+        touched[labels[overlap]] = True
+        hit = touched[1:] if hit_flag else ~touched[1:]  # detected reference lesions; unmatched predicted ones
+        for k in range(edges.size + 1):
+            out[k][total] += int(np.count_nonzero(size_class == k))
+            out[k][hit_key] += int(np.count_nonzero(hit & (size_class == k)))
+    return out
+
+
+def pool_counts_by_size(per_scan: Sequence[Sequence[Mapping[str, int]]],
+                        edges_mm3: Sequence[float] = SIZE_EDGES_MM3) -> list[dict[str, float | int | None]]:
+    """Sum :func:`lesion_counts_by_size` over scans; per class add ``from_mm3``/``to_mm3`` (None: open),
+    ``ltpr`` (detected / reference lesions) and ``fp_fraction`` (false positives / predicted lesions),
+    each None where its class holds no lesion (a rate of nothing is not 0 or 1)."""
+    bounds = [0.0, *map(float, edges_mm3), None]
+    pooled = []
+    for k in range(len(bounds) - 1):
+        sums = {key: int(sum(scan[k][key] for scan in per_scan))
+                for key in ("n_ref_lesions", "n_detected_ref_lesions", "n_pred_lesions", "n_fp_pred_lesions")}
+        pooled.append({
+            "from_mm3": bounds[k], "to_mm3": bounds[k + 1], **sums,
+            "ltpr": sums["n_detected_ref_lesions"] / sums["n_ref_lesions"] if sums["n_ref_lesions"] else None,
+            "fp_fraction": sums["n_fp_pred_lesions"] / sums["n_pred_lesions"] if sums["n_pred_lesions"] else None,
+        })
+    return pooled
+
+
 def _lesion_rates(counts: Mapping[str, int]) -> dict[str, float]:
     n_ref, n_pred = counts["n_ref_lesions"], counts["n_pred_lesions"]
     both_empty = n_ref == 0 and n_pred == 0

@@ -229,6 +229,12 @@ def run(inp: Path, out: Path, *, dirs: Workdirs, dataset: str | None = None, arc
     load_parts: dict[str, float] = {}
     if not Path(inp).exists():  # said before the models load (seconds with torch and a GPU)
         raise MslpipeError("input not found", inp)
+    sources, planned_channels = None, None
+    plan_file = dirs.plan_dir(dataset) / "plans.json" if dataset is not None else None
+    if onnx is None and not checkpoint and plan_file and (arch is None or plan_file.exists()):
+        plan = load_plan(plan_file)  # it names the channels: the scans too are found before the models load
+        arch, planned_channels = arch or plan.architecture, plan.channels
+        sources = gather_sources(inp, planned_channels, dirs, dataset)
     if onnx is not None:
         from mslpipe import onnx_inference
 
@@ -240,7 +246,6 @@ def run(inp: Path, out: Path, *, dirs: Workdirs, dataset: str | None = None, arc
             if dataset is None:
                 raise MslpipeError("say which model to use: -d NAME (trained folds), --checkpoint PATH or "
                                    "--onnx MODEL")
-            arch = arch or load_plan(dirs.plan_dir(dataset) / "plans.json").architecture
             paths = find_checkpoints(dirs, dataset, arch, folds)
         t_import = time.perf_counter()
         from mslpipe import inference  # with torch, unless an earlier step imported it
@@ -248,7 +253,8 @@ def run(inp: Path, out: Path, *, dirs: Workdirs, dataset: str | None = None, arc
         load_parts["torch import"] = time.perf_counter() - t_import
         predictor = inference.load_predictor(paths, device=device, compile=compile, timings=load_parts)
     load_s = time.perf_counter() - t0
-    sources = gather_sources(inp, predictor.plan.channels, dirs, dataset)
+    if sources is None or predictor.plan.channels != planned_channels:  # the checkpoints' own plan decides
+        sources = gather_sources(inp, predictor.plan.channels, dirs, dataset)
     pp = postprocessing_for(dirs, dataset, predictor.plan.architecture)
     started = datetime.now(timezone.utc).isoformat(timespec="microseconds")
     result = predict_sources(predictor, sources, Path(out), tta=tta, postprocessing=pp,

@@ -10,13 +10,13 @@ import pytest
 from mslpipe.errors import MslpipeError
 from mslpipe.evaluate import (
     CasePair,
-    format_table,
     match_folders,
     run_folders,
     score_pairs,
     select_min_lesion_size,
 )
 from mslpipe.io import save_nifti
+from mslpipe.tables import format_table
 
 AFFINE = np.diag([1.0, 1.0, 3.0, 1.0])
 SHAPE = (10, 10, 6)
@@ -65,8 +65,21 @@ def test_run_folders_writes_summary(dirs):
     assert on_disk["per_case"][1]["precision"] == 1.0
     assert isinstance(on_disk["isbi_score"], float)
     assert "slice_dice_study" in on_disk["rules"] and "empty_cases" in on_disk["rules"]
+    # by lesion size (voxels of 3 mm³): A is 24 mm³ (10-50), B 54 mm³ (50-200); c1 finds A and adds B, c2 finds B only
+    by_size = {b["from_mm3"]: b for b in on_disk["lesions_by_size"]}
+    assert [b["to_mm3"] for b in on_disk["lesions_by_size"]] == [10, 50, 200, 1000, None]
+    assert [by_size[10][k] for k in ("n_ref_lesions", "n_detected_ref_lesions", "n_pred_lesions",
+                                     "n_fp_pred_lesions")] == [2, 1, 1, 0]
+    assert [by_size[50][k] for k in ("n_ref_lesions", "n_detected_ref_lesions", "n_pred_lesions",
+                                     "n_fp_pred_lesions")] == [1, 1, 2, 1]
+    assert by_size[10]["ltpr"] == 0.5 and by_size[50]["fp_fraction"] == 0.5
+    assert by_size[0]["ltpr"] is None and by_size[0]["fp_fraction"] is None  # no lesion of that size: no rate
+    assert on_disk["per_rater"][0]["lesions_by_size"] == on_disk["lesions_by_size"]
+    assert "lesions_by_size" in on_disk["rules"]
     text = format_table(summary)
     assert "c1" in text and "c2" in text and "mean" in text and "ISBI" in text
+    size_lines = [line for line in text.splitlines() if "10–50" in line or "50–200" in line]
+    assert len(size_lines) == 2 and "0.500" in size_lines[0] and "Lesions by size" in text
     # the score is shown with its two parts: the per-scan terms, and the volume correlation over so few scans
     part, corr = on_disk["isbi_per_scan_part"], on_disk["volume_correlation"]
     assert 0 <= part <= 0.75 and on_disk["isbi_score"] == pytest.approx(part + corr / 4)

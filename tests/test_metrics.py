@@ -227,6 +227,46 @@ def test_case_metrics_keys():
     assert all(type(v) in (float, int, bool) for v in m.values())
 
 
+# ---------------------------------------------------------------------------- lesions by size
+def test_lesion_counts_by_size_known_lesions():
+    shape = (40, 40, 12)
+    ref = (cube(shape, (1, 1, 1), (1, 1, 1)) + cube(shape, (5, 5, 1), (3, 3, 3))       # 1 and 27 mm³
+           + cube(shape, (12, 1, 1), (5, 5, 5)) + cube(shape, (20, 20, 1), (8, 8, 8))  # 125 and 512 mm³
+           + cube(shape, (1, 20, 1), (11, 11, 11)))                                    # 1331 mm³
+    pred = (cube(shape, (6, 6, 2), (1, 1, 1)) + cube(shape, (2, 22, 3), (2, 2, 2))     # hit the 27 and 1331
+            + cube(shape, (30, 1, 1), (1, 1, 1)) + cube(shape, (30, 5, 1), (4, 4, 4)))  # false: 1 and 64 mm³
+    by_size = M.lesion_counts_by_size(pred, ref, (1.0, 1.0, 1.0))
+    assert [b["n_ref_lesions"] for b in by_size] == [1, 1, 1, 1, 1]
+    assert [b["n_detected_ref_lesions"] for b in by_size] == [0, 1, 0, 0, 1]
+    assert [b["n_pred_lesions"] for b in by_size] == [3, 0, 1, 0, 0]  # 1 + 8 mm³ hits and the 1 mm³ speck
+    assert [b["n_fp_pred_lesions"] for b in by_size] == [1, 0, 1, 0, 0]
+    whole = M.lesion_counts(pred, ref)
+    for key, n in whole.items():
+        assert sum(b[key] for b in by_size) == n
+
+
+def test_lesion_size_follows_the_voxel_size_and_edges():
+    one = cube((8, 8, 8), (1, 1, 1), (2, 2, 2))  # 8 voxels
+    assert [b["n_ref_lesions"] for b in M.lesion_counts_by_size(one, one, (1, 1, 1))] == [1, 0, 0, 0, 0]
+    assert [b["n_ref_lesions"] for b in M.lesion_counts_by_size(one, one, (1, 1, 3))] == [0, 1, 0, 0, 0]
+    # a lesion of exactly an edge's volume belongs to the class above it
+    assert [b["n_ref_lesions"] for b in M.lesion_counts_by_size(one, one, (1, 1, 1), edges_mm3=(8,))] == [0, 1]
+    assert len(M.lesion_counts_by_size(one, one, (1, 1, 1), edges_mm3=())) == 1  # no edges: one class
+    for bad in ((10, 5), (0, 10), (10, float("nan")), ((1, 2),)):
+        with pytest.raises(ValueError, match="edges"):
+            M.lesion_counts_by_size(one, one, (1, 1, 1), edges_mm3=bad)
+
+
+def test_pool_counts_by_size_sums_and_leaves_empty_classes_undefined():
+    scan = lambda r, d, p, f: {"n_ref_lesions": r, "n_detected_ref_lesions": d,  # noqa: E731
+                               "n_pred_lesions": p, "n_fp_pred_lesions": f}
+    pooled = M.pool_counts_by_size([[scan(2, 1, 4, 3), scan(0, 0, 0, 0)], [scan(2, 2, 1, 0), scan(0, 0, 0, 0)]],
+                                   edges_mm3=(10,))
+    assert pooled[0] == {"from_mm3": 0.0, "to_mm3": 10.0, "n_ref_lesions": 4, "n_detected_ref_lesions": 3,
+                         "n_pred_lesions": 5, "n_fp_pred_lesions": 3, "ltpr": 0.75, "fp_fraction": 0.6}
+    assert pooled[1]["to_mm3"] is None and pooled[1]["ltpr"] is None and pooled[1]["fp_fraction"] is None
+
+
 # ---------------------------------------------------------------------------- properties
 masks = arrays(np.bool_, (4, 5, 3))
 
@@ -253,3 +293,11 @@ def test_identical_and_disjoint(a):
 def test_lesion_counts_invariant_under_flips(a, b, axis, conn):
     flipped = M.lesion_counts(np.flip(a, axis), np.flip(b, axis), conn)
     assert flipped == M.lesion_counts(a, b, conn)
+
+
+@settings(max_examples=40, deadline=None)
+@given(masks, masks, st.sampled_from([6, 26]))
+def test_lesions_by_size_add_up_to_lesion_counts(a, b, conn):
+    by_size = M.lesion_counts_by_size(a, b, (1.0, 2.0, 0.5), edges_mm3=(1.5, 4), connectivity=conn)
+    for key, n in M.lesion_counts(a, b, conn).items():
+        assert sum(c[key] for c in by_size) == n

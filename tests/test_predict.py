@@ -136,6 +136,18 @@ def test_missing_input_and_missing_model(model, tmp_path, dirs):
         predict.run(tmp_path, tmp_path / "out", dirs=dirs, device="cpu")
 
 
+def test_with_a_dataset_the_scans_are_found_before_the_models_load(trained, tmp_path, monkeypatch):
+    d, _ = trained
+    (tmp_path / "empty").mkdir()
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("models loaded before the input was looked at")
+
+    monkeypatch.setattr(inference, "load_predictor", no_loading)
+    with pytest.raises(MslpipeError, match="no NIfTI files"):
+        predict.run(tmp_path / "empty", tmp_path / "out", dirs=d, dataset="syn", device="cpu")
+
+
 def test_unsafe_output_names_are_refused(model, scan, tmp_path):
     data, affine = scan
     inp = tmp_path / "in"

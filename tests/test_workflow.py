@@ -17,9 +17,9 @@ def test_evaluate_dataset(trained, planned):
     # with one fold of several trained, the command's table says so: the other folds' scans are in no row
     n_folds = len(planned[1]["splits"]["folds"])
     assert n_folds > 1 and written["n_folds_planned"] == n_folds
-    from mslpipe import cli, evaluate
+    from mslpipe import cli
 
-    assert cli._summary_text(summary, evaluate).startswith(f"Cross-validation (out-of-fold): 1 of {n_folds} folds "
+    assert cli._summary_text(summary).startswith(f"Cross-validation (out-of-fold): 1 of {n_folds} folds "
                                                            "trained (fold_0); the other folds' validation scans")
     val_subjects = set(planned[1]["splits"]["folds"][0]["val"])
     assert {r["case"].split("_")[0] for r in written["per_case"]} == val_subjects

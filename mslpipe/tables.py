@@ -1,0 +1,76 @@
+"""Plain-text tables of an evaluation summary (:func:`mslpipe.evaluate.score_pairs`) for the console.
+
+Presentation only: it reads the summary dict and imports nothing from the project.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from io import StringIO
+
+
+def name_list(items: Sequence[str], limit: int = 10) -> str:
+    """Up to ``limit`` names, comma-separated, and how many more there are."""
+    shown = ", ".join(items[:limit])
+    return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+_COLUMNS = (("Dice", "dice"), ("IoU", "iou"), ("PPV", "precision"), ("TPR", "recall"),
+            ("LTPR", "ltpr"), ("LFPR", "lfpr"), ("LF1", "lesion_f1"), ("HD95 mm", "hd95_mm"),
+            ("|ΔV| mL", "abs_volume_diff_ml"), ("slice Dice", "slice_dice_study"))
+
+
+def _fmt(value) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def _size_table(summary: dict):
+    """Detection and false positives by lesion volume, pooled over the summary's rows."""
+    from rich.table import Table
+
+    table = Table(title=f"Lesions by size (summed over {summary['n_rows']} scan-rater rows)")
+    for title in ("volume mm³", "reference lesions", "detected", "LTPR", "predicted lesions", "false positive",
+                  "FP share"):
+        table.add_column(title, justify="right")
+    for b in summary["lesions_by_size"]:
+        size = f"≥ {b['from_mm3']:g}" if b["to_mm3"] is None else f"{b['from_mm3']:g}–{b['to_mm3']:g}"
+        table.add_row(size, str(b["n_ref_lesions"]), str(b["n_detected_ref_lesions"]), _fmt(b["ltpr"]),
+                      str(b["n_pred_lesions"]), str(b["n_fp_pred_lesions"]), _fmt(b["fp_fraction"]))
+    return table
+
+
+def format_table(summary: dict, width: int = 140) -> str:
+    """A plain-text table: one line per (case, rater), then the mean, lesions by size and the ISBI score."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Evaluation", show_lines=False)
+    table.add_column("case")
+    table.add_column("rater", justify="right")
+    for title, _ in _COLUMNS:
+        table.add_column(title, justify="right")
+    for row in summary["per_case"]:
+        table.add_row(row["case"], str(row["rater"]), *(_fmt(row[key]) for _, key in _COLUMNS))
+    table.add_section()
+    table.add_row("mean", "", *(_fmt(summary["mean"][key]) for _, key in _COLUMNS))
+    buffer = StringIO()
+    console = Console(file=buffer, width=width, color_system=None, force_terminal=False)
+    console.print(table)
+    if summary.get("lesions_by_size"):
+        console.print(_size_table(summary))
+    isbi, part = summary.get("isbi_score"), summary.get("isbi_per_scan_part")
+    line = f"ISBI score: {_fmt(isbi)}" if isbi is not None else \
+        f"ISBI score: undefined ({summary.get('isbi_score_reason')})"
+    if part is not None:  # the correlation term (a quarter of the score) is over few scans here, often noisy
+        n_scans = len({row["case"] for row in summary["per_case"]})
+        corr = summary.get("volume_correlation")
+        line += (f" = per-scan part {_fmt(part)} (at most 0.75) + volume correlation {_fmt(corr)} / 4 over "
+                 f"{n_scans} scans" if isbi is not None else f"; per-scan part {_fmt(part)} (at most 0.75)")
+    skipped = {k: n for k, n in summary.get("mean_skipped", {}).items() if n}
+    if skipped:
+        line += "; skipped in means: " + ", ".join(f"{k} {n}" for k, n in skipped.items())
+    left = summary.get("unpredicted_references")
+    if left:
+        line += (f"\nnot scored: {len(left)} labelled case(s) of the reference dataset, not predicted "
+                 f"({name_list(left)})")
+    return buffer.getvalue() + line + "\n"
