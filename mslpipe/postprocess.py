@@ -69,17 +69,21 @@ def apply(prob: np.ndarray, affine: np.ndarray, postprocessing: dict) -> np.ndar
     return mask.astype(np.uint8)
 
 
-def lesion_table(mask: np.ndarray, affine: np.ndarray, connectivity: int = 26) -> list[dict]:
+def lesion_table(mask: np.ndarray, affine: np.ndarray, connectivity: int = 26,
+                 probability: np.ndarray | None = None) -> list[dict]:
     """One row per lesion (connected component), in label order.
 
     Each row: ``label`` (1-based id), ``n_voxels``, ``volume_mm3`` (voxel volume = |det| of the
     affine's 3×3 part), ``centroid_voxel`` (i, j, k), ``centroid_mm`` (world coordinates through
-    ``affine``), and ``slice_range``: for each array axis the first and last index (inclusive).
+    ``affine``), and ``slice_range``: for each array axis the first and last index (inclusive). With the
+    mask's ``probability`` map (same shape), also ``mean_probability`` and ``max_probability`` over the lesion.
     """
     mask = np.asarray(mask) != 0
     affine = np.asarray(affine, dtype=np.float64)
     if mask.ndim != 3 or affine.shape != (4, 4):
         raise ValueError("lesion_table needs a 3D mask and a 4×4 affine")
+    if probability is not None and np.shape(probability) != mask.shape:
+        raise ValueError(f"probability shape {np.shape(probability)} differs from the mask's {mask.shape}")
     labels, n = ndimage.label(mask, structure=_structure(connectivity))
     if n == 0:
         return []
@@ -88,6 +92,9 @@ def lesion_table(mask: np.ndarray, affine: np.ndarray, connectivity: int = 26) -
     counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     centroids = np.asarray(ndimage.center_of_mass(mask, labels, index), dtype=np.float64).reshape(n, 3)
     world = centroids @ affine[:3, :3].T + affine[:3, 3]
+    if probability is not None:
+        prob = np.asarray(probability)
+        means, peaks = ndimage.mean(prob, labels, index), ndimage.maximum(prob, labels, index)
     rows = []
     for lab, count, c_vox, c_mm, box in zip(index, counts, centroids, world,
                                             ndimage.find_objects(labels), strict=True):
@@ -99,4 +106,6 @@ def lesion_table(mask: np.ndarray, affine: np.ndarray, connectivity: int = 26) -
             "centroid_mm": [float(v) for v in c_mm],
             "slice_range": [[int(s.start), int(s.stop) - 1] for s in box],
         })
+        if probability is not None:
+            rows[-1].update(mean_probability=float(means[lab - 1]), max_probability=float(peaks[lab - 1]))
     return rows

@@ -152,10 +152,11 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
         t1 = time.perf_counter()
         save_nifti(out / f"{src.case}.nii.gz", mask, affine, dtype=np.uint8)
         if save_probabilities:
-            save_nifti(out / "probabilities" / f"{src.case}.nii.gz", prob, affine, dtype=np.float32)
+            save_nifti(out / lesion_report.PROBABILITY_DIR / f"{src.case}.nii.gz", prob, affine, dtype=np.float32)
         if want_report:
             notes = [prepared.warning] if prepared.warning else []
-            lesion_report.write_case_report(out, src.case, image, mask, affine, warnings=notes, made_by=made_by)
+            lesion_report.write_case_report(out, src.case, image, mask, affine, warnings=notes, made_by=made_by,
+                                            probability=prob)
             lesion_report.write_report_csv(out)
         timings.update(postprocess_s=t1 - t0, write_s=time.perf_counter() - t1)
 

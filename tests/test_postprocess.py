@@ -81,3 +81,17 @@ def test_lesion_table_world_coordinates():
     assert rows[1]["volume_mm3"] == pytest.approx(6.0)
     assert rows[1]["centroid_mm"] == pytest.approx([2.0, -1.0, 7.0])
     assert lesion_table(np.zeros((3, 3, 3)), affine) == []
+    assert "mean_probability" not in first  # only with a probability map
+
+
+def test_lesion_table_probabilities():
+    m = np.zeros((5, 5, 5), np.uint8)
+    m[1:3, 2, 3] = 1
+    m[4, 4, 0] = 1
+    prob = np.full(m.shape, 0.9, np.float32)  # outside the lesions: never counted
+    prob[1, 2, 3], prob[2, 2, 3], prob[4, 4, 0] = 0.6, 0.8, 0.55
+    rows = lesion_table(m, np.eye(4), probability=prob)
+    assert rows[0]["mean_probability"] == pytest.approx(0.7) and rows[0]["max_probability"] == pytest.approx(0.8)
+    assert rows[1]["mean_probability"] == pytest.approx(0.55) and rows[1]["max_probability"] == pytest.approx(0.55)
+    with pytest.raises(ValueError, match="probability shape"):
+        lesion_table(m, np.eye(4), probability=prob[:4])

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mslpipe import predict, report
+from mslpipe import predict, qc_images, report
 from mslpipe.errors import MslpipeError
 from mslpipe.io import load_image, save_nifti
 
@@ -101,6 +101,26 @@ def test_case_files_csv_and_json(tmp_path):
         w, h = _png_ok((tmp_path / "qc" / name).read_bytes())
         assert h <= 300 and w <= 3 * 300
     assert not list(tmp_path.glob("**/.*tmp*"))  # nothing half-written left behind
+
+
+def test_lesion_probabilities_in_the_csv_json_and_page(tmp_path):
+    mask, voxels = _known_mask()
+    prob = np.where(mask > 0, 0.95, 0.1).astype(np.float32)
+    prob[tuple(voxels[1][0])] = 0.52  # the one-voxel lesion (id 2), barely above the threshold
+    report.write_case_report(tmp_path, "p", _image(), mask, AFFINE, probability=prob)
+    rows = _read_csv(tmp_path / "p.lesions.csv")
+    assert [float(r["mean_probability"]) for r in rows] == pytest.approx([0.95, 0.52])
+    assert [float(r["max_probability"]) for r in rows] == pytest.approx([0.95, 0.52])
+    lesions = json.loads((tmp_path / "p.lesions.json").read_text())["lesions"]
+    assert [les["mean_probability"] for les in lesions] == pytest.approx([0.95, 0.52])
+    page = report.write_report_index(tmp_path).read_text()
+    assert "<th>mean p</th>" in page and "<td>0.52</td>" in page and "least sure" in page
+    # without the map: empty cells, no column; a map of another shape is refused
+    report.write_case_report(tmp_path / "q", "q", _image(), mask, AFFINE)
+    assert [r["mean_probability"] for r in _read_csv(tmp_path / "q" / "q.lesions.csv")] == ["", ""]
+    assert "mean p" not in report.write_report_index(tmp_path / "q").read_text()
+    with pytest.raises(MslpipeError, match="same shape"):
+        report.write_case_report(tmp_path / "r", "r", _image(), mask, AFFINE, probability=prob[:-1])
 
 
 def test_zero_lesion_case(tmp_path):
@@ -224,6 +244,41 @@ def test_predict_report_end_to_end(model, synth_root, tmp_path):
     assert again.skipped == ["scan_a", "scan_b"] and not again.failed
     assert (out / "scan_b.lesions.json").is_file()
     assert [r["case"] for r in _read_csv(out / "report.csv")] == ["scan_a", "scan_b"]
+    rebuilt = json.loads((out / "scan_b.lesions.json").read_text())["lesions"]
+    assert all(les["mean_probability"] is None for les in rebuilt)  # that run saved no probabilities
+
+
+def test_each_lesion_carries_the_probabilities_it_was_found_with(model, synth_root, tmp_path, monkeypatch):
+    """A network whose probability is known (a ramp over the slices, above 0.5 on the brightest voxels): each
+    lesion's mean and highest probability, through predict's whole path, and again in a report rebuilt later
+    from the probabilities that run saved."""
+    from mslpipe import datasets, inference
+
+    data, affine = load_image(next((synth_root / "training").glob("training01/preprocessed/*_flair_pp.nii.gz")))
+    inp, out = tmp_path / "in", tmp_path / "out"
+    save_nifti(inp / "scan.nii.gz", data, affine, dtype=np.float32)
+    predictor = inference.load_predictor([model], device="cpu")
+
+    def network(image, tta=False):  # S×C×H×W → S×H×W: bright voxels, weighted by slice from 0.55 to 1
+        ramp = np.linspace(0.55, 1.0, image.shape[0], dtype=np.float32)[:, None, None]
+        return np.where(image[:, image.shape[1] // 2] > 2.0, ramp, 0.0).astype(np.float32)
+
+    monkeypatch.setattr(predictor, "run_volume", network)
+    predict.predict_sources(predictor, datasets.gather_sources(inp), out, report=True, save_probabilities=True,
+                            postprocessing={"min_lesion_mm3": 0})
+    lesions = json.loads((out / "scan.lesions.json").read_text())["lesions"]
+    assert lesions and all(0.55 - 1e-4 <= les["mean_probability"] <= les["max_probability"] <= 1.0 + 1e-6
+                           for les in lesions)
+    assert len({round(les["mean_probability"], 3) for les in lesions}) > 1  # lesions on other slices differ
+    saved = load_image(out / "probabilities" / "scan.nii.gz")[0]
+    mask = load_image(out / "scan.nii.gz")[0] > 0
+    assert sum(les["mean_probability"] * les["n_voxels"] for les in lesions) == \
+        pytest.approx(float(saved[mask].sum()), rel=1e-4)  # the lesions' means weigh up to the saved map
+    (out / "scan.lesions.json").unlink()  # rebuilt by the next run, from the saved mask and probabilities
+    again = predict.predict_sources(predictor, datasets.gather_sources(inp), out, report=True)
+    assert again.skipped == ["scan"]
+    rebuilt = json.loads((out / "scan.lesions.json").read_text())["lesions"]
+    assert [les["mean_probability"] for les in rebuilt] == pytest.approx([les["mean_probability"] for les in lesions])
 
 
 def test_a_failed_case_report_is_a_failed_case(model, synth_root, tmp_path, monkeypatch):
@@ -304,7 +359,7 @@ def test_qc_panels_mark_the_patients_sides(tmp_path, monkeypatch):
     dark = {"image": np.zeros((40, 40), np.float32), "pred": np.zeros((40, 40), bool), "ref": None, "aspect": 1.0,
             "title": ""}
     for sides, name in (((), "plain.png"), (("L", "R"), "marked.png")):
-        report._render(tmp_path / name, [{**dark, "sides": sides}], (0.0, 1.0))
+        qc_images._render(tmp_path / name, [{**dark, "sides": sides}], (0.0, 1.0))
     bright = {}
     for name in ("plain.png", "marked.png"):
         with pil.open(tmp_path / name) as im:
@@ -313,7 +368,7 @@ def test_qc_panels_mark_the_patients_sides(tmp_path, monkeypatch):
         bright[name] = [int((rgb[:, band].sum(axis=2) > 300).sum()) for band in edges]
     assert bright["plain.png"] == [0, 0] and all(bright["marked.png"]), bright
     panels = []
-    monkeypatch.setattr(report, "_render",
+    monkeypatch.setattr(qc_images, "_render",
                         lambda path, ps, window: panels.append((path.name, [p["sides"] for p in ps])))
     mask, _ = _known_mask()
     report.write_case_report(tmp_path, "c", _image(), mask, AFFINE)
