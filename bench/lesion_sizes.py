@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from onnx_int8 import trained_fold  # noqa: E402
-
 from mslpipe import data_loading, inference, metrics  # noqa: E402
 from mslpipe.io import read_json  # noqa: E402
-from mslpipe.plans import Workdirs, load_plan  # noqa: E402
+from mslpipe.plans import load_plan  # noqa: E402
 from mslpipe.postprocess import lesion_table  # noqa: E402
-from results import fold_arguments, real_data_path, table, write_section  # noqa: E402
+from results import fold_arguments, real_data_work, table, trained_folds, write_section  # noqa: E402
 
 PROBABILITY_BANDS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -60,27 +57,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     fold_arguments(ap, several_seeds=True)
     args = ap.parse_args()
-    if not (real_data_path() / "training").is_dir():
-        sys.exit(f"real data not found at {real_data_path()}")
-    work = args.work or Path(tempfile.mkdtemp(prefix="mslpipe-sizes-"))
+    work = real_data_work(args.work, "mslpipe-sizes-")
     per_scan_sizes, lesions, scans, overlap = [], [], [], []
-    for seed in (int(s) for s in args.seeds.split(",")):
-        base = work / f"seed{seed}"
-        dirs = Workdirs.resolve(base / "raw", base / "plans", base / "pre", base / "results")
-        for fold in (int(k) for k in args.folds.split(",")):
-            fold_dir = trained_fold(dirs, seed, fold, args.epochs, args.iterations)
-            predictor = inference.load_predictor([fold_dir / "checkpoint_final.pt"], device="cpu")
-            p = predictor.plan
-            for case in read_json(fold_dir / "run.json")["val"]:
-                image, seg, props = data_loading.load_case_arrays(dirs.preprocessed_dir("real"), case)
-                prob = inference.predict_volume(predictor.models, image, divisor=predictor.divisor, device="cpu",
-                                                batch_size=p.inference_batch_size, context=p.context_slices)
-                spacing = tuple(p.target_spacing if props.get("resampled_shape") else props["spacing_canonical"])
-                by_size, found = lesions_of(prob, seg >= 0.5, spacing)
-                per_scan_sizes.append(by_size)
-                lesions += found
-                scans.append(f"{case} (seed {seed}, fold {fold})")
-                overlap.append((metrics.dice(prob >= 0.5, seg >= 0.5), metrics.lesion_f1(prob >= 0.5, seg >= 0.5)))
+    for seed, fold, dirs, fold_dir in trained_folds(args, work):
+        predictor = inference.load_predictor([fold_dir / "checkpoint_final.pt"], device="cpu")
+        p = predictor.plan
+        for case in read_json(fold_dir / "run.json")["val"]:
+            image, seg, props = data_loading.load_case_arrays(dirs.preprocessed_dir("real"), case)
+            prob = inference.predict_volume(predictor.models, image, divisor=predictor.divisor, device="cpu",
+                                            batch_size=p.inference_batch_size, context=p.context_slices)
+            spacing = tuple(p.target_spacing if props.get("resampled_shape") else props["spacing_canonical"])
+            by_size, found = lesions_of(prob, seg >= 0.5, spacing)
+            per_scan_sizes.append(by_size)
+            lesions += found
+            scans.append(f"{case} (seed {seed}, fold {fold})")
+            overlap.append((metrics.dice(prob >= 0.5, seg >= 0.5), metrics.lesion_f1(prob >= 0.5, seg >= 0.5)))
     net = load_plan(fold_dir / "plan.json").arch_kwargs
     pooled = metrics.pool_counts_by_size(per_scan_sizes)
     size_rows = [[f"≥ {b['from_mm3']:g}" if b["to_mm3"] is None else f"{b['from_mm3']:g}–{b['to_mm3']:g}",

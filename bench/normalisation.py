@@ -18,18 +18,25 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from onnx_int8 import trained_fold  # noqa: E402
 
 from mslpipe import datasets, preprocess  # noqa: E402
 from mslpipe.io import load_image, load_mask, read_json  # noqa: E402
-from mslpipe.plans import Plan, Workdirs  # noqa: E402
-from results import fold_arguments, real_data_path, score_checkpoint, table, write_section  # noqa: E402
+from mslpipe.plans import Plan  # noqa: E402
+from results import (  # noqa: E402
+    fold_arguments,
+    real_data_path,
+    real_data_work,
+    score_checkpoint,
+    seed_dirs,
+    table,
+    trained_fold,
+    write_section,
+)
 
 SCHEMES = {"z-score": "brain_percentile_zscore", "median / IQR": "brain_percentile_median_iqr"}
 DEFAULT = Plan("x").normalization  # the plan's default: clipping percentiles and the z-score scheme
@@ -55,9 +62,7 @@ def main() -> None:
     fold_arguments(ap, several_seeds=True)
     args = ap.parse_args()
     seeds = [int(v) for v in args.seeds.split(",")]
-    if not (real_data_path() / "training").is_dir():
-        sys.exit(f"real data not found at {real_data_path()}")
-    work = args.work or Path(tempfile.mkdtemp(prefix="mslpipe-norm-"))
+    work = real_data_work(args.work, "mslpipe-norm-")
     contrast = lesion_contrast()
     spread = {name: np.array([r[i + 1] for r in contrast]) for i, name in enumerate(SCHEMES)}
     contrast_rows = [[r[0], *(f"{v:.2f}" for v in r[1:])] for r in contrast]
@@ -71,8 +76,7 @@ def main() -> None:
             scores = {}
             for name, scheme in SCHEMES.items():
                 # the default scheme's runs are onnx_int8's and tta's, in the same work folder
-                base = (work if scheme == DEFAULT["scheme"] else work / scheme) / f"seed{seed}"
-                dirs = Workdirs.resolve(base / "raw", base / "plans", base / "pre", base / "results")
+                dirs = seed_dirs(work if scheme == DEFAULT["scheme"] else work / scheme, seed)
                 overrides = {"normalization": {**DEFAULT, "scheme": scheme}}
                 fold_dir = trained_fold(dirs, seed, fold, args.epochs, args.iterations, overrides)
                 val = read_json(fold_dir / "run.json")["val"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,25 +22,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from onnx_cpu_speed import _ort_version, timed_pair  # noqa: E402
 
-from mslpipe import data_loading, export, metrics, onnx_inference, plan, preprocess, train  # noqa: E402
+from mslpipe import data_loading, export, metrics, onnx_inference, preprocess  # noqa: E402
 from mslpipe.io import load_image, read_json  # noqa: E402
-from mslpipe.plans import Workdirs  # noqa: E402
-from results import fold_arguments, real_data_path, table, write_section  # noqa: E402
+from results import (  # noqa: E402
+    fold_arguments,
+    real_data_path,
+    real_data_work,
+    table,
+    trained_folds,
+    write_section,
+)
 
 REAL = real_data_path()
 PRECISIONS = ("fp32", "int8")
-
-
-def trained_fold(dirs: Workdirs, seed: int, fold: int, epochs: int, iterations: int,
-                 overrides: dict | None = None) -> Path:
-    """Fold ``fold`` of the real data planned for the CPU (with ``overrides``) and trained, unless already there."""
-    if not (dirs.plan_dir("real") / "splits.json").exists():
-        plan.run("real", dirs, input_path=REAL, device="cpu", test_fraction=0, seed=seed, overrides=overrides)
-    fold_dir = dirs.fold_dir("real", "leaky_unet", fold)
-    if not (fold_dir / "checkpoint_final.pt").exists():
-        train.run("real", dirs, fold, epochs=epochs, iterations=iterations, device="cpu", show_progress=False,
-                  resume=(fold_dir / "checkpoint_latest.pt").exists())
-    return fold_dir
 
 
 def score(models: dict[str, onnx_inference.OnnxPredictor], pre_dir: Path, cases: list[str]) -> dict[str, dict]:
@@ -69,18 +62,13 @@ def main() -> None:
     fold_arguments(ap)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    if not (REAL / "training").is_dir():
-        sys.exit(f"real data not found at {REAL}")
-    work = args.work or Path(tempfile.mkdtemp(prefix="mslpipe-int8-"))
-    work = work / f"seed{args.seed}"
-    dirs = Workdirs.resolve(work / "raw", work / "plans", work / "pre", work / "results")
+    work = real_data_work(args.work, "mslpipe-int8-")
     rows, per_case, speed_models = [], [], None
     pooled: dict[str, list] = {"fp32": [], "int8": [], "agreement": []}
-    for fold in (int(k) for k in args.folds.split(",")):
-        fold_dir = trained_fold(dirs, args.seed, fold, args.epochs, args.iterations)
+    for seed, fold, dirs, fold_dir in trained_folds(args, work):
         models, metas = {}, {}
         for name in PRECISIONS:
-            out = work / "onnx" / f"fold{fold}_{name}.onnx"
+            out = work / f"seed{seed}" / "onnx" / f"fold{fold}_{name}.onnx"
             t0 = time.perf_counter()
             metas[name] = export.run(out, dirs=dirs, dataset="real", fold=fold, precision=name)
             metas[name]["seconds"] = time.perf_counter() - t0

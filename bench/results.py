@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -98,6 +99,45 @@ def score_checkpoint(pre_dir: Path, checkpoint: Path, cases: list[str], degrade=
                                         context=p.context_slices, tta=tta)
         out[case] = (float(metrics.dice(prob >= 0.5, seg >= 0.5)), float(metrics.lesion_f1(prob >= 0.5, seg >= 0.5)))
     return out
+
+
+def real_data_work(work: Path | None, prefix: str) -> Path:
+    """The fold benchmarks' work folder (``--work``, else a new temporary one); exits when the real data is absent."""
+    if not (real_data_path() / "training").is_dir():
+        sys.exit(f"real data not found at {real_data_path()}")
+    return work or Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def seed_dirs(base: Path, seed: int):
+    """The work folders of one plan seed's runs: ``base/seed<seed>/{raw,plans,pre,results}``."""
+    from mslpipe.plans import Workdirs
+
+    base = base / f"seed{seed}"
+    return Workdirs.resolve(base / "raw", base / "plans", base / "pre", base / "results")
+
+
+def trained_fold(dirs, seed: int, fold: int, epochs: int, iterations: int, overrides: dict | None = None) -> Path:
+    """Fold ``fold`` of the real data planned for the CPU (leave one subject out, with ``overrides``) and trained,
+    unless already there (a rerun reuses it, whatever commit trained it)."""
+    from mslpipe import plan, train
+
+    if not (dirs.plan_dir("real") / "splits.json").exists():
+        plan.run("real", dirs, input_path=real_data_path(), device="cpu", test_fraction=0, seed=seed,
+                 overrides=overrides)
+    fold_dir = dirs.fold_dir("real", "leaky_unet", fold)
+    if not (fold_dir / "checkpoint_final.pt").exists():
+        train.run("real", dirs, fold, epochs=epochs, iterations=iterations, device="cpu", show_progress=False,
+                  resume=(fold_dir / "checkpoint_latest.pt").exists())
+    return fold_dir
+
+
+def trained_folds(args, work: Path):
+    """``(seed, fold, dirs, fold_dir)`` for each seed and fold that :func:`fold_arguments` parsed, trained."""
+    seeds = args.seeds.split(",") if hasattr(args, "seeds") else [args.seed]
+    for seed in (int(s) for s in seeds):
+        dirs = seed_dirs(work, seed)
+        for fold in (int(k) for k in args.folds.split(",")):
+            yield seed, fold, dirs, trained_fold(dirs, seed, fold, args.epochs, args.iterations)
 
 
 def fold_arguments(ap, several_seeds: bool = False) -> None:

@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from onnx_int8 import trained_fold  # noqa: E402
-
 from mslpipe.io import read_json  # noqa: E402
-from mslpipe.plans import Workdirs  # noqa: E402
-from results import fold_arguments, real_data_path, score_checkpoint, table, write_section  # noqa: E402
+from results import fold_arguments, real_data_work, score_checkpoint, table, trained_folds, write_section  # noqa: E402
 
 ARMS = {"one pass": False, "mirroring (--tta)": True}
 
@@ -31,32 +27,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     fold_arguments(ap, several_seeds=True)
     args = ap.parse_args()
-    if not (real_data_path() / "training").is_dir():
-        sys.exit(f"real data not found at {real_data_path()}")
-    work = args.work or Path(tempfile.mkdtemp(prefix="mslpipe-tta-"))
+    work = real_data_work(args.work, "mslpipe-tta-")
     rows, per_case = [], []
     pooled: dict[str, list] = {arm: [] for arm in ARMS}
     seconds = {arm: 0.0 for arm in ARMS}
-    for seed in (int(s) for s in args.seeds.split(",")):
-        base = work / f"seed{seed}"
-        dirs = Workdirs.resolve(base / "raw", base / "plans", base / "pre", base / "results")
-        for fold in (int(k) for k in args.folds.split(",")):
-            fold_dir = trained_fold(dirs, seed, fold, args.epochs, args.iterations)
-            val = read_json(fold_dir / "run.json")["val"]
-            scores = {}
-            for arm, tta in ARMS.items():
-                t0 = time.perf_counter()
-                scores[arm] = score_checkpoint(dirs.preprocessed_dir("real"), fold_dir / "checkpoint_final.pt", val,
-                                               tta=tta)
-                seconds[arm] += time.perf_counter() - t0
-                pooled[arm] += list(scores[arm].values())
-            means = {arm: np.mean(list(s.values()), axis=0) for arm, s in scores.items()}
-            on, off = means["mirroring (--tta)"], means["one pass"]
-            rows.append([seed, fold, ", ".join(val), *(f"{means[a][0]:.3f} / {means[a][1]:.3f}" for a in ARMS),
-                         f"{on[0] - off[0]:+.3f}", f"{on[1] - off[1]:+.3f}"])
-            per_case += [[seed, fold, case, *(f"{scores[a][case][0]:.3f} / {scores[a][case][1]:.3f}" for a in ARMS)]
-                         for case in val]
-            net = read_json(fold_dir / "plan.json")["arch_kwargs"]
+    for seed, fold, dirs, fold_dir in trained_folds(args, work):
+        val = read_json(fold_dir / "run.json")["val"]
+        scores = {}
+        for arm, tta in ARMS.items():
+            t0 = time.perf_counter()
+            scores[arm] = score_checkpoint(dirs.preprocessed_dir("real"), fold_dir / "checkpoint_final.pt", val,
+                                           tta=tta)
+            seconds[arm] += time.perf_counter() - t0
+            pooled[arm] += list(scores[arm].values())
+        means = {arm: np.mean(list(s.values()), axis=0) for arm, s in scores.items()}
+        on, off = means["mirroring (--tta)"], means["one pass"]
+        rows.append([seed, fold, ", ".join(val), *(f"{means[a][0]:.3f} / {means[a][1]:.3f}" for a in ARMS),
+                     f"{on[0] - off[0]:+.3f}", f"{on[1] - off[1]:+.3f}"])
+        per_case += [[seed, fold, case, *(f"{scores[a][case][0]:.3f} / {scores[a][case][1]:.3f}" for a in ARMS)]
+                     for case in val]
+        net = read_json(fold_dir / "plan.json")["arch_kwargs"]
     pool = {arm: np.mean(v, axis=0) for arm, v in pooled.items()}
     n = len(pooled["one pass"])
     body = (f"CPU plan (leaky_unet {net}), {args.epochs} epochs × {args.iterations} iterations per fold; folds by "
