@@ -203,7 +203,8 @@ def predict(
     onnx: Annotated[Path | None, typer.Option("--onnx", help="An exported model (`mslpipe export`) run by ONNX "
                                                             "Runtime on the CPU, without torch.")] = None,
     lesion_report: Annotated[bool, typer.Option("--report", help="Also write lesion tables (OUT/<case>.lesions."
-                                                "csv/json), OUT/report.csv and an offline OUT/report.html.")] = False,
+                                                "csv/json: volume, place and probability of each lesion), OUT/report."
+                                                "csv and an offline OUT/report.html.")] = False,
 ) -> None:
     """Segment scans; writes OUT/<case>.nii.gz (uint8 0/1 on the input grid)."""
     from mslpipe import predict as predict_mod
