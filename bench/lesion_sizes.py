@@ -53,13 +53,11 @@ def band_rows(lesions: list[dict]) -> list[list]:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    fold_arguments(ap, several_seeds=True)
-    args = ap.parse_args()
-    work = real_data_work(args.work, "mslpipe-sizes-")
+def score_folds(args, work: Path, overrides: dict | None = None) -> dict:
+    """Train (or reuse) every fold and seed of ``args`` in ``work`` and predict each fold's validation scans: the
+    scans' lesion counts by size, every predicted lesion, the scans' names and their (volume Dice, lesion F1)."""
     per_scan_sizes, lesions, scans, overlap = [], [], [], []
-    for seed, fold, dirs, fold_dir in trained_folds(args, work):
+    for seed, fold, dirs, fold_dir in trained_folds(args, work, overrides):
         predictor = inference.load_predictor([fold_dir / "checkpoint_final.pt"], device="cpu")
         p = predictor.plan
         for case in read_json(fold_dir / "run.json")["val"]:
@@ -72,13 +70,28 @@ def main() -> None:
             lesions += found
             scans.append(f"{case} (seed {seed}, fold {fold})")
             overlap.append((metrics.dice(prob >= 0.5, seg >= 0.5), metrics.lesion_f1(prob >= 0.5, seg >= 0.5)))
-    net = load_plan(fold_dir / "plan.json").arch_kwargs
-    pooled = metrics.pool_counts_by_size(per_scan_sizes)
-    size_rows = [[f"≥ {b['from_mm3']:g}" if b["to_mm3"] is None else f"{b['from_mm3']:g}–{b['to_mm3']:g}",
-                  b["n_ref_lesions"], b["n_detected_ref_lesions"], "—" if b["ltpr"] is None else f"{b['ltpr']:.2f}",
-                  b["n_pred_lesions"], b["n_fp_pred_lesions"],
-                  "—" if b["fp_fraction"] is None else f"{b['fp_fraction']:.2f}"] for b in pooled]
-    dice, f1 = np.mean(overlap, axis=0)
+    return {"sizes": metrics.pool_counts_by_size(per_scan_sizes), "lesions": lesions, "scans": scans,
+            "overlap": overlap, "net": load_plan(fold_dir / "plan.json").arch_kwargs}
+
+
+def size_class(b: dict) -> str:
+    return f"≥ {b['from_mm3']:g}" if b["to_mm3"] is None else f"{b['from_mm3']:g}–{b['to_mm3']:g}"
+
+
+def share(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fold_arguments(ap, several_seeds=True)
+    args = ap.parse_args()
+    work = real_data_work(args.work, "mslpipe-sizes-")
+    r = score_folds(args, work)
+    scans, lesions, net = r["scans"], r["lesions"], r["net"]
+    size_rows = [[size_class(b), b["n_ref_lesions"], b["n_detected_ref_lesions"], share(b["ltpr"]),
+                  b["n_pred_lesions"], b["n_fp_pred_lesions"], share(b["fp_fraction"])] for b in r["sizes"]]
+    dice, f1 = np.mean(r["overlap"], axis=0)
     body = (f"CPU plan (leaky_unet {net}), {args.epochs} epochs × {args.iterations} iterations per fold, folds by "
             f"subject (leave one subject out), plan seed(s) {args.seeds}. Each fold's final model on its validation "
             "scans: one pass, threshold 0.5, no postprocessing, on the preprocessed grid, against the expert mask "

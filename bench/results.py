@@ -131,13 +131,14 @@ def trained_fold(dirs, seed: int, fold: int, epochs: int, iterations: int, overr
     return fold_dir
 
 
-def trained_folds(args, work: Path):
-    """``(seed, fold, dirs, fold_dir)`` for each seed and fold that :func:`fold_arguments` parsed, trained."""
+def trained_folds(args, work: Path, overrides: dict | None = None):
+    """``(seed, fold, dirs, fold_dir)`` for each seed and fold that :func:`fold_arguments` parsed, trained (with the
+    plan ``overrides``)."""
     seeds = args.seeds.split(",") if hasattr(args, "seeds") else [args.seed]
     for seed in (int(s) for s in seeds):
         dirs = seed_dirs(work, seed)
         for fold in (int(k) for k in args.folds.split(",")):
-            yield seed, fold, dirs, trained_fold(dirs, seed, fold, args.epochs, args.iterations)
+            yield seed, fold, dirs, trained_fold(dirs, seed, fold, args.epochs, args.iterations, overrides)
 
 
 def fold_arguments(ap, several_seeds: bool = False) -> None:

@@ -7,8 +7,9 @@ along the plan's slice axis), ``<case>_seg.npy`` (float32 ``(S, H, W)`` in [0, 1
 Training batches (:func:`make_train_loader`) are built nnU-Net style:
 
 * at least ``ceil(oversample_foreground * batch_size)`` samples of each batch are slices
-  from ``fg_slices`` (case first, uniformly among cases with lesion, then a slice); the rest
-  pick a case uniformly, then a slice uniformly;
+  from ``fg_slices`` (case first, uniformly among cases with lesion, then a slice: uniformly, or with
+  ``foreground_sampling`` "lesion" a lesion uniformly and then one of its slices, see
+  :func:`lesion_slice_weights`); the rest pick a case uniformly, then a slice uniformly;
 * each slice is cropped or zero-padded to ``plan.patch_size``: a case smaller than the patch
   sits at a random offset in a zero canvas; a larger one is cropped at random, or, for a
   foreground sample, centred on a random lesion voxel with jitter of up to a quarter patch,
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mslpipe import preprocess
@@ -204,6 +206,23 @@ def _place(size: int, patch: int, rng: np.random.Generator, centre: int | None) 
     return start, 0, patch
 
 
+def lesion_slice_weights(seg: np.ndarray, fg_slices: np.ndarray) -> np.ndarray:
+    """The chance of each of ``fg_slices`` when a lesion is drawn first, uniformly, then one of its slices.
+
+    Lesions are the 26-connected components of ``seg > 0`` (S×H×W); a component spans a run of slices, each of
+    which gets ``1 / (number of lesions · slices it spans)``. Summed over the slices, every lesion weighs the same,
+    whatever its size.
+    """
+    labels, n = ndimage.label(np.asarray(seg) > 0, structure=np.ones((3, 3, 3), dtype=bool))
+    weight = np.zeros(labels.shape[0], dtype=np.float64)
+    for box in ndimage.find_objects(labels):
+        weight[box[0]] += 1.0 / (box[0].stop - box[0].start)
+    p = weight[fg_slices]
+    if n == 0 or p.sum() <= 0:  # fg_slices and the mask disagree: fall back to uniform
+        return np.full(len(fg_slices), 1.0 / max(len(fg_slices), 1))
+    return p / p.sum()
+
+
 class SliceSampler(IterableDataset):
     """Yields ``batches`` whole batches per epoch: ``{"image": (B,C,Hp,Wp), "label": (B,1,Hp,Wp)}``.
 
@@ -238,6 +257,10 @@ class SliceSampler(IterableDataset):
                                    f"({plan.channels}): preprocess again", self.pre_dir / f"{case}.npy")
             self.n_slices.append(int(image.shape[0]))
             self.fg_slices.append(np.asarray(sorted(set(props["fg_slices"])), dtype=np.int64))
+        # per case, the chance of each of its lesion slices in a foreground draw (None: uniform)
+        self.fg_slice_p: list[np.ndarray | None] = [
+            lesion_slice_weights(open_case(self.pre_dir, case)[1], fg) if plan.foreground_sampling == "lesion"
+            and fg.size else None for case, fg in zip(self.cases, self.fg_slices, strict=True)]
         self.context = int(plan.context_slices)
         self.channels = plan.input_channels
         self.fg_cases = np.asarray([i for i, f in enumerate(self.fg_slices) if f.size], dtype=np.int64)
@@ -272,7 +295,9 @@ class SliceSampler(IterableDataset):
         """Fill one zeroed (C, Hp, Wp) / (Hp, Wp) pair with a cropped or padded slice."""
         if foreground:
             ci = int(rng.choice(self.fg_cases, p=self.fg_p))
-            s = int(self.fg_slices[ci][rng.integers(len(self.fg_slices[ci]))])
+            p = self.fg_slice_p[ci]
+            s = int(self.fg_slices[ci][rng.integers(len(self.fg_slices[ci])) if p is None
+                                       else rng.choice(len(p), p=p)])
         else:
             ci = int(rng.choice(len(self.cases), p=self.case_p))
             s = int(rng.integers(self.n_slices[ci]))

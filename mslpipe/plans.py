@@ -23,6 +23,7 @@ LABEL_POLICIES = ("mean", "union", "intersection", "mask1")
 # need tens of GB of activations, and bigger batches gain nothing on a few cores.
 CPU_INFERENCE_BATCH = 16
 NORMALIZATION_SCHEMES = ("brain_percentile_zscore", "brain_percentile_median_iqr")
+FOREGROUND_SAMPLING = ("slice", "lesion")
 
 
 @dataclass
@@ -93,6 +94,10 @@ class Plan:
     # 1% of voxels, starting from p = 0.5 everywhere wastes the first epochs unlearning background.
     output_prior: float = 0.01
     oversample_foreground: float = 0.34
+    # How a foreground sample picks its slice within a case: "slice" (uniformly among the lesion slices) or
+    # "lesion" (a lesion first, uniformly, then one of its slices: one-slice lesions are drawn as often as ones
+    # spanning thirty slices). "slice" is what plans written before it mean.
+    foreground_sampling: str = "slice"
     # Weights used for validation and saved as the final model: an exponential moving average of the trained
     # weights (BatchNorm statistics included) whose half-life is this fraction of the run's iterations
     # (0.05 of 10 epochs: half an epoch). 0 = the last weights, as plans written before it mean.
@@ -126,6 +131,8 @@ class Plan:
             d.pop("context_slices", None)
         if not d.get("ema_half_life"):  # likewise
             d.pop("ema_half_life", None)
+        if d.get("foreground_sampling") == "slice":  # likewise
+            d.pop("foreground_sampling", None)
         if not d["augmentation"].get("p_low_res"):  # likewise
             d["augmentation"] = {k: v for k, v in d["augmentation"].items() if k not in ("p_low_res", "low_res_zoom")}
         blob = json.dumps(d, sort_keys=True, default=list).encode()
@@ -211,6 +218,8 @@ class Plan:
         need(self.batch_size >= 1 and self.epochs >= 1 and self.iterations_per_epoch >= 1,
              "batch_size, epochs and iterations_per_epoch must be positive")
         need(0.0 <= self.oversample_foreground <= 1.0, "oversample_foreground must lie in [0, 1]")
+        need(self.foreground_sampling in FOREGROUND_SAMPLING,
+             f"foreground_sampling must be one of {FOREGROUND_SAMPLING}")
         need(0.0 <= self.ema_half_life <= 1.0, "ema_half_life must lie in [0, 1] (a fraction of the run)")
         aug = self.augmentation
         need(0.0 <= aug.p_low_res <= 1.0, "augmentation p_low_res must lie in [0, 1]")

@@ -179,6 +179,43 @@ def test_foreground_oversampling(pre):
     assert np.mean(counts) >= 2.0  # with default augmentation lesion mostly survives
 
 
+def test_lesion_slice_weights_weigh_every_lesion_the_same():
+    seg = np.zeros((20, 12, 12), np.float32)
+    seg[0:10, 2:6, 2:6] = 1.0   # a large lesion over slices 0-9
+    seg[15, 8, 8] = 0.5         # a one-voxel lesion (one rater) on slice 15
+    seg[4, 10, 10] = 1.0        # and another on slice 4, beside the large one
+    fg = np.asarray([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 15])
+    p = data_loading.lesion_slice_weights(seg, fg)
+    assert p.sum() == pytest.approx(1.0)
+    assert p[-1] == pytest.approx(1 / 3)  # slice 15: one of three lesions, all of its slices
+    assert p[4] == pytest.approx(1 / 30 + 1 / 3)  # slice 4: a tenth of the large one, all of the small one
+    assert p[0] == pytest.approx(1 / 30)
+    # no lesion in the mask that fg_slices names: uniform rather than nothing to draw
+    assert data_loading.lesion_slice_weights(np.zeros_like(seg), fg) == pytest.approx(np.full(11, 1 / 11))
+
+
+def test_lesion_sampling_draws_small_lesions_as_often_as_large_ones(pre):
+    """One case with a lesion over 9 slices and one on a single slice: foreground samples come from the single
+    slice about 1 time in 10 when slices are drawn, about 1 in 2 when lesions are."""
+    from mslpipe.data_loading import SliceSampler
+
+    image = np.broadcast_to(np.arange(1, 13, dtype=np.float32)[:, None, None, None], (12, 1, 40, 36))  # slice + 1
+    seg = np.zeros((12, 40, 36), np.float32)
+    seg[0:9, 30:34, 2:6] = 1.0  # one lesion over slices 0-8
+    seg[10, 10:12, 20:22] = 1.0  # another on slice 10 alone
+    name = write_case(pre, "two", image, seg)
+    shares = {}
+    for mode in ("slice", "lesion"):
+        plan = dataclasses.replace(make_plan(oversample=1.0, batch=50), foreground_sampling=mode)
+        sampler = SliceSampler(pre, [name], plan, batches=8, seed=0)
+        slices = np.concatenate([sampler.make_batch(0, i)["image"][:, 0, 0, 0].numpy() - 1 for i in range(8)])
+        assert set(slices.astype(int)) <= set(range(9)) | {10}  # foreground samples only
+        shares[mode] = float(np.mean(slices == 10))
+    assert 0.03 < shares["slice"] < 0.2 and 0.4 < shares["lesion"] < 0.6, shares
+    with pytest.raises(MslpipeError, match="foreground_sampling"):
+        dataclasses.replace(make_plan(), foreground_sampling="voxel").validate()
+
+
 def test_no_foreground_anywhere_still_works(pre, caplog):
     rng = np.random.default_rng(7)
     name = random_case(pre, "empty", rng, fg=())

@@ -54,6 +54,7 @@ def test_plans_written_before_context_slices_keep_their_hash(tmp_path):
     import hashlib
 
     old = _plan().finalised().to_dict()
+    del old["foreground_sampling"]  # added later than all of these
     del old["context_slices"], old["ema_half_life"], old["brain_ml_range"]
     for key in ("p_low_res", "low_res_zoom"):  # added later still
         del old["augmentation"][key]
@@ -74,6 +75,7 @@ def test_plans_written_before_low_res_augmentation_keep_their_hash(tmp_path):
     import hashlib
 
     old = _plan().finalised().to_dict()
+    del old["foreground_sampling"]  # added later than all of these
     del old["ema_half_life"], old["brain_ml_range"]  # added later still
     for key in ("p_low_res", "low_res_zoom"):
         del old["augmentation"][key]
@@ -92,6 +94,7 @@ def test_plans_written_before_weight_averaging_keep_their_hash(tmp_path):
     import hashlib
 
     old = _plan().finalised().to_dict()
+    del old["foreground_sampling"]  # added later than all of these
     del old["ema_half_life"], old["brain_ml_range"]
     body = {k: v for k, v in old.items() if k not in ("hash", "mslpipe_version", "context_slices")}
     body["augmentation"] = {k: v for k, v in body["augmentation"].items() if k not in ("p_low_res", "low_res_zoom")}
@@ -102,6 +105,19 @@ def test_plans_written_before_weight_averaging_keep_their_hash(tmp_path):
     assert loaded.ema_half_life == 0.0
     on = apply_overrides(loaded, {"ema_half_life": 0.05})
     assert on.hash != loaded.hash and on.ema_half_life == 0.05
+
+
+def test_plans_written_before_lesion_sampling_keep_their_hash(tmp_path):
+    """Plans saved before foreground_sampling existed draw lesion slices uniformly, hash intact; "lesion" re-hashes."""
+    plan = _plan().finalised()
+    old = plan.to_dict()
+    del old["foreground_sampling"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    loaded = load_plan(path)
+    assert loaded.foreground_sampling == "slice" and loaded.hash == plan.hash
+    on = apply_overrides(loaded, {"foreground_sampling": "lesion"})
+    assert on.hash != loaded.hash and on.foreground_sampling == "lesion"
 
 
 def test_brain_volume_range_is_quality_control_only(tmp_path):
