@@ -111,6 +111,9 @@ def plan_cmd(
     normalization: Annotated[str | None, typer.Option(
         help="Intensity normalisation scheme: brain_percentile_zscore (default) or brain_percentile_median_iqr.")
     ] = None,
+    foreground_sampling: Annotated[str | None, typer.Option(
+        help="How a lesion sample picks its slice: slice (uniformly among lesion slices, the default) or lesion "
+             "(a lesion first, then one of its slices).")] = None,
 ) -> None:
     """Verify the data, fingerprint it, write plans and subject-level splits, preprocess."""
     from mslpipe import plan as plan_mod
@@ -120,7 +123,9 @@ def plan_cmd(
     with _progress_bar() as update:
         result = plan_mod.run(dataset, _dirs(), input, device=device, arch=arch, seed=seed, n_folds=folds,
                               test_fraction=test_fraction, overrides={"context_slices": context_slices,
-                                                                      "normalization": norm}, progress=update)
+                                                                      "normalization": norm,
+                                                                      "foreground_sampling": foreground_sampling},
+                              progress=update)
     p, s = result["plan"], result["splits"]
     _echo(f"plan {p.hash} for {dataset}: {result['fingerprint']['n_cases']} scans, "
           f"{result['fingerprint']['n_subjects']} subjects; {p.architecture} {p.arch_kwargs or '(full width)'} "

@@ -92,6 +92,19 @@ def test_plan_context_slices_option(tmp_path, synth_root):
     assert json.loads((tmp_path / "plans" / "syn" / "plans.json").read_text())["context_slices"] == 2
 
 
+def test_plan_foreground_sampling_option(tmp_path, synth_root):
+    import json
+
+    out = run_cli("plan", "-d", "syn", "-i", synth_root, "--device", "cpu", "--foreground-sampling", "voxel",
+                  cwd=tmp_path)
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "foreground_sampling" in out.stderr and not (tmp_path / "plans").exists()
+    out = run_cli("plan", "-d", "syn", "-i", synth_root, "--device", "cpu", "--foreground-sampling", "lesion",
+                  cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "plans" / "syn" / "plans.json").read_text())["foreground_sampling"] == "lesion"
+
+
 def test_plan_normalization_option(tmp_path, synth_root):
     import json
 
