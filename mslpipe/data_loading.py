@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mslpipe import preprocess
 from mslpipe.errors import MslpipeError
 from mslpipe.io import read_json
+from mslpipe.metrics import label_lesions
 from mslpipe.plans import Augmentation, Plan
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ def lesion_slice_weights(seg: np.ndarray, fg_slices: np.ndarray) -> np.ndarray:
     which gets ``1 / (number of lesions · slices it spans)``. Summed over the slices, every lesion weighs the same,
     whatever its size.
     """
-    labels, n = ndimage.label(np.asarray(seg) > 0, structure=np.ones((3, 3, 3), dtype=bool))
+    labels, n = label_lesions(np.asarray(seg) > 0)
     weight = np.zeros(labels.shape[0], dtype=np.float64)
     for box in ndimage.find_objects(labels):
         weight[box[0]] += 1.0 / (box[0].stop - box[0].start)
@@ -249,18 +250,18 @@ class SliceSampler(IterableDataset):
         self.fg_slices: list[np.ndarray] = []
         channels = len(plan.channels)
         subjects = []
+        # per case, the chance of each of its lesion slices in a foreground draw (None: uniform)
+        self.fg_slice_p: list[np.ndarray | None] = []
         for case in self.cases:
-            image, _, props = open_case(self.pre_dir, case)
+            image, seg, props = open_case(self.pre_dir, case)
             subjects.append(str(props.get("subject", case)))
             if image.shape[1] != channels:
                 raise MslpipeError(f"{image.shape[1]} channels but the plan has {channels} "
                                    f"({plan.channels}): preprocess again", self.pre_dir / f"{case}.npy")
             self.n_slices.append(int(image.shape[0]))
             self.fg_slices.append(np.asarray(sorted(set(props["fg_slices"])), dtype=np.int64))
-        # per case, the chance of each of its lesion slices in a foreground draw (None: uniform)
-        self.fg_slice_p: list[np.ndarray | None] = [
-            lesion_slice_weights(open_case(self.pre_dir, case)[1], fg) if plan.foreground_sampling == "lesion"
-            and fg.size else None for case, fg in zip(self.cases, self.fg_slices, strict=True)]
+            lesion_draws = plan.foreground_sampling == "lesion" and self.fg_slices[-1].size
+            self.fg_slice_p.append(lesion_slice_weights(seg, self.fg_slices[-1]) if lesion_draws else None)
         self.context = int(plan.context_slices)
         self.channels = plan.input_channels
         self.fg_cases = np.asarray([i for i, f in enumerate(self.fg_slices) if f.size], dtype=np.int64)

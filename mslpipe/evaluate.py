@@ -158,10 +158,12 @@ def score_pairs(pairs: Iterable, spacing_from="ref", connectivity: int = 26, sli
     for pair in pairs:
         pred, refs, spacing = _load_case(pair, spacing_from)
         for rater, (ref, ref_path) in enumerate(zip(refs, pair.ref_paths, strict=True), start=1):
-            m = case_metrics(pred, ref, spacing, connectivity=connectivity, slice_axis=slice_axis)
+            by_size = lesion_counts_by_size(pred, ref, spacing, connectivity=connectivity)
+            m = case_metrics(pred, ref, spacing, connectivity=connectivity, slice_axis=slice_axis,
+                             counts_by_size=by_size)
             row = {"case": pair.case, "rater": rater, "ref_file": ref_path.name}
             row.update({k: _clean(m[k]) for k in MEAN_KEYS + _ROW_EXTRA})
-            row["lesions_by_size"] = lesion_counts_by_size(pred, ref, spacing, connectivity=connectivity)
+            row["lesions_by_size"] = by_size
             rows.append(row)
         log.info("scored %s against %d rater(s)", pair.case, len(refs))
 

@@ -139,6 +139,7 @@ def lesion_counts(pred: np.ndarray, ref: np.ndarray, connectivity: int = 26) -> 
 #: Lesion size classes (mm³) for detection by size: below 10 mm³ (a few voxels at 1 mm, under the
 #: 3 mm diameter that MRI criteria count as a lesion), small, medium, large, confluent.
 SIZE_EDGES_MM3 = (10.0, 50.0, 200.0, 1000.0)
+_COUNT_KEYS = ("n_ref_lesions", "n_detected_ref_lesions", "n_pred_lesions", "n_fp_pred_lesions")
 
 
 def lesion_counts_by_size(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
@@ -156,8 +157,7 @@ def lesion_counts_by_size(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[f
         raise ValueError(f"lesion size edges must be increasing positive numbers, got {edges_mm3!r}")
     voxel_mm3 = float(np.prod(_spacing(spacing, p.ndim)))
     overlap = p & r
-    out = [{"n_ref_lesions": 0, "n_detected_ref_lesions": 0, "n_pred_lesions": 0, "n_fp_pred_lesions": 0}
-           for _ in range(edges.size + 1)]
+    out = [dict.fromkeys(_COUNT_KEYS, 0) for _ in range(edges.size + 1)]
     for mask, total, hit_key, hit_flag in ((r, "n_ref_lesions", "n_detected_ref_lesions", True),
                                            (p, "n_pred_lesions", "n_fp_pred_lesions", False)):
         labels, n = label_lesions(mask, connectivity)
@@ -181,8 +181,7 @@ def pool_counts_by_size(per_scan: Sequence[Sequence[Mapping[str, int]]],
     bounds = [0.0, *map(float, edges_mm3), None]
     pooled = []
     for k in range(len(bounds) - 1):
-        sums = {key: int(sum(scan[k][key] for scan in per_scan))
-                for key in ("n_ref_lesions", "n_detected_ref_lesions", "n_pred_lesions", "n_fp_pred_lesions")}
+        sums = {key: int(sum(scan[k][key] for scan in per_scan)) for key in _COUNT_KEYS}
         pooled.append({
             "from_mm3": bounds[k], "to_mm3": bounds[k + 1], **sums,
             "ltpr": sums["n_detected_ref_lesions"] / sums["n_ref_lesions"] if sums["n_ref_lesions"] else None,
@@ -293,15 +292,18 @@ def slice_dice(pred: np.ndarray, ref: np.ndarray, axis: int = 2) -> float:
 
 # ---------------------------------------------------------------------------- per case
 def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], connectivity: int = 26,
-                 slice_axis: int = 2) -> dict[str, float]:
+                 slice_axis: int = 2, counts_by_size: Sequence[Mapping[str, int]] | None = None) -> dict[str, float]:
     """Every per-case metric in one dict (python floats/ints/bools, NaN where undefined).
 
     Keys: dice, iou, precision, recall, ltpr, lfpr, lesion_f1, n_ref_lesions, n_pred_lesions,
     n_detected_ref_lesions, n_fp_pred_lesions, ref_volume_ml, pred_volume_ml, abs_volume_diff_ml,
-    hd95_mm, slice_dice_study, ref_empty, pred_empty.
+    hd95_mm, slice_dice_study, ref_empty, pred_empty. ``counts_by_size``: this pair's
+    :func:`lesion_counts_by_size` (same connectivity) where the caller has it already; the lesion counts are its
+    sums, and the lesions are not labelled a second time.
     """
     p, r = _pair(pred, ref)
-    counts = lesion_counts(p, r, connectivity)
+    counts = lesion_counts(p, r, connectivity) if counts_by_size is None else \
+        {key: int(sum(c[key] for c in counts_by_size)) for key in _COUNT_KEYS}
     ref_ml, pred_ml = volume_ml(r, spacing), volume_ml(p, spacing)
     out: dict[str, float] = {
         "dice": dice(p, r),

@@ -301,3 +301,14 @@ def test_lesions_by_size_add_up_to_lesion_counts(a, b, conn):
     by_size = M.lesion_counts_by_size(a, b, (1.0, 2.0, 0.5), edges_mm3=(1.5, 4), connectivity=conn)
     for key, n in M.lesion_counts(a, b, conn).items():
         assert sum(c[key] for c in by_size) == n
+
+
+@settings(max_examples=30, deadline=None)
+@given(masks, masks)
+def test_case_metrics_from_given_size_counts_match_its_own(a, b):
+    spacing = (1.0, 2.0, 0.5)
+    given = M.case_metrics(a, b, spacing, counts_by_size=M.lesion_counts_by_size(a, b, spacing))
+    own = M.case_metrics(a, b, spacing)
+    assert given.keys() == own.keys()
+    for key, value in own.items():
+        assert given[key] == value or (isinstance(value, float) and math.isnan(value) and math.isnan(given[key]))
