@@ -14,7 +14,7 @@ Training batches (:func:`make_train_loader`) are built nnU-Net style:
   sits at a random offset in a zero canvas; a larger one is cropped at random, or, for a
   foreground sample, centred on a random lesion voxel with jitter of up to a quarter patch,
   which always keeps that voxel inside the crop;
-* augmentation (:func:`build_augmentation`) uses MONAI dictionary transforms, see there.
+* augmentation (:func:`mslpipe.augmentation.build_augmentation`) uses MONAI dictionary transforms.
 
 Determinism: every batch is seeded from ``(seed, epoch, batch index)`` alone, so a loader
 gives the same batches whatever ``num_workers`` is, and worker ``w`` of ``n`` makes the
@@ -40,13 +40,10 @@ from mslpipe import preprocess
 from mslpipe.errors import MslpipeError
 from mslpipe.io import read_json
 from mslpipe.metrics import label_lesions
-from mslpipe.plans import Augmentation, Plan
+from mslpipe.plans import Plan
 
 log = logging.getLogger(__name__)
 
-# std of batchgenerators' displacement field, gaussian_filter(U(-1, 1), sigma) * alpha, is
-# alpha * sqrt(1/3) / (2 sqrt(pi) sigma) in 2D: alpha * _ELASTIC_K / sigma pixels.
-_ELASTIC_K = 1.0 / (2.0 * math.sqrt(3.0 * math.pi))
 
 
 # ---------------------------------------------------------------------------- reading cases
@@ -100,97 +97,6 @@ def load_case_arrays(pre_dir: str | os.PathLike, case: str) -> tuple[np.ndarray,
     seg = _load_npy(pre_dir / f"{case}_seg.npy", mmap=False)
     _check_case(pre_dir, case, image, seg, props)
     return image.astype(np.float32, copy=False), seg.astype(np.float32, copy=False), props
-
-
-# ---------------------------------------------------------------------------- augmentation
-def elastic_parameters(aug: Augmentation) -> tuple[float, tuple[float, float]]:
-    """Translate nnU-Net's elastic (sigma, alpha) ranges into MONAI's Rand2DElastic terms.
-
-    batchgenerators smooths U(-1, 1) noise with a Gaussian of width ``sigma`` and scales it
-    by ``alpha``; MONAI draws N(0, 1) offsets on a control grid ``spacing`` pixels apart,
-    scales them by a magnitude and interpolates bicubically. A Gaussian-smoothed field
-    decorrelates over about ``2 sigma``, hence ``spacing = 2 * mean(sigma)``; the magnitude
-    range spans the displacement std ``alpha * K / sigma`` over both ranges
-    (``K = 1 / (2 sqrt(3 pi))``), e.g. (0.63, 2.7) px for the defaults.
-    """
-    s0, s1 = sorted(float(s) for s in aug.elastic_sigma)
-    a0, a1 = sorted(float(a) for a in aug.elastic_magnitude)
-    if s0 <= 0:
-        raise MslpipeError(f"invalid plan: elastic_sigma must be positive, got {aug.elastic_sigma}")
-    spacing = max(2.0, round(s0 + s1))
-    return spacing, (a0 * _ELASTIC_K / s1, a1 * _ELASTIC_K / s0)
-
-
-def build_augmentation(aug: Augmentation):
-    """Compose MONAI dictionary transforms over ``{"image": (C,H,W), "label": (1,H,W)}`` tensors.
-
-    Order as nnU-Net: spatial (rotate, zoom, elastic), then intensity on "image" only (noise,
-    blur, brightness, contrast, gamma), then mirroring. Choices:
-
-    * spatial transforms share their random draw across both keys; labels use **bilinear**
-      interpolation and stay soft (a convex combination of values in [0, 1] with zero
-      padding stays in [0, 1]; the loader clamps anyway). Padding is zeros, the value of
-      the background in the preprocessed data. RandZoom ``keep_size`` crops or zero-pads.
-    * Rand2DElasticd resamples even when it does not fire, so it sits in a ``OneOf`` with
-      ``Identityd`` weighted ``(p, 1 - p)`` and its own ``prob`` is 1.
-    * brightness: RandScaleIntensityd, ``v * (1 + f)`` with ``1 + f`` in ``brightness_range``.
-    * contrast: RandScaleIntensityFixedMeand, scaling around each channel's mean, clipped to
-      that channel's original range (``preserve_range``), as batchgenerators does.
-    * gamma: RandAdjustContrastd computes ``((x - min) / range) ** g * range + min``, i.e. it
-      rescales to [0, 1] and back internally, so it is safe on z-scored data; with
-      ``retain_stats`` the mean and std are restored (nnU-Net). Its min, range and stats span
-      all channels together, not each channel.
-    * noise: RandGaussianNoised with the std drawn from U(0, ``noise_std``) per sample.
-    * blur: RandGaussianSmoothd, sigma per axis drawn from ``blur_sigma``.
-    * low resolution: RandSimulateLowResolutiond (nnU-Net's SimulateLowResolutionTransform) on
-      "image": down by a zoom drawn from ``low_res_zoom`` with nearest neighbour, back up bilinearly;
-      after contrast, before gamma, as nnU-Net orders them. Off (``p_low_res`` 0) in older plans.
-    """
-    from monai.transforms import (
-        Compose,
-        Identityd,
-        OneOf,
-        Rand2DElasticd,
-        RandAdjustContrastd,
-        RandFlipd,
-        RandGaussianNoised,
-        RandGaussianSmoothd,
-        RandRotated,
-        RandScaleIntensityd,
-        RandScaleIntensityFixedMeand,
-        RandSimulateLowResolutiond,
-        RandZoomd,
-    )
-
-    keys = ["image", "label"]
-    spacing, magnitude = elastic_parameters(aug)
-    elastic = Rand2DElasticd(keys, spacing=spacing, magnitude_range=magnitude, prob=1.0,
-                             mode="bilinear", padding_mode="zeros")
-    if 0.0 < aug.p_elastic < 1.0:
-        elastic = OneOf([elastic, Identityd(keys)], weights=[aug.p_elastic, 1.0 - aug.p_elastic])
-    lo_b, hi_b = aug.brightness_range
-    lo_c, hi_c = aug.contrast_range
-    steps = [
-        RandRotated(keys, range_x=math.radians(aug.rotate_deg), prob=aug.p_rotate, keep_size=True,
-                    mode="bilinear", padding_mode="zeros"),
-        RandZoomd(keys, prob=aug.p_scale, min_zoom=min(aug.scale_range), max_zoom=max(aug.scale_range),
-                  mode="bilinear", padding_mode="constant", keep_size=True),
-        elastic if aug.p_elastic > 0 else None,
-        RandGaussianNoised("image", prob=aug.p_noise, std=aug.noise_std),
-        RandGaussianSmoothd("image", sigma_x=tuple(aug.blur_sigma), sigma_y=tuple(aug.blur_sigma),
-                            prob=aug.p_blur),
-        RandScaleIntensityd("image", factors=(lo_b - 1.0, hi_b - 1.0), prob=aug.p_brightness),
-        RandScaleIntensityFixedMeand("image", factors=(lo_c - 1.0, hi_c - 1.0), prob=aug.p_contrast,
-                                     fixed_mean=True, preserve_range=True, channel_wise=True),
-        RandSimulateLowResolutiond("image", prob=aug.p_low_res, downsample_mode="nearest", upsample_mode="bilinear",
-                                   zoom_range=tuple(aug.low_res_zoom)) if aug.p_low_res > 0 else None,
-        RandAdjustContrastd("image", prob=aug.p_gamma, gamma=tuple(aug.gamma_range), retain_stats=True),
-    ]
-    for axis in aug.mirror_axes:
-        if axis not in (0, 1):
-            raise MslpipeError(f"invalid plan: mirror_axes must be 0 or 1 for 2D slices, got {axis}")
-        steps.append(RandFlipd(keys, prob=0.5, spatial_axis=axis))
-    return Compose([s for s in steps if s is not None])
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -273,7 +179,9 @@ class SliceSampler(IterableDataset):
         if self.n_fg and not self.fg_cases.size:
             log.warning("no training case has lesion slices: foreground oversampling is off")
         if self.aug.enabled:
-            build_augmentation(self.aug)  # fail early on a bad plan, in the main process
+            from mslpipe import augmentation  # MONAI's transforms: imported when used
+
+            augmentation.build_augmentation(self.aug)  # fail early on a bad plan, in the main process
         self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._transform = None
 
@@ -342,7 +250,9 @@ class SliceSampler(IterableDataset):
         from monai.data import get_track_meta, set_track_meta
 
         if self._transform is None:
-            self._transform = build_augmentation(self.aug)
+            from mslpipe import augmentation
+
+            self._transform = augmentation.build_augmentation(self.aug)
         self._transform.set_random_state(seed=seed)
         track, threads = get_track_meta(), torch.get_num_threads()
         set_track_meta(False)  # plain tensors: no MetaTensor bookkeeping per sample

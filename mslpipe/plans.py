@@ -52,6 +52,10 @@ class Augmentation:
     # 0 here is what plans written before it mean; the planner sets plan.DEFAULT_P_LOW_RES.
     p_low_res: float = 0.0
     low_res_zoom: tuple[float, float] = (0.5, 1.0)
+    # A smooth shading of the brain (scanners without bias-field correction), mslpipe.augmentation.RandBrainBiasFieldd;
+    # 0 here is what plans written before it mean.
+    p_bias_field: float = 0.0
+    bias_field_coeff: tuple[float, float] = (0.0, 0.1)
     enabled: bool = True
 
 
@@ -135,6 +139,9 @@ class Plan:
             d.pop("foreground_sampling", None)
         if not d["augmentation"].get("p_low_res"):  # likewise
             d["augmentation"] = {k: v for k, v in d["augmentation"].items() if k not in ("p_low_res", "low_res_zoom")}
+        if not d["augmentation"].get("p_bias_field"):  # likewise
+            d["augmentation"] = {k: v for k, v in d["augmentation"].items()
+                                 if k not in ("p_bias_field", "bias_field_coeff")}
         blob = json.dumps(d, sort_keys=True, default=list).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -225,6 +232,9 @@ class Plan:
         need(0.0 <= aug.p_low_res <= 1.0, "augmentation p_low_res must lie in [0, 1]")
         need(len(aug.low_res_zoom) == 2 and 0.0 < min(aug.low_res_zoom) <= max(aug.low_res_zoom) <= 1.0,
              "augmentation low_res_zoom must be two zoom factors in (0, 1]")
+        need(0.0 <= aug.p_bias_field <= 1.0, "augmentation p_bias_field must lie in [0, 1]")
+        need(len(aug.bias_field_coeff) == 2 and 0.0 <= min(aug.bias_field_coeff) <= max(aug.bias_field_coeff) <= 1.0,
+             "augmentation bias_field_coeff must be two coefficients in [0, 1]")
         need(self.postprocessing.get("connectivity", 26) in (6, 18, 26), "connectivity must be 6, 18 or 26")
 
 

@@ -11,8 +11,6 @@ import torch
 
 from mslpipe import data_loading
 from mslpipe.data_loading import (
-    build_augmentation,
-    elastic_parameters,
     load_case_arrays,
     make_train_loader,
     open_case,
@@ -26,7 +24,7 @@ PATCH = 32
 SPATIAL_ONLY = dict(p_rotate=1.0, p_scale=1.0, p_elastic=1.0, p_brightness=0.0, p_contrast=0.0,
                     p_gamma=0.0, p_noise=0.0, p_blur=0.0)
 ALL_ON = dict(p_rotate=1.0, p_scale=1.0, p_elastic=1.0, p_brightness=1.0, p_contrast=1.0,
-              p_gamma=1.0, p_noise=1.0, p_blur=1.0, p_low_res=1.0)
+              p_gamma=1.0, p_noise=1.0, p_blur=1.0, p_low_res=1.0, p_bias_field=1.0)
 
 
 def write_case(pre, name, image, seg):
@@ -261,46 +259,6 @@ def test_all_augmentations_keep_labels_in_range(pre):
     for b in make_train_loader(pre, cases, make_plan(enabled=True, **ALL_ON), batches=3, seed=2):
         assert b["label"].min() >= 0.0 and b["label"].max() <= 1.0
         assert torch.isfinite(b["image"]).all()
-
-
-def test_gamma_on_z_scored_data_is_safe():
-    # RandAdjustContrast rescales to [0, 1] before the power and back, so negative values are fine
-    aug = Augmentation(**{**ALL_ON, "p_rotate": 0.0, "p_scale": 0.0, "p_elastic": 0.0, "p_noise": 0.0,
-                          "p_blur": 0.0, "p_brightness": 0.0, "p_contrast": 0.0, "p_low_res": 0.0}, mirror_axes=())
-    transform = build_augmentation(aug)
-    transform.set_random_state(seed=0)
-    image = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 16, 16)).astype(np.float32))
-    out = transform({"image": image.clone(), "label": torch.zeros(1, 16, 16)})["image"]
-    out = torch.as_tensor(out)
-    assert torch.isfinite(out).all() and not torch.equal(out, image)
-    assert abs(float(out.mean() - image.mean())) < 1e-4 and abs(float(out.std() - image.std())) < 1e-3
-
-
-def test_low_resolution_simulation_coarsens_the_image_only():
-    """p_low_res 1 with a fixed zoom of 0.5: 2×2 blocks go through one nearest-neighbour sample and back up
-    bilinearly, so fine detail is lost, the label is untouched; p_low_res 0 leaves the transform out."""
-    from monai.transforms import RandSimulateLowResolutiond
-
-    only = {k: 0.0 for k in ALL_ON}
-    aug = Augmentation(**{**only, "p_low_res": 1.0, "low_res_zoom": (0.5, 0.5)}, mirror_axes=())
-    transform = build_augmentation(aug)
-    assert any(isinstance(t, RandSimulateLowResolutiond) for t in transform.transforms)
-    transform.set_random_state(seed=0)
-    checker = (np.indices((3, 32, 32)).sum(0) % 2).astype(np.float32)  # finest possible detail
-    label = torch.from_numpy((np.random.default_rng(0).random((1, 32, 32)) > 0.5).astype(np.float32))
-    out = transform({"image": torch.from_numpy(checker), "label": label.clone()})
-    image = torch.as_tensor(out["image"])
-    assert image.shape == (3, 32, 32) and torch.equal(torch.as_tensor(out["label"]), label)
-    assert float(image.std(dim=(1, 2)).max()) < 0.25 < float(checker[0].std())  # each slice's checkerboard is gone
-    off = build_augmentation(Augmentation(**only, mirror_axes=()))
-    assert not any(isinstance(t, RandSimulateLowResolutiond) for t in off.transforms)
-
-
-def test_elastic_parameters_and_bad_mirror_axes():
-    spacing, (lo, hi) = elastic_parameters(Augmentation())
-    assert spacing == 22 and 0.5 < lo < hi < 3.0
-    with pytest.raises(MslpipeError, match="mirror_axes"):
-        build_augmentation(Augmentation(mirror_axes=(2,)))
 
 
 # ---------------------------------------------------------------------------- determinism, workers

@@ -56,7 +56,7 @@ def test_plans_written_before_context_slices_keep_their_hash(tmp_path):
     old = _plan().finalised().to_dict()
     del old["foreground_sampling"]  # added later than all of these
     del old["context_slices"], old["ema_half_life"], old["brain_ml_range"]
-    for key in ("p_low_res", "low_res_zoom"):  # added later still
+    for key in ("p_low_res", "low_res_zoom", "p_bias_field", "bias_field_coeff"):  # added later still
         del old["augmentation"][key]
     # the hash as mslpipe computed it before the field existed
     body = {k: v for k, v in old.items() if k not in ("hash", "mslpipe_version")}
@@ -77,7 +77,7 @@ def test_plans_written_before_low_res_augmentation_keep_their_hash(tmp_path):
     old = _plan().finalised().to_dict()
     del old["foreground_sampling"]  # added later than all of these
     del old["ema_half_life"], old["brain_ml_range"]  # added later still
-    for key in ("p_low_res", "low_res_zoom"):
+    for key in ("p_low_res", "low_res_zoom", "p_bias_field", "bias_field_coeff"):
         del old["augmentation"][key]
     body = {k: v for k, v in old.items() if k not in ("hash", "mslpipe_version", "context_slices")}
     old["hash"] = hashlib.sha256(json.dumps(body, sort_keys=True, default=list).encode()).hexdigest()[:16]
@@ -97,7 +97,8 @@ def test_plans_written_before_weight_averaging_keep_their_hash(tmp_path):
     del old["foreground_sampling"]  # added later than all of these
     del old["ema_half_life"], old["brain_ml_range"]
     body = {k: v for k, v in old.items() if k not in ("hash", "mslpipe_version", "context_slices")}
-    body["augmentation"] = {k: v for k, v in body["augmentation"].items() if k not in ("p_low_res", "low_res_zoom")}
+    body["augmentation"] = {k: v for k, v in body["augmentation"].items()
+                            if k not in ("p_low_res", "low_res_zoom", "p_bias_field", "bias_field_coeff")}
     old["hash"] = hashlib.sha256(json.dumps(body, sort_keys=True, default=list).encode()).hexdigest()[:16]
     path = tmp_path / "old.json"
     path.write_text(json.dumps(old))
@@ -118,6 +119,22 @@ def test_plans_written_before_lesion_sampling_keep_their_hash(tmp_path):
     assert loaded.foreground_sampling == "slice" and loaded.hash == plan.hash
     on = apply_overrides(loaded, {"foreground_sampling": "lesion"})
     assert on.hash != loaded.hash and on.foreground_sampling == "lesion"
+
+
+def test_plans_written_before_bias_field_augmentation_keep_their_hash(tmp_path):
+    """Plans saved before p_bias_field existed load with it off, hash intact; turning it on re-hashes."""
+    plan = _plan().finalised()
+    old = plan.to_dict()
+    for key in ("p_bias_field", "bias_field_coeff"):
+        del old["augmentation"][key]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    loaded = load_plan(path)
+    assert loaded.augmentation.p_bias_field == 0.0 and loaded.hash == plan.hash
+    on = apply_overrides(loaded, {"augmentation": dataclasses.replace(loaded.augmentation, p_bias_field=0.3)})
+    assert on.hash != loaded.hash and on.augmentation.p_bias_field == 0.3
+    wider = apply_overrides(on, {"augmentation": dataclasses.replace(on.augmentation, bias_field_coeff=(0.0, 0.2))})
+    assert wider.hash != on.hash
 
 
 def test_brain_volume_range_is_quality_control_only(tmp_path):
@@ -142,8 +159,10 @@ def test_invalid_ema_half_life_is_refused(tmp_path, value):
 
 
 @pytest.mark.parametrize("change", [{"p_low_res": 1.5}, {"p_low_res": -0.1}, {"low_res_zoom": [0.0, 1.0]},
-                                    {"low_res_zoom": [0.5, 1.5]}, {"low_res_zoom": [0.5]}])
-def test_invalid_low_res_augmentation_is_refused(tmp_path, change):
+                                    {"low_res_zoom": [0.5, 1.5]}, {"low_res_zoom": [0.5]}, {"p_bias_field": 1.5},
+                                    {"p_bias_field": -0.2}, {"bias_field_coeff": [-0.1, 0.1]},
+                                    {"bias_field_coeff": [0.0, 2.0]}, {"bias_field_coeff": [0.1]}])
+def test_invalid_low_res_or_bias_field_augmentation_is_refused(tmp_path, change):
     path = _saved(tmp_path)
     d = json.loads(path.read_text())
     _edit(path, augmentation={**d["augmentation"], **change}, hash="")

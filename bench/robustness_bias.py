@@ -1,0 +1,128 @@
+"""Robustness to intensity non-uniformity: the CPU plan trained with and without the brain bias-field augmentation.
+
+Scans from other scanners often come without bias-field correction: a smooth shading across the brain that the
+real data here (corrected by its curators) does not have. This trains every fold of ../shared/data/real-ms-isbi
+(leave one subject out, plan seeds as given) twice, once with the default plan (``p_bias_field`` 0; these runs are
+`bench/lesion_sizes.py`'s when the same ``--work`` folder is given) and once with ``augmentation.p_bias_field``
+set (:class:`mslpipe.augmentation.RandBrainBiasFieldd`), everything else equal. Each fold's final model then
+segments its validation scans as acquired and shaded by fixed smooth fields applied to the **raw** scan before
+mslpipe's own preprocessing (so the normalisation sees the shading, as it would on a new scanner's scan):
+
+* ``ramp ±20%``: a left-to-right ramp from 0.8 to 1.2 across the brain's bounding box;
+* ``ramp ±40%``: the same from 0.6 to 1.4;
+* ``centre +20%``: brighter in the centre (1.2) than at the box's corners (0.8), a quadratic fall-off, as 3 T
+  scanners' dielectric effect shades FLAIR.
+
+A field multiplies the signal above the scan's darkest brain intensity (its 0.5th brain percentile), which stands
+for no signal: the real scans do not all have a zero background. Volume Dice and lesion F1 of the final checkpoint,
+one pass, threshold 0.5, no postprocessing, against the expert mask on the preprocessed grid. Writes its section
+of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mslpipe import datasets, inference, metrics, preprocess  # noqa: E402
+from mslpipe.io import read_json  # noqa: E402
+from mslpipe.plans import Augmentation, load_plan  # noqa: E402
+from results import fold_arguments, real_data_path, real_data_work, table, trained_folds, write_section  # noqa: E402
+
+
+def _box_coordinates(image: np.ndarray) -> list[np.ndarray]:
+    """Per axis, the voxel coordinate scaled to [-1, 1] over the brain's bounding box (beyond it outside)."""
+    box = preprocess.bounding_box(preprocess.brain_mask(image), 0)
+    return [np.linspace(-1 - 2 * a / max(b - a - 1, 1), 1 + 2 * (n - b) / max(b - a - 1, 1), n)
+            for (a, b), n in zip(box, image.shape, strict=True)]
+
+
+def ramp(strength: float):
+    def field(image: np.ndarray) -> np.ndarray:
+        x = _box_coordinates(image)[0]
+        return np.broadcast_to((1 + strength * x)[:, None, None], image.shape)
+    return field
+
+
+def centre(strength: float):
+    def field(image: np.ndarray) -> np.ndarray:
+        u = np.meshgrid(*_box_coordinates(image), indexing="ij", sparse=True)
+        return 1 + strength - 2 * strength * (u[0] ** 2 + u[1] ** 2 + u[2] ** 2) / 3
+    return field
+
+
+FIELDS = {"as acquired": None, "ramp ±20%": ramp(0.2), "ramp ±40%": ramp(0.4), "centre +20%": centre(0.2)}
+
+
+def shade(image: np.ndarray, field) -> np.ndarray:
+    """The raw scan times a smooth field, above its darkest brain intensity (never below 0.05 of the field)."""
+    if field is None:
+        return image
+    lo = float(np.percentile(image[preprocess.brain_mask(image)], 0.5))
+    return ((image - lo) * np.clip(field(image), 0.05, None) + lo).astype(np.float32)
+
+
+def score_folds(args, work: Path, overrides: dict | None, raw: dict[str, datasets.Case]) -> dict:
+    """{field: [(volume Dice, lesion F1) per validation scan]} over every seed and fold, and the scans' names."""
+    scores, scans, net = {name: [] for name in FIELDS}, [], None
+    for seed, fold, _, fold_dir in trained_folds(args, work, overrides):
+        predictor = inference.load_predictor([fold_dir / "checkpoint_final.pt"], device="cpu")
+        p = predictor.plan
+        net = p.arch_kwargs
+        for case in read_json(fold_dir / "run.json")["val"]:
+            channels, affine, masks = preprocess.load_case(raw[case])
+            for name, field in FIELDS.items():
+                image, label, _ = preprocess.preprocess_volume([shade(c, field) for c in channels], affine, p, masks)
+                prob = inference.predict_volume(predictor.models, image, divisor=predictor.divisor, device="cpu",
+                                                batch_size=p.inference_batch_size, context=p.context_slices)
+                pred, ref = prob >= 0.5, label >= 0.5
+                scores[name].append((float(metrics.dice(pred, ref)), float(metrics.lesion_f1(pred, ref))))
+            scans.append(f"{case} (seed {seed}, fold {fold})")
+            print(f"{fold_dir}: {case} " + ", ".join(f"{k} {v[-1][0]:.3f}" for k, v in scores.items()), flush=True)
+    return {"scores": scores, "scans": scans, "net": net, "p": load_plan(fold_dir / "plan.json").augmentation}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fold_arguments(ap, several_seeds=True)
+    ap.add_argument("--p-bias-field", type=float, default=0.3, help="the second arm's p_bias_field [0.3]")
+    args = ap.parse_args()
+    work = real_data_work(args.work, "mslpipe-bias-")
+    raw = {c.id: c for c in datasets.discover(real_data_path())}
+    on = {"augmentation": dataclasses.replace(Augmentation(), p_bias_field=args.p_bias_field)}
+    runs = {"without": score_folds(args, work, None, raw),
+            f"p_bias_field {args.p_bias_field:g}": score_folds(args, work / "bias_field", on, raw)}
+    rows = []
+    for arm, r in runs.items():
+        clean = np.mean(r["scores"]["as acquired"], axis=0)
+        cells = []
+        for name, per_scan in r["scores"].items():
+            d, f = np.mean(per_scan, axis=0)
+            cells.append(f"{d:.3f} / {f:.3f}" + ("" if name == "as acquired" else f" ({d - clean[0]:+.3f})"))
+        rows.append([arm, *cells])
+    base, other = runs.values()
+    wins = [sum(b[0] < o[0] for b, o in zip(base["scores"][k], other["scores"][k], strict=True)) for k in FIELDS]
+    aug = other["p"]
+    body = (f"CPU plan (leaky_unet {base['net']}), {args.epochs} epochs × {args.iterations} iterations per fold, folds "
+            f"by subject (leave one subject out), plan seed(s) {args.seeds}; the arms differ only in "
+            f"`augmentation.p_bias_field` (0, and {aug.p_bias_field:g} with coefficients "
+            f"{list(aug.bias_field_coeff)}). "
+            "Each fold's final model on its validation scans, as acquired and shaded by a fixed smooth field on the "
+            "raw scan before preprocessing (see `bench/robustness_bias.py`); one pass, threshold 0.5, no "
+            f"postprocessing, against the expert mask. {len(base['scans'])} scans: {', '.join(base['scans'])}.\n\n"
+            "Cells: volume Dice / lesion F1, mean over the scans (in brackets the Dice change from the same models "
+            "on the scans as acquired).\n\n"
+            + table(["arm", *FIELDS], rows)
+            + "\n\nScans on which the augmented arm's Dice is higher: "
+            + ", ".join(f"{k} {w} of {len(base['scans'])}" for k, w in zip(FIELDS, wins, strict=True)) + ".")
+    print(body)
+    write_section("robustness_bias", "Robustness to intensity non-uniformity (CPU plan, real data)", body)
+
+
+if __name__ == "__main__":
+    main()
