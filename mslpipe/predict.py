@@ -101,6 +101,19 @@ def find_checkpoints(dirs: Workdirs, dataset: str, arch: str, folds: list[int] |
     return paths
 
 
+def planned_channels_beside(checkpoint: list[Path]) -> list[str] | None:
+    """The channels of the plan a training run wrote beside the first checkpoint (``fold_K/plan.json``), so that the
+    scans are found before torch and the models load; None when there is none to read. A missing checkpoint is
+    refused here too, for the same reason."""
+    for path in checkpoint:
+        if not Path(path).is_file():
+            raise MslpipeError("checkpoint not found" if not Path(path).exists() else "checkpoint is not a file", path)
+    try:
+        return load_plan(Path(checkpoint[0]).parent / "plan.json").channels
+    except MslpipeError:  # no plan beside it, or one that does not load: the checkpoint's own plan decides
+        return None
+
+
 def postprocessing_for(dirs: Workdirs, dataset: str | None, arch: str) -> dict | None:
     if dataset is None:
         return None
@@ -236,6 +249,10 @@ def run(inp: Path, out: Path, *, dirs: Workdirs, dataset: str | None = None, arc
         plan = load_plan(plan_file)  # it names the channels: the scans too are found before the models load
         arch, planned_channels = arch or plan.architecture, plan.channels
         sources = gather_sources(inp, planned_channels, dirs, dataset)
+    elif onnx is None and checkpoint:
+        planned_channels = planned_channels_beside(checkpoint)
+        if planned_channels is not None:
+            sources = gather_sources(inp, planned_channels, dirs, dataset)
     if onnx is not None:
         from mslpipe import onnx_inference
 

@@ -47,6 +47,15 @@ def from_canonical(data: np.ndarray, ornt: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- brain and intensities
+def bright_voxels(image: np.ndarray, fraction: float = 0.05) -> np.ndarray:
+    """Voxels above ``fraction`` of the positive voxels' 99.5th percentile (none when no voxel is positive): the
+    threshold of :func:`brain_mask`, before its morphology."""
+    positive = image[image > 0]
+    if positive.size == 0:
+        return np.zeros(image.shape, dtype=bool)
+    return image > fraction * float(np.percentile(positive, 99.5))
+
+
 def brain_mask(image: np.ndarray, fraction: float = 0.05) -> np.ndarray:
     """Voxels of the head/brain: above a small fraction of the bright end, holes filled.
 
@@ -55,11 +64,7 @@ def brain_mask(image: np.ndarray, fraction: float = 0.05) -> np.ndarray:
     thresholded voxels' bounding box (plus a margin of 2), which gives the same mask as on the whole
     volume: outside the box everything is background and connected to the volume's border.
     """
-    positive = image[image > 0]
-    if positive.size == 0:
-        return np.zeros(image.shape, dtype=bool)
-    threshold = fraction * float(np.percentile(positive, 99.5))
-    full = image > threshold
+    full = bright_voxels(image, fraction)
     out = np.zeros(image.shape, dtype=bool)
     if not full.any():
         return out

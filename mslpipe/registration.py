@@ -23,6 +23,7 @@ import numpy as np
 
 from mslpipe.errors import MslpipeError
 from mslpipe.io import atomic_path, numpy_to_sitk
+from mslpipe.preprocess import bright_voxels
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,6 @@ class Rigid:
                 "correlation_after": round(self.correlation_after, 4), "mattes_mi": round(self.metric, 5)}
 
 
-def _brain(image: np.ndarray) -> np.ndarray:
-    positive = image[image > 0]
-    if positive.size == 0:
-        return np.zeros(image.shape, dtype=bool)
-    return image > 0.05 * float(np.percentile(positive, 99.5))
-
-
 def _correlation(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
     x, y = a[where].astype(np.float64), b[where].astype(np.float64)
     if x.size < 2 or x.std() == 0 or y.std() == 0:
@@ -69,7 +63,7 @@ def register_rigid(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarr
     import SimpleITK as sitk
 
     f_img, m_img = numpy_to_sitk(fixed, fixed_affine), numpy_to_sitk(moving, moving_affine)
-    if not (_brain(fixed).any() and _brain(moving).any()):
+    if not (bright_voxels(fixed).any() and bright_voxels(moving).any()):
         raise MslpipeError("cannot register an empty scan (no positive voxels)", where)
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
@@ -93,7 +87,7 @@ def register_rigid(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarr
     inner = transform.GetNthTransform(0) if transform.GetName() == "CompositeTransform" else transform
     euler = sitk.Euler3DTransform(inner)
     params = euler.GetParameters()
-    brain = _brain(fixed)
+    brain = bright_voxels(fixed)
     before = _resample(moving, moving_affine, fixed.shape, fixed_affine, sitk.Transform(), linear=True)
     after = _resample(moving, moving_affine, fixed.shape, fixed_affine, euler, linear=True)
     result = Rigid(euler, tuple(math.degrees(v) for v in params[:3]), tuple(float(v) for v in params[3:]),

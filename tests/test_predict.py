@@ -148,6 +148,30 @@ def test_with_a_dataset_the_scans_are_found_before_the_models_load(trained, tmp_
         predict.run(tmp_path / "empty", tmp_path / "out", dirs=d, dataset="syn", device="cpu")
 
 
+def test_with_a_checkpoint_the_scans_and_the_files_are_checked_before_the_models_load(model, tmp_path, monkeypatch):
+    """A checkpoint whose training run left plan.json beside it: an empty input folder, or a second checkpoint that
+    is missing, is said without loading any model; without that plan the models load first, as before."""
+
+    (tmp_path / "empty").mkdir()
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("models loaded before the input was looked at")
+
+    assert (model.parent / "plan.json").exists()
+    monkeypatch.setattr(inference, "load_predictor", no_loading)
+    with pytest.raises(MslpipeError, match="no NIfTI files"):
+        predict.run(tmp_path / "empty", tmp_path / "out", dirs=None, checkpoint=[model], device="cpu")
+    with pytest.raises(MslpipeError, match="checkpoint not found") as info:
+        predict.run(tmp_path / "empty", tmp_path / "out", dirs=None, checkpoint=[model, tmp_path / "y.pt"],
+                    device="cpu")
+    assert "y.pt" in str(info.value)
+    alone = tmp_path / "alone" / "w.pt"
+    alone.parent.mkdir()
+    shutil.copy(model, alone)
+    with pytest.raises(AssertionError, match="models loaded"):
+        predict.run(tmp_path / "empty", tmp_path / "out", dirs=None, checkpoint=[alone], device="cpu")
+
+
 def test_unsafe_output_names_are_refused(model, scan, tmp_path):
     data, affine = scan
     inp = tmp_path / "in"
