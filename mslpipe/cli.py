@@ -159,18 +159,10 @@ def train(
 ) -> None:
     """Train a fold of the plan's network (checkpoints, log.csv and curve.png in results/)."""
     from mslpipe import train as train_mod
-    from mslpipe.io import read_json
+    from mslpipe import workflow
 
     dirs = _dirs()
-    if fold == "all":
-        folds: list[int | str] = list(range(len(read_json(dirs.plan_dir(dataset) / "splits.json")["folds"])))
-    elif fold == "final":
-        folds = ["final"]
-    elif fold.isdigit():
-        folds = [int(fold)]
-    else:
-        raise MslpipeError(f"--fold must be a number, 'all' or 'final', not {fold!r}")
-    for k in folds:
+    for k in workflow.train_folds(dataset, dirs, fold):
         result = train_mod.run(dataset, dirs, k, arch=arch, epochs=epochs, lr=lr, batch_size=batch_size,
                                iterations=iterations, device=device, compile=compile, resume=resume,
                                num_workers=workers, ema_half_life=ema_half_life, minutes=minutes)
@@ -250,36 +242,20 @@ def evaluate_cmd(
 ) -> None:
     """Dice, IoU, lesion-wise TPR/FPR/F1, volume difference, HD95, ISBI score."""
     from mslpipe import evaluate as evaluate_mod
-    from mslpipe.tables import format_table
+    from mslpipe import tables
 
     if pred is not None or ref is not None:
         if pred is None or ref is None:
             raise MslpipeError("--pred and --ref go together")
         summary = evaluate_mod.run_folders(pred, ref, output)
-        _echo(format_table(summary))
+        _echo(tables.format_table(summary))
         return
     if dataset is None:
         raise MslpipeError("give -d NAME, or --pred DIR --ref DIR")
     from mslpipe import workflow
 
     summary = workflow.evaluate_dataset(dataset, _dirs(), arch=arch, device=device, report=qc_report)
-    _echo(_summary_text(summary))
-
-
-def _summary_text(summary: dict) -> str:
-    from mslpipe.tables import format_table
-
-    folds, planned = summary.get("folds", []), summary.get("n_folds_planned")
-    head = "Cross-validation (out-of-fold)"
-    if planned and len(folds) < planned:  # the untrained folds' validation scans are in no row
-        head += (f": {len(folds)} of {planned} folds trained ({', '.join(folds)}); the other folds' validation "
-                 "scans are not scored")
-    parts = [head, format_table(summary)]
-    if "test" in summary:
-        parts += ["Held-out test subjects (fold ensemble)", format_table(summary["test"])]
-    pp = summary["postprocessing"]
-    parts.append(f"minimum lesion size chosen on cross-validation: {pp['min_lesion_mm3']} mm³")
-    return "\n".join(parts)
+    _echo(tables.summary_text(summary))
 
 
 @app.command()
@@ -288,10 +264,10 @@ def demo(
     subjects: int = 10, epochs: int = 20, iterations: int = 30, seed: int = 0, device: Device = "auto",
 ) -> None:
     """End to end on synthetic data: synth → plan → train fold 0 → predict test split → evaluate."""
-    from mslpipe import workflow
+    from mslpipe import tables, workflow
 
     result = workflow.demo(out, subjects=subjects, epochs=epochs, iterations=iterations, seed=seed, device=device)
-    _echo(_summary_text(result["summary"]))
+    _echo(tables.summary_text(result["summary"]))
     test = result["summary"].get("test", {})
     _echo(f"demo done in {out}: test-subject volume Dice {test.get('mean', {}).get('dice', float('nan')):.3f}")
 
@@ -317,7 +293,7 @@ def compare(
     device: Device = "auto",
 ) -> None:
     """Longitudinal change: new, enlarging, stable, shrinking and disappeared lesions (mask, CSV, JSON)."""
-    from mslpipe import workflow
+    from mslpipe import tables, workflow
 
     thresholds = {"min_growth_fraction": min_growth_percent / 100.0, "min_growth_mm3": min_growth_mm3}
     if subject is not None:
@@ -325,24 +301,17 @@ def compare(
             raise MslpipeError("--subject goes with -d NAME and no BASELINE FOLLOWUP files")
         pairs = workflow.compare_subject(dataset, subject, output, dirs=_dirs(), pred=pred, **thresholds)
         for p in pairs:
-            _echo(f"{p['baseline_case']} → {p['followup_case']}: {_counts_text(p['counts'])}, "
+            _echo(f"{p['baseline_case']} → {p['followup_case']}: {tables.counts_text(p['counts'])}, "
                   f"volume {p['volume_change_ml']:+.3f} mL → {output / p['folder']}")
         return
     if not scans or len(scans) != 2:
         raise MslpipeError("give two files, BASELINE FOLLOWUP, or -d NAME --subject S")
     change = workflow.compare_scans(scans[0], scans[1], output, dirs=_dirs(), dataset=dataset,
                                     checkpoint=checkpoint, device=device, register=register, **thresholds)
-    reg = change.summary.get("registration")
-    if reg:
-        _echo(f"registered the follow-up to the baseline: rotation {reg['rotation_deg']} deg, translation "
-              f"{reg['translation_mm']} mm, brain correlation {reg['correlation_before']:.2f} → "
-              f"{reg['correlation_after']:.2f}")
-    _echo(f"{_counts_text(change.summary['counts'])}, volume {change.summary['volume_change_ml']:+.3f} mL "
+    if change.summary.get("registration"):
+        _echo(tables.registration_text(change.summary["registration"]))
+    _echo(f"{tables.counts_text(change.summary['counts'])}, volume {change.summary['volume_change_ml']:+.3f} mL "
           f"→ {output}")
-
-
-def _counts_text(counts: dict) -> str:
-    return ", ".join(f"{n} {name}" for name, n in counts.items())
 
 
 @app.command()

@@ -1,6 +1,7 @@
-"""Plain-text tables of an evaluation summary (:func:`mslpipe.evaluate.score_pairs`) for the console.
+"""Plain text for the console: an evaluation summary's tables (:func:`mslpipe.evaluate.score_pairs`), and the
+lines of ``compare``.
 
-Presentation only: it reads the summary dict and imports nothing from the project.
+Presentation only: it reads the summaries' dicts and imports nothing from the project.
 """
 
 from __future__ import annotations
@@ -74,3 +75,30 @@ def format_table(summary: dict, width: int = 140) -> str:
         line += (f"\nnot scored: {len(left)} labelled case(s) of the reference dataset, not predicted "
                  f"({name_list(left)})")
     return buffer.getvalue() + line + "\n"
+
+
+def summary_text(summary: dict) -> str:
+    """`evaluate -d` and the demo: the cross-validation table, the held-out test table and the chosen lesion size."""
+    folds, planned = summary.get("folds", []), summary.get("n_folds_planned")
+    head = "Cross-validation (out-of-fold)"
+    if planned and len(folds) < planned:  # the untrained folds' validation scans are in no row
+        head += (f": {len(folds)} of {planned} folds trained ({', '.join(folds)}); the other folds' validation "
+                 "scans are not scored")
+    parts = [head, format_table(summary)]
+    if "test" in summary:
+        parts += ["Held-out test subjects (fold ensemble)", format_table(summary["test"])]
+    pp = summary["postprocessing"]
+    parts.append(f"minimum lesion size chosen on cross-validation: {pp['min_lesion_mm3']} mm³")
+    return "\n".join(parts)
+
+
+def counts_text(counts: dict) -> str:
+    """``compare``'s lesion counts by kind: "2 new, 1 enlarging, ..."."""
+    return ", ".join(f"{n} {name}" for name, n in counts.items())
+
+
+def registration_text(reg: dict) -> str:
+    """``compare --register``'s line on the rigid alignment it found."""
+    return (f"registered the follow-up to the baseline: rotation {reg['rotation_deg']} deg, translation "
+            f"{reg['translation_mm']} mm, brain correlation {reg['correlation_before']:.2f} → "
+            f"{reg['correlation_after']:.2f}")

@@ -22,6 +22,17 @@ from mslpipe.plans import Workdirs, load_plan
 log = logging.getLogger(__name__)
 
 
+def train_folds(dataset: str, dirs: Workdirs, fold: str) -> list[int | str]:
+    """``train --fold``: a fold number, ``all`` (every fold of the plan's splits) or ``final``."""
+    if fold == "all":
+        return list(range(len(read_json(dirs.plan_dir(dataset) / "splits.json")["folds"])))
+    if fold == "final":
+        return ["final"]
+    if fold.isdigit():
+        return [int(fold)]
+    raise MslpipeError(f"--fold must be a number, 'all' or 'final', not {fold!r}")
+
+
 def evaluate_dataset(name: str, dirs: Workdirs, arch: str | None = None, device: str = "auto",
                      candidates_mm3=(0, 3, 5, 10, 20), report: bool = False) -> dict[str, Any]:
     """Score out-of-fold predictions (cross-validation) and the fold ensemble on the test split.

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
-from mslpipe import workflow
+import pytest
+
+from mslpipe import tables, workflow
+from mslpipe.errors import MslpipeError
 
 
 def test_evaluate_dataset(trained, planned):
@@ -17,9 +20,7 @@ def test_evaluate_dataset(trained, planned):
     # with one fold of several trained, the command's table says so: the other folds' scans are in no row
     n_folds = len(planned[1]["splits"]["folds"])
     assert n_folds > 1 and written["n_folds_planned"] == n_folds
-    from mslpipe import cli
-
-    assert cli._summary_text(summary).startswith(f"Cross-validation (out-of-fold): 1 of {n_folds} folds "
+    assert tables.summary_text(summary).startswith(f"Cross-validation (out-of-fold): 1 of {n_folds} folds "
                                                            "trained (fold_0); the other folds' validation scans")
     val_subjects = set(planned[1]["splits"]["folds"][0]["val"])
     assert {r["case"].split("_")[0] for r in written["per_case"]} == val_subjects
@@ -62,3 +63,14 @@ def test_evaluate_scores_a_datasets_own_labelled_test_cases(planned, tmp_path):
     scored = {r["case"] for r in summary["test"]["per_case"]}
     held_out = {c["case"] for c in planned2["fingerprint"]["cases"] if c["subject"] in planned2["splits"]["test"]}
     assert scored == set(test_cases) | held_out
+
+
+def test_train_folds_by_number_all_or_final(planned):
+    d = planned[0]
+    n_folds = len(planned[1]["splits"]["folds"])
+    assert workflow.train_folds("syn", d, "all") == list(range(n_folds))
+    assert workflow.train_folds("syn", d, "3") == [3] and workflow.train_folds("syn", d, "final") == ["final"]
+    for bad in ("-1", "one", "0,1"):
+        with pytest.raises(MslpipeError, match="--fold must be a number, 'all' or 'final'"):
+            workflow.train_folds("syn", d, bad)
+
