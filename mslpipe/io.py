@@ -22,6 +22,7 @@ from mslpipe.errors import MslpipeError
 log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+PROBABILITY_DIR = "probabilities"  # predict --save-probabilities: OUT/probabilities/<case>.nii.gz
 
 
 def _current_umask() -> int:
@@ -206,6 +207,20 @@ def load_mask(
     if like_affine is not None and not np.allclose(affine, like_affine, atol=atol):
         raise MslpipeError("mask affine differs from its image's (not on the same grid)", path)
     return data.astype(np.uint8)
+
+
+def saved_probability(mask_path: str | os.PathLike, like_shape: tuple[int, ...]) -> np.ndarray | None:
+    """The lesion probability map that ``predict --save-probabilities`` wrote beside the mask ``OUT/<case>.nii.gz``
+    (``OUT/probabilities/<case>.nii.gz``), or None when there is none; one that does not fit is refused."""
+    saved = Path(mask_path).parent / PROBABILITY_DIR / Path(mask_path).name
+    if not saved.is_file():
+        return None
+    probability = load_image(saved)[0]
+    if probability.shape != tuple(like_shape):
+        raise MslpipeError(f"probabilities of shape {probability.shape} for a mask of shape {tuple(like_shape)}", saved)
+    if not (np.isfinite(probability).all() and probability.min() >= 0.0 and probability.max() <= 1.0):
+        raise MslpipeError("not a probability map (values outside [0, 1])", saved)
+    return probability
 
 
 def save_nifti(

@@ -24,6 +24,10 @@ Change mask labels (uint8 NIfTI on the follow-up's grid)::
 
     0 background, 1 stable, 2 enlarging, 3 new, 4 shrinking, 5 disappeared (baseline voxels)
 
+Where the masks come with the probability maps they were thresholded from (``predict --save-probabilities``,
+which ``compare`` asks for when it segments two images), every lesion's row carries its ``mean_probability``:
+a new lesion near 0.5 is the first to doubt.
+
 The two masks must share one grid (same shape, affines equal within 1e-3). Two FLAIR images from two
 visits are aligned first by ``compare --register`` (:mod:`mslpipe.registration`, rigid), which compares the
 follow-up's mask on the baseline grid.
@@ -49,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from mslpipe.errors import MslpipeError
-from mslpipe.io import atomic_write_text, load_image, save_nifti, write_json
+from mslpipe.io import atomic_write_text, load_image, save_nifti, saved_probability, write_json
 from mslpipe.metrics import label_lesions
 from mslpipe.postprocess import lesion_table
 
@@ -63,7 +67,8 @@ DEFAULT_MIN_GROWTH_MM3 = 10.0
 GEOMETRY_ATOL = 1e-3
 CSV_COLUMNS = ("lesion", "status", "scan", "baseline_lesions", "followup_lesions", "n_voxels",
                "volume_baseline_mm3", "volume_followup_mm3", "change_mm3", "change_percent",
-               "centroid_i", "centroid_j", "centroid_k", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm")
+               "centroid_i", "centroid_j", "centroid_k", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
+               "mean_probability")
 
 
 @dataclass
@@ -144,17 +149,22 @@ def _row(table_row: dict, status: int, scan: str, base_ids, follow_ids, v0: floa
         "change_percent": 100.0 * change / v0 if v0 > 0 else None,
         "centroid_voxel": table_row["centroid_voxel"],
         "centroid_mm": table_row["centroid_mm"],
+        "mean_probability": table_row.get("mean_probability"),
     }
 
 
 def compare_masks(baseline: np.ndarray, followup: np.ndarray, affine: np.ndarray, *,
                   min_growth_fraction: float = DEFAULT_MIN_GROWTH_FRACTION,
                   min_growth_mm3: float = DEFAULT_MIN_GROWTH_MM3, connectivity: int = 26,
-                  mark_disappeared: bool = True) -> Change:
+                  mark_disappeared: bool = True,
+                  probabilities: tuple[np.ndarray | None, np.ndarray | None] = (None, None)) -> Change:
     """Classify every follow-up lesion and find the baseline lesions that disappeared.
 
     ``baseline`` and ``followup`` are masks on one grid (non-zero is lesion); ``affine`` gives the voxel
-    volume and the world coordinates of the centroids.
+    volume and the world coordinates of the centroids. ``probabilities``: the lesion probability maps the masks
+    were thresholded from (baseline, follow-up; either may be None): each row then has its lesion's
+    ``mean_probability`` on its own scan (the follow-up's for its lesions, the baseline's for disappeared ones),
+    else None.
     """
     _check_thresholds(min_growth_fraction, min_growth_mm3)
     base = np.asarray(baseline) != 0
@@ -165,8 +175,11 @@ def compare_masks(baseline: np.ndarray, followup: np.ndarray, affine: np.ndarray
     voxel_mm3 = abs(float(np.linalg.det(affine[:3, :3])))
     base_labels, n_base = label_lesions(base, connectivity)
     follow_labels, n_follow = label_lesions(follow, connectivity)
-    base_table = lesion_table(base, affine, connectivity)
-    follow_table = lesion_table(follow, affine, connectivity)
+    try:
+        base_table = lesion_table(base, affine, connectivity, probability=probabilities[0])
+        follow_table = lesion_table(follow, affine, connectivity, probability=probabilities[1])
+    except ValueError as exc:  # a probability map on another grid
+        raise MslpipeError(str(exc)) from exc
     base_vol = np.array([0.0] + [r["volume_mm3"] for r in base_table])
 
     # every (follow-up lesion, baseline lesion) pair that shares at least one voxel
@@ -214,6 +227,7 @@ def compare_masks(baseline: np.ndarray, followup: np.ndarray, affine: np.ndarray
                        "rule": "enlarging if change >= min_growth_mm3 and change >= min_growth_fraction * "
                                "baseline volume; shrinking the same way down; stable otherwise"},
         "connectivity": connectivity,
+        "mean_probability": {"baseline": probabilities[0] is not None, "followup": probabilities[1] is not None},
         "labels": {str(k): v for k, v in LABELS.items() if mark_disappeared or k != DISAPPEARED},
     }
     return Change(change.astype(np.uint8), affine, rows, summary)
@@ -233,7 +247,8 @@ def _csv_text(rows: list[dict]) -> str:
                          ";".join(map(str, r["followup_lesions"])), r["n_voxels"],
                          *(num(r[k]) for k in ("volume_baseline_mm3", "volume_followup_mm3", "change_mm3",
                                                "change_percent")),
-                         *(f"{v:.2f}" for v in r["centroid_voxel"]), *(f"{v:.2f}" for v in r["centroid_mm"])])
+                         *(f"{v:.2f}" for v in r["centroid_voxel"]), *(f"{v:.2f}" for v in r["centroid_mm"]),
+                         num(r.get("mean_probability"))])
     return buf.getvalue()
 
 
@@ -252,11 +267,17 @@ def write_change(change: Change, out: str | Path, extra: dict | None = None) -> 
 def compare_files(baseline: str | Path, followup: str | Path, out: str | Path, *,
                   min_growth_fraction: float = DEFAULT_MIN_GROWTH_FRACTION,
                   min_growth_mm3: float = DEFAULT_MIN_GROWTH_MM3, connectivity: int = 26,
-                  extra: dict | None = None) -> Change:
-    """Compare two mask files and write the change mask, the CSV and the JSON summary into ``out``."""
+                  extra: dict | None = None, followup_probability: np.ndarray | None = None) -> Change:
+    """Compare two mask files and write the change mask, the CSV and the JSON summary into ``out``.
+
+    Each lesion's mean probability comes from the map ``predict --save-probabilities`` wrote beside its mask
+    (``probabilities/<case>.nii.gz``), where there is one; ``followup_probability`` replaces the follow-up's (a
+    map moved onto the baseline grid with its mask)."""
     m0, m1, affine = load_pair(baseline, followup)
+    maps = (saved_probability(baseline, m0.shape),
+            followup_probability if followup_probability is not None else saved_probability(followup, m1.shape))
     change = compare_masks(m0, m1, affine, min_growth_fraction=min_growth_fraction,
-                           min_growth_mm3=min_growth_mm3, connectivity=connectivity)
+                           min_growth_mm3=min_growth_mm3, connectivity=connectivity, probabilities=maps)
     info = {"baseline": str(baseline), "followup": str(followup), **(extra or {})}
     write_change(change, out, info)
     log.info("%s → %s: %s", baseline, followup, change.summary["counts"])

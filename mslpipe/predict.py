@@ -25,7 +25,7 @@ from mslpipe import __version__, preprocess
 from mslpipe import report as lesion_report
 from mslpipe.datasets import Source, gather_sources
 from mslpipe.errors import MslpipeError
-from mslpipe.io import make_dir, read_json, save_nifti, write_json
+from mslpipe.io import PROBABILITY_DIR, make_dir, read_json, save_nifti, write_json
 from mslpipe.plans import Workdirs, load_plan
 
 if TYPE_CHECKING:  # imported where used: the ONNX Runtime path (`--onnx`) must never import torch
@@ -165,7 +165,7 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
         t1 = time.perf_counter()
         save_nifti(out / f"{src.case}.nii.gz", mask, affine, dtype=np.uint8)
         if save_probabilities:
-            save_nifti(out / lesion_report.PROBABILITY_DIR / f"{src.case}.nii.gz", prob, affine, dtype=np.float32)
+            save_nifti(out / PROBABILITY_DIR / f"{src.case}.nii.gz", prob, affine, dtype=np.float32)
         if want_report:
             notes = [prepared.warning] if prepared.warning else []
             lesion_report.write_case_report(out, src.case, image, mask, affine, warnings=notes, made_by=made_by,

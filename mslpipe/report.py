@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from mslpipe.errors import MslpipeError
-from mslpipe.io import atomic_write_text, load_image, load_mask, read_json, write_json
+from mslpipe.io import atomic_write_text, load_mask, read_json, saved_probability, write_json
 from mslpipe.metrics import dice, lesion_counts
 from mslpipe.postprocess import lesion_table
 from mslpipe.qc_images import COLOURS, QC_DIR, render_case_images
@@ -31,7 +31,6 @@ from mslpipe.qc_images import COLOURS, QC_DIR, render_case_images
 log = logging.getLogger(__name__)
 
 JSON_SUFFIX = ".lesions.json"
-PROBABILITY_DIR = "probabilities"  # predict --save-probabilities: OUT/probabilities/<case>.nii.gz
 LESION_FIELDS = ("id", "volume_mm3", "n_voxels", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
                  "axial_first", "axial_last", "mean_probability", "max_probability")
 REPORT_FIELDS = ("case", "lesion_count", "total_volume_ml", "largest_lesion_mm3", "warnings")
@@ -163,10 +162,7 @@ def write_saved_case_report(out_dir: Path, case: str, image: np.ndarray, affine:
     """Report a case from the mask ``OUT/<case>.nii.gz`` that an earlier run wrote (e.g. without a report), with
     the lesions' probabilities where that run saved them (``OUT/probabilities/<case>.nii.gz``)."""
     mask = load_mask(Path(out_dir) / f"{case}.nii.gz", np.shape(image), affine)
-    saved = Path(out_dir) / PROBABILITY_DIR / f"{case}.nii.gz"
-    probability = load_image(saved)[0] if saved.is_file() else None
-    if probability is not None and probability.shape != mask.shape:
-        raise MslpipeError(f"probabilities of shape {probability.shape} for a mask of shape {mask.shape}", saved)
+    probability = saved_probability(Path(out_dir) / f"{case}.nii.gz", mask.shape)
     return write_case_report(out_dir, case, image, mask, affine, probability=probability)
 
 

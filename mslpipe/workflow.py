@@ -16,7 +16,7 @@ from mslpipe import evaluate, longitudinal, plan, postprocess, predict, train
 from mslpipe import report as lesion_report
 from mslpipe.datasets import Source, discover, gather_sources
 from mslpipe.errors import MslpipeError
-from mslpipe.io import load_image, load_mask, read_json, save_nifti, write_json
+from mslpipe.io import load_image, load_mask, read_json, save_nifti, saved_probability, write_json
 from mslpipe.plans import Workdirs, load_plan
 
 log = logging.getLogger(__name__)
@@ -144,16 +144,19 @@ def compare_scans(baseline: Path, followup: Path, out: Path, *, dirs: Workdirs, 
             continue
         seg_dir = out / "segmentations" / role
         report = predict.run(path, seg_dir, dirs=dirs, dataset=dataset, checkpoint=checkpoint, device=device,
-                             overwrite=True)
+                             overwrite=True, save_probabilities=True)
         if report.failed:
             raise MslpipeError(f"segmenting the {role} scan failed: {report.failed[0][1]}")
         paths.append(seg_dir / f"{report.written[0]}.nii.gz")
         segmented[role] = {"image": str(path), "mask": str(paths[-1])}
     extra: dict[str, Any] = {"segmented": segmented} if segmented else {}
+    followup_probability = None
     if register:
         images = [_read_scan(dicom.get(role), path) for role, path in (("baseline", baseline), ("followup", followup))]
-        paths[1], extra["registration"] = _register_followup(images, Path(followup), paths[1], out / "registered")
-    change = longitudinal.compare_files(paths[0], paths[1], out, extra=extra or None, **thresholds)
+        paths[1], extra["registration"], followup_probability = _register_followup(images, Path(followup), paths[1],
+                                                                                   out / "registered")
+    change = longitudinal.compare_files(paths[0], paths[1], out, extra=extra or None,
+                                        followup_probability=followup_probability, **thresholds)
     if register:
         change.summary["registration"] = extra["registration"]
     return change
@@ -177,9 +180,10 @@ def _read_scan(source: Source | None, path: Path) -> tuple[np.ndarray, np.ndarra
 
 
 def _register_followup(images: list[tuple[np.ndarray, np.ndarray]], followup: Path, followup_mask: Path,
-                       reg_dir: Path) -> tuple[Path, dict]:
+                       reg_dir: Path) -> tuple[Path, dict, np.ndarray | None]:
     """Register the follow-up image to the baseline (``images``: both, with their affines), map the follow-up's
-    mask onto the baseline grid; (that mask, summary)."""
+    mask onto the baseline grid, and its probability map where predict saved one beside it; (that mask, summary,
+    that map or None)."""
     from mslpipe import registration
 
     (base, base_affine), (follow, follow_affine) = images
@@ -193,13 +197,16 @@ def _register_followup(images: list[tuple[np.ndarray, np.ndarray]], followup: Pa
     save_nifti(files["followup_image"], registration.resample_image(follow, follow_affine, base.shape, base_affine,
                                                                     rigid), base_affine, dtype=np.float32)
     registration.write_transform(rigid, files["transform"])
+    probability = saved_probability(followup_mask, mask.shape)
+    if probability is not None:
+        probability = registration.resample_image(probability, mask_affine, base.shape, base_affine, rigid)
     summary = {**rigid.summary(), **{k: str(v) for k, v in files.items()}}
     if not rigid.correlation_after >= registration.MIN_ALIGNED_CORRELATION:
         summary["warning"] = (f"the aligned scans correlate poorly ({rigid.correlation_after:.2f} < "
                               f"{registration.MIN_ALIGNED_CORRELATION}): check {files['followup_image'].name} "
                               "against the baseline before trusting the change")
         log.warning("%s: %s", followup, summary["warning"])
-    return files["followup_mask"], summary
+    return files["followup_mask"], summary, probability
 
 
 def compare_subject(dataset: str, subject: str, out: Path, *, dirs: Workdirs, pred: Path | None = None,

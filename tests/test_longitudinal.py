@@ -137,6 +137,59 @@ def test_tiny_affine_difference_accepted(tmp_path):
     assert lg.compare_files(tmp_path / "a.nii.gz", tmp_path / "b.nii.gz", tmp_path / "o").summary["counts"]["new"] == 1
 
 
+def _probabilities(base, follow):
+    """Maps the masks were thresholded from: 0.2 outside the lesions, and per lesion a value of its own."""
+    p0, p1 = np.full(SHAPE, 0.2, np.float32), np.full(SHAPE, 0.2, np.float32)
+    p0[base > 0], p1[follow > 0] = 0.8, 0.9
+    p0[12:15, 2:5, 2:5] = 0.55  # the lesion that disappeared
+    p1[12:15, 12:15, 2:5] = 0.6  # the new one
+    p1[12, 12, 2] = 0.9  # one voxel of it higher: a mean, not a copy of one voxel
+    return p0, p1
+
+
+def test_lesions_carry_their_mean_probability():
+    """With the maps, each follow-up lesion has its mean on the follow-up's map and a disappeared one its mean on
+    the baseline's; without them the rows say None."""
+    base, follow = _scene()
+    change = lg.compare_masks(base, follow, np.eye(4), probabilities=_probabilities(base, follow))
+    by_status = {}
+    for r in change.lesions:
+        by_status.setdefault(r["status"], []).append(r["mean_probability"])
+    assert by_status["new"] == [pytest.approx((26 * 0.6 + 0.9) / 27)]
+    assert by_status["disappeared"] == [pytest.approx(0.55)]
+    assert all(p == pytest.approx(0.9) for key in ("stable", "enlarging", "shrinking") for p in by_status[key])
+    assert change.summary["mean_probability"] == {"baseline": True, "followup": True}
+    plain = lg.compare_masks(base, follow, np.eye(4))
+    assert all(r["mean_probability"] is None for r in plain.lesions)
+    assert plain.summary["mean_probability"] == {"baseline": False, "followup": False}
+    with pytest.raises(MslpipeError, match="probability shape"):
+        lg.compare_masks(base, follow, np.eye(4), probabilities=(None, np.zeros((4, 4, 4), np.float32)))
+
+
+def test_compare_files_reads_the_probabilities_predict_saved(tmp_path):
+    """Masks in a predict output folder with probabilities/<case>.nii.gz beside them: the CSV and JSON carry the
+    lesions' means; a map on another grid, or one that is not a probability, is refused naming its file."""
+    base, follow = _scene()
+    p0, p1 = _probabilities(base, follow)
+    save_nifti(tmp_path / "pred" / "a.nii.gz", base, np.eye(4))
+    save_nifti(tmp_path / "pred" / "b.nii.gz", follow, np.eye(4))
+    save_nifti(tmp_path / "pred" / "probabilities" / "b.nii.gz", p1, np.eye(4), np.float32)
+    change = lg.compare_files(tmp_path / "pred" / "a.nii.gz", tmp_path / "pred" / "b.nii.gz", tmp_path / "o")
+    assert change.summary["mean_probability"] == {"baseline": False, "followup": True}
+    with open(tmp_path / "o" / "lesions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["status"]: r["mean_probability"] for r in rows}["disappeared"] == ""  # no baseline map
+    assert float(next(r for r in rows if r["status"] == "new")["mean_probability"]) == pytest.approx(0.6111, abs=1e-4)
+    saved = read_json(tmp_path / "o" / "summary.json")
+    assert next(r for r in saved["lesions"] if r["status"] == "new")["mean_probability"] == pytest.approx(0.6111, 1e-3)
+    for bad, reason in ((np.zeros((4, 4, 4), np.float32), "probabilities of shape"),
+                        (p0 * 2, "not a probability map")):
+        save_nifti(tmp_path / "pred" / "probabilities" / "a.nii.gz", bad, np.eye(4), np.float32)
+        with pytest.raises(MslpipeError, match=reason) as info:
+            lg.compare_files(tmp_path / "pred" / "a.nii.gz", tmp_path / "pred" / "b.nii.gz", tmp_path / "o")
+        assert "probabilities/a.nii.gz" in str(info.value)
+
+
 def test_image_without_model_refused(tmp_path):
     save_nifti(tmp_path / "flair.nii.gz", np.random.default_rng(0).random(SHAPE) * 100, np.eye(4), np.float32)
     save_nifti(tmp_path / "mask.nii.gz", _scene()[1], np.eye(4))
@@ -155,6 +208,13 @@ def test_images_are_segmented_first_with_a_model(trained, synth_root, tmp_path):
     masks = {role: summary["segmented"][role]["mask"] for role in ("baseline", "followup")}
     assert all(os.path.exists(m) and "segmentations" in m for m in masks.values())
     assert change.mask.shape == load_image(images[1])[0].shape
+    # the maps are saved beside the masks and read back: every lesion (the tiny model may find none) is listed
+    # with its mean probability, each of its voxels being >= 0.5 on its own scan
+    assert all((tmp_path / "out" / "segmentations" / role / "probabilities").is_dir() for role in masks)
+    assert change.summary["mean_probability"] == {"baseline": True, "followup": True}
+    assert all(0.5 <= r["mean_probability"] <= 1.0 for r in change.lesions)
+    with open(tmp_path / "out" / "lesions.csv") as f:
+        assert all(0.5 <= float(row["mean_probability"]) <= 1.0 for row in csv.DictReader(f))
 
 
 # ---------------------------------------------------------------------------- synthetic truth
@@ -269,14 +329,18 @@ def test_two_visits_are_registered_before_comparing(trained, synth_root, tmp_pat
         assert os.path.exists(reg[key]), key
     assert change.mask.shape == load_image(baseline)[0].shape
     assert load_image(reg["followup_mask"])[0].shape == change.mask.shape
+    # each lesion's mean probability, the follow-up's moved onto the baseline grid with its mask
+    assert change.summary["mean_probability"] == {"baseline": True, "followup": True}
+    assert all(0.5 <= r["mean_probability"] <= 1.0 for r in change.lesions)
     # an alignment below the correlation floor is said, in the summary and the log, not passed over
     from mslpipe import registration
 
     monkeypatch.setattr(registration, "MIN_ALIGNED_CORRELATION", 0.999)
     images = [load_image(baseline), load_image(tmp_path / "visit2.nii.gz")]
-    _, weak = workflow._register_followup(images, tmp_path / "visit2.nii.gz",
-                                          tmp_path / "out" / "segmentations" / "followup" / "visit2.nii.gz",
-                                          tmp_path / "weak")
+    _, weak, moved = workflow._register_followup(images, tmp_path / "visit2.nii.gz",
+                                                 tmp_path / "out" / "segmentations" / "followup" / "visit2.nii.gz",
+                                                 tmp_path / "weak")
+    assert moved.shape == change.mask.shape and 0.0 <= moved.min() and moved.max() <= 1.0
     assert "the aligned scans correlate poorly" in weak["warning"] and "followup_on_baseline.nii.gz" in weak["warning"]
     mask = tmp_path / "out" / "segmentations" / "baseline"
     with pytest.raises(MslpipeError, match="--register aligns the two FLAIR images"):
