@@ -123,16 +123,13 @@ def shade_brain(image: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
     The field is divided by its mean over the brain first, so the slice is shaded, not made brighter or darker as
     a whole (brightness has its own transform).
     """
-    out = image.clone()
-    for c in range(image.shape[0]):
-        brain = image[c] != 0
-        if not brain.any():
-            continue
-        x = image[c][brain]
-        f = field[brain]
-        lo = x.min()
-        out[c][brain] = (x - lo) * (f / f.mean()) + lo
-    return out
+    brain = image != 0
+    n = brain.sum(dim=(1, 2), keepdim=True)
+    if not n.any():
+        return image.clone()
+    lo = torch.where(brain, image, torch.inf).amin(dim=(1, 2), keepdim=True)
+    mean = (field * brain).sum(dim=(1, 2), keepdim=True) / n.clamp_min(1)
+    return torch.where(brain, (image - lo) * (field / mean.clamp_min(1e-12)) + lo, image)
 
 
 class RandBrainBiasFieldd(RandomizableTransform, MapTransform):

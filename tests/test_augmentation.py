@@ -87,9 +87,14 @@ def test_shade_brain_by_hand():
     assert torch.allclose(shade_brain(image, torch.full((32, 32), 3.0)), image, atol=1e-6)
 
 
-def test_shade_brain_leaves_an_empty_slice_alone():
-    empty = torch.zeros(1, 8, 8)
-    assert torch.equal(shade_brain(empty, torch.linspace(0.5, 1.5, 8).expand(8, 8)), empty)
+def test_shade_brain_leaves_an_empty_slice_or_channel_alone():
+    ramp = torch.linspace(0.5, 1.5, 32).expand(32, 32)
+    empty = torch.zeros(1, 32, 32)
+    assert torch.equal(shade_brain(empty, ramp), empty)
+    one_empty = brain_slice(channels=2)
+    one_empty[1] = 0  # a context slice beyond the brain
+    out = shade_brain(one_empty, ramp)
+    assert torch.isfinite(out).all() and torch.equal(out[1], one_empty[1]) and not torch.equal(out[0], one_empty[0])
 
 
 def test_bias_field_transform_shades_the_image_only_and_is_seeded():
