@@ -114,6 +114,9 @@ def plan_cmd(
     foreground_sampling: Annotated[str | None, typer.Option(
         help="How a lesion sample picks its slice: slice (uniformly among lesion slices, the default) or lesion "
              "(a lesion first, then one of its slices).")] = None,
+    bias_field: Annotated[float | None, typer.Option(
+        help="Share of training slices shaded by a random smooth bias field, for scans without bias-field "
+             "correction (default: the planner's, see the README).")] = None,
 ) -> None:
     """Verify the data, fingerprint it, write plans and subject-level splits, preprocess."""
     from mslpipe import plan as plan_mod
@@ -124,7 +127,8 @@ def plan_cmd(
         result = plan_mod.run(dataset, _dirs(), input, device=device, arch=arch, seed=seed, n_folds=folds,
                               test_fraction=test_fraction, overrides={"context_slices": context_slices,
                                                                       "normalization": norm,
-                                                                      "foreground_sampling": foreground_sampling},
+                                                                      "foreground_sampling": foreground_sampling,
+                                                                      "augmentation.p_bias_field": bias_field},
                               progress=update)
     p, s = result["plan"], result["splits"]
     _echo(f"plan {p.hash} for {dataset}: {result['fingerprint']['n_cases']} scans, "

@@ -59,6 +59,9 @@ class Augmentation:
     enabled: bool = True
 
 
+AUGMENTATION_FIELDS = {f.name for f in dataclasses.fields(Augmentation)}
+
+
 @dataclass
 class Plan:
     """Everything the later stages need; written to ``plans/NAME/plans.json``."""
@@ -255,12 +258,16 @@ def load_plan(path: str | os.PathLike) -> Plan:
 
 
 def apply_overrides(plan: Plan, overrides: dict[str, Any]) -> Plan:
-    """Return a copy of ``plan`` with top-level fields replaced (None values are ignored)."""
+    """Return a copy of ``plan`` with fields replaced (None values are ignored): top-level ones by name, and the
+    augmentation's as ``augmentation.NAME``."""
     changes = {k: v for k, v in overrides.items() if v is not None}
+    aug = {k.split(".", 1)[1]: changes.pop(k) for k in list(changes) if k.startswith("augmentation.")}
     names = {f.name for f in dataclasses.fields(Plan)}
-    unknown = sorted(set(changes) - names)
+    unknown = sorted(set(changes) - names) + sorted(f"augmentation.{k}" for k in set(aug) - AUGMENTATION_FIELDS)
     if unknown:
         raise MslpipeError(f"unknown plan fields {unknown}")
+    if aug:
+        changes["augmentation"] = dataclasses.replace(changes.get("augmentation", plan.augmentation), **aug)
     new = dataclasses.replace(plan, **changes)
     new.validate()
     return new.finalised()

@@ -105,6 +105,18 @@ def test_plan_foreground_sampling_option(tmp_path, synth_root):
     assert json.loads((tmp_path / "plans" / "syn" / "plans.json").read_text())["foreground_sampling"] == "lesion"
 
 
+def test_plan_bias_field_option(tmp_path, synth_root):
+    import json
+
+    out = run_cli("plan", "-d", "syn", "-i", synth_root, "--device", "cpu", "--bias-field", "1.5", cwd=tmp_path)
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "p_bias_field must lie in [0, 1]" in out.stderr and not (tmp_path / "plans").exists()
+    out = run_cli("plan", "-d", "syn", "-i", synth_root, "--device", "cpu", "--bias-field", "0.4", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    aug = json.loads((tmp_path / "plans" / "syn" / "plans.json").read_text())["augmentation"]
+    assert aug["p_bias_field"] == 0.4 and aug["bias_field_coeff"] == [0.0, 0.1]
+
+
 def test_plan_normalization_option(tmp_path, synth_root):
     import json
 

@@ -288,6 +288,19 @@ def test_apply_overrides_changes_the_hash():
     assert apply_overrides(plan, {}).hash == plan.hash
 
 
+def test_apply_overrides_of_one_augmentation_field():
+    """``augmentation.NAME`` replaces that field alone; an unknown one or an invalid value is refused."""
+    plan = _plan().finalised()
+    plan.augmentation.p_rotate = 0.5
+    new = apply_overrides(plan.finalised(), {"augmentation.p_bias_field": 0.4, "augmentation.p_noise": None})
+    assert new.augmentation.p_bias_field == 0.4 and new.augmentation.p_rotate == 0.5
+    assert new.augmentation.p_noise == plan.augmentation.p_noise and new.hash != plan.hash
+    with pytest.raises(MslpipeError, match=r"unknown plan fields \['augmentation.p_wobble'\]"):
+        apply_overrides(plan, {"augmentation.p_wobble": 0.1})
+    with pytest.raises(MslpipeError, match="p_bias_field must lie in"):
+        apply_overrides(plan, {"augmentation.p_bias_field": 2.0})
+
+
 def test_apply_overrides_refuses_unknown_and_invalid():
     plan = _plan().finalised()
     with pytest.raises(MslpipeError, match="unknown plan fields.*lr"):
