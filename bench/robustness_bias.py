@@ -2,9 +2,10 @@
 
 Scans from other scanners often come without bias-field correction: a smooth shading across the brain that the
 real data here (corrected by its curators) does not have. This trains every fold of ../shared/data/real-ms-isbi
-(leave one subject out, plan seeds as given) twice, once with the default plan (``p_bias_field`` 0; these runs are
-`bench/lesion_sizes.py`'s when the same ``--work`` folder is given) and once with ``augmentation.p_bias_field``
-set (:class:`mslpipe.augmentation.RandBrainBiasFieldd`), everything else equal. Each fold's final model then
+(leave one subject out, plan seeds as given) once with the default plan (``p_bias_field`` 0; these runs are
+`bench/lesion_sizes.py`'s when the same ``--work`` folder is given) and once per arm of ``--arms``, each with its
+``augmentation.p_bias_field`` and ``bias_field_coeff`` (:class:`mslpipe.augmentation.RandBrainBiasFieldd`),
+everything else equal. Each fold's final model then
 segments its validation scans as acquired and shaded by fixed smooth fields applied to the **raw** scan before
 mslpipe's own preprocessing (so the normalisation sees the shading, as it would on a new scanner's scan):
 
@@ -87,17 +88,27 @@ def score_folds(args, work: Path, overrides: dict | None, raw: dict[str, dataset
     return {"scores": scores, "scans": scans, "net": net, "p": load_plan(fold_dir / "plan.json").augmentation}
 
 
+def parse_arms(text: str) -> list[tuple[float, float]]:
+    """``P:C,...``: each augmented arm's ``p_bias_field`` and largest ``bias_field_coeff``."""
+    return [(float(p), float(c)) for p, c in (item.split(":") for item in text.split(","))]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     fold_arguments(ap, several_seeds=True)
-    ap.add_argument("--p-bias-field", type=float, default=0.3, help="the second arm's p_bias_field [0.3]")
+    ap.add_argument("--arms", default="0.3:0.1",
+                    help="augmented arms, comma-separated P:C (p_bias_field, bias_field_coeff (0, C)) [0.3:0.1]")
     args = ap.parse_args()
     work = real_data_work(args.work, "mslpipe-bias-")
     raw = {c.id: c for c in datasets.discover(real_data_path())}
-    on = {"augmentation": dataclasses.replace(Augmentation(), p_bias_field=args.p_bias_field)}
-    runs = {"without": score_folds(args, work, None, raw),
-            f"p_bias_field {args.p_bias_field:g}": score_folds(args, work / "bias_field", on, raw)}
-    rows = []
+    runs = {"without": score_folds(args, work, None, raw)}
+    for p, c in parse_arms(args.arms):
+        on = {"augmentation": dataclasses.replace(Augmentation(), p_bias_field=p, bias_field_coeff=(0.0, c))}
+        runs[f"p_bias_field {p:g}, coefficients up to {c:g}"] = score_folds(args, work / f"bias_field_p{p:g}_c{c:g}",
+                                                                           on, raw)
+    base = runs["without"]
+    n = len(base["scans"])
+    rows, win_rows = [], []
     for arm, r in runs.items():
         clean = np.mean(r["scores"]["as acquired"], axis=0)
         cells = []
@@ -105,21 +116,20 @@ def main() -> None:
             d, f = np.mean(per_scan, axis=0)
             cells.append(f"{d:.3f} / {f:.3f}" + ("" if name == "as acquired" else f" ({d - clean[0]:+.3f})"))
         rows.append([arm, *cells])
-    base, other = runs.values()
-    wins = [sum(b[0] < o[0] for b, o in zip(base["scores"][k], other["scores"][k], strict=True)) for k in FIELDS]
-    aug = other["p"]
+        if r is not base:
+            higher = [sum(b[0] < o[0] for b, o in zip(base["scores"][k], r["scores"][k], strict=True)) for k in FIELDS]
+            win_rows.append([arm, *(f"{h} of {n}" for h in higher)])
     body = (f"CPU plan (leaky_unet {base['net']}), {args.epochs} epochs × {args.iterations} iterations per fold, folds "
             f"by subject (leave one subject out), plan seed(s) {args.seeds}; the arms differ only in "
-            f"`augmentation.p_bias_field` (0, and {aug.p_bias_field:g} with coefficients "
-            f"{list(aug.bias_field_coeff)}). "
-            "Each fold's final model on its validation scans, as acquired and shaded by a fixed smooth field on the "
-            "raw scan before preprocessing (see `bench/robustness_bias.py`); one pass, threshold 0.5, no "
-            f"postprocessing, against the expert mask. {len(base['scans'])} scans: {', '.join(base['scans'])}.\n\n"
+            "`augmentation.p_bias_field` and `bias_field_coeff` (the first arm has no bias-field augmentation, the "
+            "default). Each fold's final model on its validation scans, as acquired and shaded by a fixed smooth "
+            "field on the raw scan before preprocessing (see `bench/robustness_bias.py`); one pass, threshold 0.5, "
+            f"no postprocessing, against the expert mask. {n} scans: {', '.join(base['scans'])}.\n\n"
             "Cells: volume Dice / lesion F1, mean over the scans (in brackets the Dice change from the same models "
             "on the scans as acquired).\n\n"
             + table(["arm", *FIELDS], rows)
-            + "\n\nScans on which the augmented arm's Dice is higher: "
-            + ", ".join(f"{k} {w} of {len(base['scans'])}" for k, w in zip(FIELDS, wins, strict=True)) + ".")
+            + "\n\nScans on which an augmented arm's Dice is higher than without the augmentation:\n\n"
+            + table(["arm", *FIELDS], win_rows))
     print(body)
     write_section("robustness_bias", "Robustness to intensity non-uniformity (CPU plan, real data)", body)
 
