@@ -316,6 +316,8 @@ def compare(
         _echo(tables.registration_text(change.summary["registration"]))
     _echo(f"{tables.counts_text(change.summary['counts'])}, volume {change.summary['volume_change_ml']:+.3f} mL "
           f"→ {output}")
+    if tables.new_lesions_text(change.lesions):
+        _echo(tables.new_lesions_text(change.lesions))
 
 
 @app.command()

@@ -97,6 +97,18 @@ def counts_text(counts: dict) -> str:
     return ", ".join(f"{n} {name}" for name, n in counts.items())
 
 
+def new_lesions_text(lesions: list[dict]) -> str | None:
+    """``compare``'s line on the new lesions' mean probabilities, lowest (the first to check) first; None when there
+    is no new lesion with a known probability."""
+    known = sorted((r["mean_probability"], r["volume_followup_mm3"]) for r in lesions
+                   if r["status"] == "new" and r.get("mean_probability") is not None)
+    if not known:
+        return None
+    return ("new lesions, by mean probability (the lowest first, the first to check): "
+            + ", ".join(f"{p:.2f} ({v:.0f} mm³)" for p, v in known[:10])
+            + (f" (+{len(known) - 10} more, in lesions.csv)" if len(known) > 10 else ""))
+
+
 def registration_text(reg: dict) -> str:
     """``compare --register``'s line on the rigid alignment it found."""
     return (f"registered the follow-up to the baseline: rotation {reg['rotation_deg']} deg, translation "

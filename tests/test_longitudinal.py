@@ -166,6 +166,21 @@ def test_lesions_carry_their_mean_probability():
         lg.compare_masks(base, follow, np.eye(4), probabilities=(None, np.zeros((4, 4, 4), np.float32)))
 
 
+def test_new_lesions_line_lists_the_doubtful_first():
+    from mslpipe import tables
+
+    base, follow = _scene()
+    follow[30:33, 30:33, 20:23] = 1  # a second new lesion, 27 mm³
+    p0, p1 = _probabilities(base, follow)
+    p1[30:33, 30:33, 20:23] = 0.95
+    change = lg.compare_masks(base, follow, np.eye(4), probabilities=(p0, p1))
+    assert tables.new_lesions_text(change.lesions) == ("new lesions, by mean probability (the lowest first, the first "
+                                                       "to check): 0.61 (27 mm³), 0.95 (27 mm³)")
+    assert tables.new_lesions_text(lg.compare_masks(base, follow, np.eye(4)).lesions) is None  # no maps
+    many = [{"status": "new", "mean_probability": 0.5 + i / 100, "volume_followup_mm3": 8.0} for i in range(12)]
+    assert tables.new_lesions_text(many).endswith("0.59 (8 mm³) (+2 more, in lesions.csv)")
+
+
 def test_compare_files_reads_the_probabilities_predict_saved(tmp_path):
     """Masks in a predict output folder with probabilities/<case>.nii.gz beside them: the CSV and JSON carry the
     lesions' means; a map on another grid, or one that is not a probability, is refused naming its file."""
