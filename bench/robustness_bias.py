@@ -1,11 +1,14 @@
-"""Robustness to intensity non-uniformity: the CPU plan trained with and without the brain bias-field augmentation.
+"""Robustness to intensity non-uniformity: the CPU plan with and without a bias-field augmentation or a flat field.
 
 Scans from other scanners often come without bias-field correction: a smooth shading across the brain that the
 real data here (corrected by its curators) does not have. This trains every fold of ../shared/data/real-ms-isbi
 (leave one subject out, plan seeds as given) once with the default plan (``p_bias_field`` 0; these runs are
 `bench/lesion_sizes.py`'s when the same ``--work`` folder is given) and once per arm of ``--arms``, each with its
-``augmentation.p_bias_field`` and ``bias_field_coeff`` (:class:`mslpipe.augmentation.RandBrainBiasFieldd`),
-everything else equal. Each fold's final model then
+``augmentation.p_bias_field`` and ``bias_field_coeff`` (:class:`mslpipe.augmentation.RandBrainBiasFieldd`), and
+once per ``--flatfield`` value, ``normalization.flatfield_mm`` (:func:`mslpipe.preprocess.flatten_field`, which
+divides each scan's slow shading out before normalising, in training and in prediction alike), everything else
+equal. Each fold's scores are kept beside its model (``robustness_bias.json``), so a rerun scores only new folds.
+Each fold's final model then
 segments its validation scans as acquired and shaded by fixed smooth fields applied to the **raw** scan before
 mslpipe's own preprocessing (so the normalisation sees the shading, as it would on a new scanner's scan):
 
@@ -31,8 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mslpipe import datasets, inference, metrics, preprocess  # noqa: E402
-from mslpipe.io import read_json  # noqa: E402
-from mslpipe.plans import Augmentation, load_plan  # noqa: E402
+from mslpipe.io import read_json, write_json  # noqa: E402
+from mslpipe.plans import Augmentation, Plan, load_plan  # noqa: E402
 from results import fold_arguments, real_data_path, real_data_work, table, trained_folds, write_section  # noqa: E402
 
 
@@ -68,24 +71,37 @@ def shade(image: np.ndarray, field) -> np.ndarray:
     return ((image - lo) * np.clip(field(image), 0.05, None) + lo).astype(np.float32)
 
 
+def score_fold(fold_dir: Path, raw: dict[str, datasets.Case]) -> dict[str, dict[str, list[float]]]:
+    """{case: {field: [volume Dice, lesion F1]}} of one fold's final model on its validation scans, kept in
+    ``fold_dir/robustness_bias.json`` so that a rerun with other arms does not score it again."""
+    cache = fold_dir / "robustness_bias.json"
+    if cache.exists() and set(next(iter(read_json(cache).values()), {})) == set(FIELDS):
+        return read_json(cache)
+    predictor = inference.load_predictor([fold_dir / "checkpoint_final.pt"], device="cpu")
+    p, out = predictor.plan, {}
+    for case in read_json(fold_dir / "run.json")["val"]:
+        channels, affine, masks = preprocess.load_case(raw[case])
+        out[case] = {}
+        for name, field in FIELDS.items():
+            image, label, _ = preprocess.preprocess_volume([shade(c, field) for c in channels], affine, p, masks)
+            prob = inference.predict_volume(predictor.models, image, divisor=predictor.divisor, device="cpu",
+                                            batch_size=p.inference_batch_size, context=p.context_slices)
+            pred, ref = prob >= 0.5, label >= 0.5
+            out[case][name] = [float(metrics.dice(pred, ref)), float(metrics.lesion_f1(pred, ref))]
+        print(f"{fold_dir}: {case} " + ", ".join(f"{k} {v[0]:.3f}" for k, v in out[case].items()), flush=True)
+    write_json(cache, out)
+    return out
+
+
 def score_folds(args, work: Path, overrides: dict | None, raw: dict[str, datasets.Case]) -> dict:
     """{field: [(volume Dice, lesion F1) per validation scan]} over every seed and fold, and the scans' names."""
-    scores, scans, net = {name: [] for name in FIELDS}, [], None
+    scores, scans = {name: [] for name in FIELDS}, []
     for seed, fold, _, fold_dir in trained_folds(args, work, overrides):
-        predictor = inference.load_predictor([fold_dir / "checkpoint_final.pt"], device="cpu")
-        p = predictor.plan
-        net = p.arch_kwargs
-        for case in read_json(fold_dir / "run.json")["val"]:
-            channels, affine, masks = preprocess.load_case(raw[case])
-            for name, field in FIELDS.items():
-                image, label, _ = preprocess.preprocess_volume([shade(c, field) for c in channels], affine, p, masks)
-                prob = inference.predict_volume(predictor.models, image, divisor=predictor.divisor, device="cpu",
-                                                batch_size=p.inference_batch_size, context=p.context_slices)
-                pred, ref = prob >= 0.5, label >= 0.5
-                scores[name].append((float(metrics.dice(pred, ref)), float(metrics.lesion_f1(pred, ref))))
+        for case, by_field in score_fold(fold_dir, raw).items():
+            for name in FIELDS:
+                scores[name].append(tuple(by_field[name]))
             scans.append(f"{case} (seed {seed}, fold {fold})")
-            print(f"{fold_dir}: {case} " + ", ".join(f"{k} {v[-1][0]:.3f}" for k, v in scores.items()), flush=True)
-    return {"scores": scores, "scans": scans, "net": net, "p": load_plan(fold_dir / "plan.json").augmentation}
+    return {"scores": scores, "scans": scans, "net": load_plan(fold_dir / "plan.json").arch_kwargs}
 
 
 def parse_arms(text: str) -> list[tuple[float, float]]:
@@ -98,6 +114,8 @@ def main() -> None:
     fold_arguments(ap, several_seeds=True)
     ap.add_argument("--arms", default="0.3:0.1",
                     help="augmented arms, comma-separated P:C (p_bias_field, bias_field_coeff (0, C)) [0.3:0.1]")
+    ap.add_argument("--flatfield", default="",
+                    help="flat-field arms: comma-separated normalization.flatfield_mm values (mm), none by default")
     args = ap.parse_args()
     work = real_data_work(args.work, "mslpipe-bias-")
     raw = {c.id: c for c in datasets.discover(real_data_path())}
@@ -106,6 +124,9 @@ def main() -> None:
         on = {"augmentation": dataclasses.replace(Augmentation(), p_bias_field=p, bias_field_coeff=(0.0, c))}
         runs[f"p_bias_field {p:g}, coefficients up to {c:g}"] = score_folds(args, work / f"bias_field_p{p:g}_c{c:g}",
                                                                            on, raw)
+    for mm in (float(v) for v in args.flatfield.split(",") if v):
+        flat = {"normalization": {**Plan("x").normalization, "flatfield_mm": mm}}
+        runs[f"flat field {mm:g} mm"] = score_folds(args, work / f"flatfield_{mm:g}", flat, raw)
     base = runs["without"]
     n = len(base["scans"])
     rows, win_rows = [], []
@@ -121,14 +142,14 @@ def main() -> None:
             win_rows.append([arm, *(f"{h} of {n}" for h in higher)])
     body = (f"CPU plan (leaky_unet {base['net']}), {args.epochs} epochs × {args.iterations} iterations per fold, folds "
             f"by subject (leave one subject out), plan seed(s) {args.seeds}; the arms differ only in "
-            "`augmentation.p_bias_field` and `bias_field_coeff` (the first arm has no bias-field augmentation, the "
-            "default). Each fold's final model on its validation scans, as acquired and shaded by a fixed smooth "
-            "field on the raw scan before preprocessing (see `bench/robustness_bias.py`); one pass, threshold 0.5, "
-            f"no postprocessing, against the expert mask. {n} scans: {', '.join(base['scans'])}.\n\n"
+            "`augmentation.p_bias_field` and `bias_field_coeff`, or in `normalization.flatfield_mm` (the first arm "
+            "has neither, the default). Each fold's final model on its validation scans, as acquired and shaded by a "
+            "fixed smooth field on the raw scan before preprocessing (see `bench/robustness_bias.py`); one pass, "
+            f"threshold 0.5, no postprocessing, against the expert mask. {n} scans: {', '.join(base['scans'])}.\n\n"
             "Cells: volume Dice / lesion F1, mean over the scans (in brackets the Dice change from the same models "
             "on the scans as acquired).\n\n"
             + table(["arm", *FIELDS], rows)
-            + "\n\nScans on which an augmented arm's Dice is higher than without the augmentation:\n\n"
+            + "\n\nScans on which an arm's Dice is higher than the first arm's:\n\n"
             + table(["arm", *FIELDS], win_rows))
     print(body)
     write_section("robustness_bias", "Robustness to intensity non-uniformity (CPU plan, real data)", body)

@@ -114,6 +114,9 @@ def plan_cmd(
     foreground_sampling: Annotated[str | None, typer.Option(
         help="How a lesion sample picks its slice: slice (uniformly among lesion slices, the default) or lesion "
              "(a lesion first, then one of its slices).")] = None,
+    flatfield: Annotated[float | None, typer.Option(
+        help="Divide out each scan's slow shading (its local brain mean over a Gaussian of this many mm) before "
+             "normalising, for scans without bias-field correction (default: off).")] = None,
     bias_field: Annotated[float | None, typer.Option(
         help="Share of training slices shaded by a random smooth bias field, for scans without bias-field "
              "correction (default: the planner's, see the README).")] = None,
@@ -122,7 +125,10 @@ def plan_cmd(
     from mslpipe import plan as plan_mod
     from mslpipe.plans import Plan
 
-    norm = {**Plan("x").normalization, "scheme": normalization} if normalization else None
+    norm = None
+    if normalization or flatfield:
+        norm = {**Plan("x").normalization, **({"scheme": normalization} if normalization else {}),
+                **({"flatfield_mm": flatfield} if flatfield else {})}
     with _progress_bar() as update:
         result = plan_mod.run(dataset, _dirs(), input, device=device, arch=arch, seed=seed, n_folds=folds,
                               test_fraction=test_fraction, overrides={"context_slices": context_slices,

@@ -62,6 +62,13 @@ class Augmentation:
 AUGMENTATION_FIELDS = {f.name for f in dataclasses.fields(Augmentation)}
 
 
+def _normalization_for_hash(norm: Any) -> Any:
+    """``flatfield_mm`` 0 (off) hashes as its absence: plans written before it keep their hashes."""
+    if isinstance(norm, dict) and "flatfield_mm" in norm and not norm["flatfield_mm"]:
+        return {k: v for k, v in norm.items() if k != "flatfield_mm"}
+    return norm
+
+
 @dataclass
 class Plan:
     """Everything the later stages need; written to ``plans/NAME/plans.json``."""
@@ -131,6 +138,7 @@ class Plan:
     def compute_hash(self) -> str:
         """Hash of everything that changes preprocessing or training (not the hash itself)."""
         d = self.to_dict()
+        d["normalization"] = _normalization_for_hash(d["normalization"])
         d.pop("hash", None)
         d.pop("mslpipe_version", None)
         d.pop("brain_ml_range", None)
@@ -152,6 +160,7 @@ class Plan:
         """Hash of the fields that change the preprocessed arrays only."""
         keys = ("channels", "label_policy", "slice_axis", "crop_margin", "normalization", "target_spacing")
         d = {k: getattr(self, k) for k in keys}
+        d["normalization"] = _normalization_for_hash(d["normalization"])
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def finalised(self) -> Plan:
@@ -219,6 +228,9 @@ class Plan:
         need(isinstance(norm, dict) and norm.get("scheme") in NORMALIZATION_SCHEMES
              and 0 <= norm.get("lower_pct", -1) < norm.get("upper_pct", -1) <= 100,
              f"normalization needs a scheme from {NORMALIZATION_SCHEMES} and 0 <= lower_pct < upper_pct <= 100")
+        flat = norm.get("flatfield_mm", 0)
+        need(isinstance(flat, int | float) and not isinstance(flat, bool) and 0 <= flat <= 500,
+             "normalization flatfield_mm must be a number of mm from 0 (off) to 500")
         need(self.brain_ml_range is None or (isinstance(self.brain_ml_range, list | tuple)
                                              and len(self.brain_ml_range) == 2
                                              and 0 < self.brain_ml_range[0] <= self.brain_ml_range[1]),

@@ -117,6 +117,18 @@ def test_plan_bias_field_option(tmp_path, synth_root):
     assert aug["p_bias_field"] == 0.4 and aug["bias_field_coeff"] == [0.0, 0.1]
 
 
+def test_plan_flatfield_option(tmp_path, synth_root):
+    import json
+
+    out = run_cli("plan", "-d", "syn", "-i", synth_root, "--device", "cpu", "--flatfield", "-3", cwd=tmp_path)
+    assert out.returncode == 1 and "flatfield_mm" in out.stderr and not (tmp_path / "plans").exists()
+    out = run_cli("plan", "-d", "syn", "-i", synth_root, "--device", "cpu", "--flatfield", "25",
+                  "--normalization", "brain_percentile_median_iqr", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    norm = json.loads((tmp_path / "plans" / "syn" / "plans.json").read_text())["normalization"]
+    assert norm["flatfield_mm"] == 25 and norm["scheme"] == "brain_percentile_median_iqr"
+
+
 def test_plan_normalization_option(tmp_path, synth_root):
     import json
 

@@ -12,6 +12,7 @@ from mslpipe.preprocess import (
     brain_mask,
     combine_raters,
     fill_holes,
+    flatten_field,
     normalise,
     open_faces,
     preprocess_volume,
@@ -489,3 +490,63 @@ def test_plan_refuses_an_unknown_normalisation():
                 {"scheme": "brain_percentile_zscore", "lower_pct": 99.5, "upper_pct": 0.5}):
         with pytest.raises(MslpipeError, match="normalization"):
             Plan("x", normalization=bad).validate()
+
+
+# ---------------------------------------------------------------------------- flat field
+def _shaded_brain(shading: np.ndarray | None = None):
+    """A 60³ mm ball of tissue 100 ± 5 with CSF-dark 40 speckles and a bright 'lesion' (150) off-centre, times an
+    optional shading, on a zero background; (image, brain, lesion)."""
+    rng = np.random.default_rng(4)
+    shape = (64, 64, 64)
+    brain = _ball(30.0, shape, np.array([31.5, 31.5, 31.5]))
+    image = np.where(brain, rng.normal(100, 5, shape), 0).astype(np.float32)
+    image[brain & (rng.random(shape) < 0.1)] = 40.0
+    lesion = np.zeros(shape, bool)
+    lesion[40:44, 28:32, 30:34] = True
+    image[lesion] = 150.0
+    if shading is not None:
+        image = np.where(brain, image * shading, 0).astype(np.float32)
+    return image, brain, lesion
+
+
+def test_flatten_field_divides_out_a_ramp_and_keeps_lesion_contrast():
+    """A ±30 % left-right ramp over a ball 60 mm across (a Gaussian of 10 mm, as 25 mm to a brain 140 mm across):
+    before, the brain's two sides differ by over a fifth; after, by about 5 %. The lesion keeps its contrast to
+    the tissue beside it, and the background stays zero."""
+    ramp = np.linspace(0.7, 1.3, 64, dtype=np.float32)[:, None, None] * np.ones((64, 64, 64), np.float32)
+    image, brain, lesion = _shaded_brain(ramp)
+    out = flatten_field(image, brain, sigma_mm=10.0, spacing=(1.0, 1.0, 1.0))
+    tissue = brain & (image > 0) & ~lesion
+    left, right = tissue.copy(), tissue.copy()
+    left[32:], right[:32] = False, False
+    before = np.median(image[right]) / np.median(image[left])
+    after = np.median(out[right]) / np.median(out[left])
+    assert before > 1.2 and abs(after - 1) < 0.07, (before, after)
+    near = tissue.copy()
+    near[:36], near[48:] = False, False
+    assert out[lesion].mean() / np.median(out[near]) == pytest.approx(150 / 100, rel=0.1)
+    assert np.array_equal(out[~brain], image[~brain])
+
+
+def test_flatten_field_leaves_an_even_brain_nearly_as_it_was():
+    image, brain, lesion = _shaded_brain()
+    out = flatten_field(image, brain, sigma_mm=20.0, spacing=(1.0, 1.0, 1.0))
+    assert np.median(np.abs(out[brain] - image[brain]) / image[brain].clip(1)) < 0.05
+    assert out.dtype == np.float32 and out.shape == image.shape
+
+
+def test_flatfield_in_the_plan_preprocesses_and_hashes():
+    """normalization.flatfield_mm: off when absent or 0 (same hashes, same arrays); set, it changes the arrays and
+    both hashes; a negative or non-number value is refused."""
+    image, _, _ = _head()
+    plain = Plan("x", target_spacing=None)
+    off = Plan("x", target_spacing=None, normalization={**plain.normalization, "flatfield_mm": 0})
+    on = Plan("x", target_spacing=None, normalization={**plain.normalization, "flatfield_mm": 20})
+    assert off.compute_hash() == plain.compute_hash() and off.preprocessing_hash() == plain.preprocessing_hash()
+    assert on.compute_hash() != plain.compute_hash() and on.preprocessing_hash() != plain.preprocessing_hash()
+    a = preprocess_volume([image], np.eye(4), plain)[0]
+    assert np.array_equal(a, preprocess_volume([image], np.eye(4), off)[0])
+    assert not np.allclose(a, preprocess_volume([image], np.eye(4), on)[0])
+    for bad in (-5, "20", True, 1000):
+        with pytest.raises(MslpipeError, match="flatfield_mm"):
+            Plan("x", normalization={**plain.normalization, "flatfield_mm": bad}).validate()
