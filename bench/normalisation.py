@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mslpipe import datasets, preprocess  # noqa: E402
+from mslpipe import datasets, intensity, preprocess  # noqa: E402
 from mslpipe.io import load_image, load_mask, read_json  # noqa: E402
 from mslpipe.plans import Plan  # noqa: E402
 from results import (  # noqa: E402
@@ -51,7 +51,7 @@ def lesion_contrast() -> list[list]:
         brain = preprocess.brain_mask(image)
         row = [case.id]
         for scheme in SCHEMES.values():
-            normed, _ = preprocess.normalise(image, brain, DEFAULT["lower_pct"], DEFAULT["upper_pct"], scheme)
+            normed, _ = intensity.normalise(image, brain, DEFAULT["lower_pct"], DEFAULT["upper_pct"], scheme)
             row.append(float(normed[lesion & brain].mean()))
         rows.append(row)
     return rows
