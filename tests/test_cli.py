@@ -80,52 +80,39 @@ def test_work_folders_move_with_environment(tmp_path, synth_root):
     assert (tmp_path / "preprocessed" / "syn").is_dir()
 
 
-def test_plan_context_slices_option(tmp_path, synth_root):
-    out = run_cli("plan", "-d", "syn", "-i", synth_root, "--device", "cpu", "--context-slices", "7", cwd=tmp_path)
-    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert "context_slices" in out.stderr and not (tmp_path / "plans").exists()
-    out = run_cli("plan", "-d", "syn", "-i", synth_root, "--device", "cpu", "--context-slices", "2", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert "5 input slice(s)" in out.stdout
+def _plan_with(tmp_path, synth_root, option: str, bad: str, reason: str, good: list[str]) -> tuple[dict, str]:
+    """``plan OPTION BAD`` exits 1 with one line naming ``reason`` and writes nothing; ``plan OPTION GOOD...`` works:
+    (the plans.json it wrote, its stdout)."""
     import json
 
-    assert json.loads((tmp_path / "plans" / "syn" / "plans.json").read_text())["context_slices"] == 2
+    out = run_cli("plan", "-d", "syn", "-i", synth_root, "--device", "cpu", option, bad, cwd=tmp_path)
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert reason in out.stderr and not (tmp_path / "plans").exists()
+    out = run_cli("plan", "-d", "syn", "-i", synth_root, "--device", "cpu", option, *good, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    return json.loads((tmp_path / "plans" / "syn" / "plans.json").read_text()), out.stdout
+
+
+def test_plan_context_slices_option(tmp_path, synth_root):
+    written, stdout = _plan_with(tmp_path, synth_root, "--context-slices", "7", "context_slices", ["2"])
+    assert written["context_slices"] == 2 and "5 input slice(s)" in stdout
 
 
 def test_plan_foreground_sampling_option(tmp_path, synth_root):
-    import json
-
-    out = run_cli("plan", "-d", "syn", "-i", synth_root, "--device", "cpu", "--foreground-sampling", "voxel",
-                  cwd=tmp_path)
-    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert "foreground_sampling" in out.stderr and not (tmp_path / "plans").exists()
-    out = run_cli("plan", "-d", "syn", "-i", synth_root, "--device", "cpu", "--foreground-sampling", "lesion",
-                  cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert json.loads((tmp_path / "plans" / "syn" / "plans.json").read_text())["foreground_sampling"] == "lesion"
+    written, _ = _plan_with(tmp_path, synth_root, "--foreground-sampling", "voxel", "foreground_sampling",
+                            ["lesion"])
+    assert written["foreground_sampling"] == "lesion"
 
 
 def test_plan_bias_field_option(tmp_path, synth_root):
-    import json
-
-    out = run_cli("plan", "-d", "syn", "-i", synth_root, "--device", "cpu", "--bias-field", "1.5", cwd=tmp_path)
-    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert "p_bias_field must lie in [0, 1]" in out.stderr and not (tmp_path / "plans").exists()
-    out = run_cli("plan", "-d", "syn", "-i", synth_root, "--device", "cpu", "--bias-field", "0.4", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    aug = json.loads((tmp_path / "plans" / "syn" / "plans.json").read_text())["augmentation"]
-    assert aug["p_bias_field"] == 0.4 and aug["bias_field_coeff"] == [0.0, 0.1]
+    written, _ = _plan_with(tmp_path, synth_root, "--bias-field", "1.5", "p_bias_field must lie in [0, 1]", ["0.4"])
+    assert written["augmentation"]["p_bias_field"] == 0.4 and written["augmentation"]["bias_field_coeff"] == [0.0, 0.1]
 
 
 def test_plan_flatfield_option(tmp_path, synth_root):
-    import json
-
-    out = run_cli("plan", "-d", "syn", "-i", synth_root, "--device", "cpu", "--flatfield", "-3", cwd=tmp_path)
-    assert out.returncode == 1 and "flatfield_mm" in out.stderr and not (tmp_path / "plans").exists()
-    out = run_cli("plan", "-d", "syn", "-i", synth_root, "--device", "cpu", "--flatfield", "25",
-                  "--normalization", "brain_percentile_median_iqr", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    norm = json.loads((tmp_path / "plans" / "syn" / "plans.json").read_text())["normalization"]
+    written, _ = _plan_with(tmp_path, synth_root, "--flatfield", "-3", "flatfield_mm",
+                            ["25", "--normalization", "brain_percentile_median_iqr"])
+    norm = written["normalization"]
     assert norm["flatfield_mm"] == 25 and norm["scheme"] == "brain_percentile_median_iqr"
 
 
