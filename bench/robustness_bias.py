@@ -39,23 +39,23 @@ from mslpipe.plans import Augmentation, Plan, load_plan  # noqa: E402
 from results import fold_arguments, real_data_path, real_data_work, table, trained_folds, write_section  # noqa: E402
 
 
-def _box_coordinates(image: np.ndarray) -> list[np.ndarray]:
+def _box_coordinates(image: np.ndarray, brain: np.ndarray) -> list[np.ndarray]:
     """Per axis, the voxel coordinate scaled to [-1, 1] over the brain's bounding box (beyond it outside)."""
-    box = preprocess.bounding_box(preprocess.brain_mask(image), 0)
+    box = preprocess.bounding_box(brain, 0)
     return [np.linspace(-1 - 2 * a / max(b - a - 1, 1), 1 + 2 * (n - b) / max(b - a - 1, 1), n)
             for (a, b), n in zip(box, image.shape, strict=True)]
 
 
 def ramp(strength: float):
-    def field(image: np.ndarray) -> np.ndarray:
-        x = _box_coordinates(image)[0]
+    def field(image: np.ndarray, brain: np.ndarray) -> np.ndarray:
+        x = _box_coordinates(image, brain)[0]
         return np.broadcast_to((1 + strength * x)[:, None, None], image.shape)
     return field
 
 
 def centre(strength: float):
-    def field(image: np.ndarray) -> np.ndarray:
-        u = np.meshgrid(*_box_coordinates(image), indexing="ij", sparse=True)
+    def field(image: np.ndarray, brain: np.ndarray) -> np.ndarray:
+        u = np.meshgrid(*_box_coordinates(image, brain), indexing="ij", sparse=True)
         return 1 + strength - 2 * strength * (u[0] ** 2 + u[1] ** 2 + u[2] ** 2) / 3
     return field
 
@@ -67,16 +67,18 @@ def shade(image: np.ndarray, field) -> np.ndarray:
     """The raw scan times a smooth field, above its darkest brain intensity (never below 0.05 of the field)."""
     if field is None:
         return image
-    lo = float(np.percentile(image[preprocess.brain_mask(image)], 0.5))
-    return ((image - lo) * np.clip(field(image), 0.05, None) + lo).astype(np.float32)
+    brain = preprocess.brain_mask(image)
+    lo = float(np.percentile(image[brain], 0.5))
+    return ((image - lo) * np.clip(field(image, brain), 0.05, None) + lo).astype(np.float32)
 
 
 def score_fold(fold_dir: Path, raw: dict[str, datasets.Case]) -> dict[str, dict[str, list[float]]]:
     """{case: {field: [volume Dice, lesion F1]}} of one fold's final model on its validation scans, kept in
     ``fold_dir/robustness_bias.json`` so that a rerun with other arms does not score it again."""
     cache = fold_dir / "robustness_bias.json"
-    if cache.exists() and set(next(iter(read_json(cache).values()), {})) == set(FIELDS):
-        return read_json(cache)
+    cached = read_json(cache) if cache.exists() else {}
+    if cached and set(next(iter(cached.values()))) == set(FIELDS):
+        return cached
     predictor = inference.load_predictor([fold_dir / "checkpoint_final.pt"], device="cpu")
     p, out = predictor.plan, {}
     for case in read_json(fold_dir / "run.json")["val"]:

@@ -119,7 +119,7 @@ def plan_cmd(
              "normalising, for scans without bias-field correction (default: off).")] = None,
     bias_field: Annotated[float | None, typer.Option(
         help="Share of training slices shaded by a random smooth bias field, for scans without bias-field "
-             "correction (default: the planner's, see the README).")] = None,
+             "correction (default: 0, off; see the README's Numbers).")] = None,
 ) -> None:
     """Verify the data, fingerprint it, write plans and subject-level splits, preprocess."""
     from mslpipe import plan as plan_mod
@@ -322,8 +322,9 @@ def compare(
         _echo(tables.registration_text(change.summary["registration"]))
     _echo(f"{tables.counts_text(change.summary['counts'])}, volume {change.summary['volume_change_ml']:+.3f} mL "
           f"→ {output}")
-    if tables.new_lesions_text(change.lesions):
-        _echo(tables.new_lesions_text(change.lesions))
+    new_lesions = tables.new_lesions_text(change.lesions)
+    if new_lesions:
+        _echo(new_lesions)
 
 
 @app.command()
