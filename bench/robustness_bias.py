@@ -108,14 +108,14 @@ def score_folds(args, work: Path, overrides: dict | None, raw: dict[str, dataset
 
 def parse_arms(text: str) -> list[tuple[float, float]]:
     """``P:C,...``: each augmented arm's ``p_bias_field`` and largest ``bias_field_coeff``."""
-    return [(float(p), float(c)) for p, c in (item.split(":") for item in text.split(","))]
+    return [(float(p), float(c)) for p, c in (item.split(":") for item in text.split(",") if item)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     fold_arguments(ap, several_seeds=True)
     ap.add_argument("--arms", default="0.3:0.1",
-                    help="augmented arms, comma-separated P:C (p_bias_field, bias_field_coeff (0, C)) [0.3:0.1]")
+                    help="augmented arms, comma-separated P:C (p_bias_field, bias_field_coeff (0, C)); '' for none [0.3:0.1]")
     ap.add_argument("--flatfield", default="",
                     help="flat-field arms: comma-separated normalization.flatfield_mm values (mm), none by default")
     args = ap.parse_args()
