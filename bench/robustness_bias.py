@@ -115,7 +115,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     fold_arguments(ap, several_seeds=True)
     ap.add_argument("--arms", default="0.3:0.1",
-                    help="augmented arms, comma-separated P:C (p_bias_field, bias_field_coeff (0, C)); '' for none [0.3:0.1]")
+                    help="augmented arms, comma-separated P:C (p_bias_field, bias_field_coeff (0, C)); '' for none "
+                         "[0.3:0.1]")
     ap.add_argument("--flatfield", default="",
                     help="flat-field arms: comma-separated normalization.flatfield_mm values (mm), none by default")
     args = ap.parse_args()

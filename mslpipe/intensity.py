@@ -10,6 +10,9 @@ import numpy as np
 from scipy import ndimage
 
 IQR_TO_STD = 1.349  # the interquartile range of a normal distribution, in standard deviations
+# Tissue for the flat field's shading: once-flattened intensity within these multiples of the brain's median. FLAIR
+# CSF lies far below (suppressed), lesions mostly above; grey and white matter within.
+TISSUE_RANGE = (0.6, 1.4)
 
 
 def normalise(image: np.ndarray, brain: np.ndarray, lower_pct: float, upper_pct: float,
@@ -35,34 +38,48 @@ def normalise(image: np.ndarray, brain: np.ndarray, lower_pct: float, upper_pct:
     return out, {"lower": lo, "upper": hi, "mean": mean, "std": std}
 
 
-def flatten_field(image: np.ndarray, brain: np.ndarray, sigma_mm: float, spacing, step: int = 4) -> np.ndarray:
+def flatten_field(image: np.ndarray, brain: np.ndarray, sigma_mm: float, spacing, step: int = 4,
+                  tissue_range: tuple[float, float] = TISSUE_RANGE) -> np.ndarray:
     """The image with its slow shading across the brain (an uncorrected bias field) divided out.
 
-    The shading is the brain's local mean intensity: a Gaussian of ``sigma_mm`` over the brain alone (normalised
-    convolution: the smoothed image over the smoothed mask, so the background does not darken the edges), taken
-    on a grid ``step`` times coarser (the shading is smooth; a 182-slice volume takes about half a second) and
-    interpolated back. Intensities are measured from the brain's 0.5th percentile, which stands for no signal
-    (not every scan has a zero background); the shading is divided out relative to its median over the brain, so
-    the brain's overall level stays. Lesions, far smaller than ``sigma_mm``, keep their contrast to the tissue
-    around them. Outside the brain the image is unchanged. Near the brain's edge the local mean leans toward the
-    centre, so a shading is divided out largely, not wholly (three quarters of a ramp across a ball four widths of
-    ``sigma_mm`` across).
+    The shading is the local mean intensity of the brain's tissue: a Gaussian of ``sigma_mm`` over tissue voxels
+    alone (normalised convolution: the smoothed image over the smoothed mask, so neither the background nor the
+    voxels left out darken or brighten it), taken on a grid ``step`` times coarser (the shading is smooth; a
+    182-slice volume takes about a second) and interpolated back. Tissue is found in two passes: the first takes the
+    whole brain; the second keeps the voxels whose once-flattened intensity lies within ``tissue_range`` times the
+    brain's median, so that dark CSF (ventricles, sulci) and bright lesions, which differ from tissue in kind and
+    not by shading, do not bend the estimate (without this, the tissue beside the ventricles, where periventricular
+    lesions lie, comes out brighter). Intensities are measured from the brain's 0.5th percentile, which stands for
+    no signal (not every scan has a zero background); the shading is divided out relative to its median over the
+    brain, so the brain's overall level stays. Lesions, far smaller than ``sigma_mm``, keep their contrast to the
+    tissue around them. Outside the brain the image is unchanged. Near the brain's edge the local mean leans toward
+    the centre, so a shading is divided out largely, not wholly (three quarters of a ramp across a ball four widths
+    of ``sigma_mm`` across).
     """
     lo = float(np.percentile(image[brain], 0.5))
     signal = np.where(brain, np.maximum(image - lo, 0.0), 0.0).astype(np.float32)
     padded = tuple(-(-n // step) * step for n in image.shape)
     pad = [(0, m - n) for m, n in zip(padded, image.shape, strict=True)]
+    sigma = [sigma_mm / (float(s) * step) for s in spacing]
 
     def coarse(a: np.ndarray) -> np.ndarray:
         blocks = np.pad(a, pad).reshape(padded[0] // step, step, padded[1] // step, step, padded[2] // step, step)
         return blocks.mean(axis=(1, 3, 5))
 
-    sigma = [sigma_mm / (float(s) * step) for s in spacing]
-    weight = ndimage.gaussian_filter(coarse(brain.astype(np.float32)), sigma)
-    local = ndimage.gaussian_filter(coarse(signal), sigma) / np.maximum(weight, 1e-3)
-    local = ndimage.zoom(local, step, order=1, mode="nearest", grid_mode=True)[tuple(slice(0, n) for n in image.shape)]
-    reference = float(np.median(local[brain]))
-    if reference <= 0:
+    def shading(weights: np.ndarray) -> np.ndarray | None:
+        smoothed = ndimage.gaussian_filter(coarse(weights), sigma)
+        local = ndimage.gaussian_filter(coarse(signal * weights), sigma) / np.maximum(smoothed, 1e-3)
+        local = ndimage.zoom(local, step, order=1, mode="nearest", grid_mode=True)
+        local = local[tuple(slice(0, n) for n in image.shape)]
+        reference = float(np.median(local[brain]))
+        return np.maximum(local, 0.1 * reference) / reference if reference > 0 else None
+
+    first = shading(brain.astype(np.float32))
+    if first is None:
         return image
-    shading = np.maximum(local, 0.1 * reference) / reference
-    return np.where(brain, signal / shading + lo, image).astype(np.float32)
+    flat = signal / first
+    median = float(np.median(flat[brain]))
+    tissue = brain & (flat >= tissue_range[0] * median) & (flat <= tissue_range[1] * median)
+    second = shading(tissue.astype(np.float32)) if tissue.sum() > 0.25 * brain.sum() else None
+    field = first if second is None else second
+    return np.where(brain, signal / field + lo, image).astype(np.float32)

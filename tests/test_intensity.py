@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 from test_preprocess import SHAPE, _ball, _head
 
 from mslpipe.intensity import flatten_field, normalise
@@ -94,3 +95,20 @@ def test_flatten_field_leaves_an_even_brain_nearly_as_it_was():
     out = flatten_field(image, brain, sigma_mm=20.0, spacing=(1.0, 1.0, 1.0))
     assert np.median(np.abs(out[brain] - image[brain]) / image[brain].clip(1)) < 0.05
     assert out.dtype == np.float32 and out.shape == image.shape
+
+
+def test_flatten_field_does_not_brighten_tissue_beside_a_ventricle():
+    """A dark ventricle (CSF, 20) the size of the Gaussian in an even brain is not a shading: the tissue around it
+    keeps its level (the whole-brain local mean, pulled down by the CSF, would brighten it by a fifth), and so do a
+    bright lesion and the ventricle itself, relative to the tissue."""
+    image, brain, lesion = _shaded_brain()
+    ventricle = np.zeros(image.shape, bool)
+    ventricle[18:38, 20:40, 20:40] = True
+    image[ventricle] = 20.0
+    out = flatten_field(image, brain, sigma_mm=10.0, spacing=(1.0, 1.0, 1.0))
+    tissue = brain & (image > 50) & (image < 140)
+    shell = tissue & ndimage.binary_dilation(ventricle, iterations=3) & ~ventricle
+    far = tissue & ~ndimage.binary_dilation(ventricle, iterations=12)
+    ratio = np.median(out[shell]) / np.median(out[far])
+    assert abs(ratio - 1) < 0.05, ratio
+    assert out[lesion].mean() / np.median(out[far]) == pytest.approx(1.5, rel=0.1)
