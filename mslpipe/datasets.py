@@ -15,17 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mslpipe.dicom import dicom_series_info, find_dicom_series, load_dicom_series
 from mslpipe.errors import MslpipeError
-from mslpipe.io import (
-    NIFTI_SUFFIXES,
-    dicom_series_info,
-    find_dicom_series,
-    is_nifti,
-    load_dicom_series,
-    load_image,
-    read_json,
-    strip_nifti_suffix,
-)
+from mslpipe.io import NIFTI_SUFFIXES, is_nifti, load_image, read_json, strip_nifti_suffix
 from mslpipe.plans import Workdirs
 
 log = logging.getLogger(__name__)

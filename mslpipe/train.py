@@ -7,8 +7,6 @@ fold folder). Validation scores whole volumes through :mod:`mslpipe.inference`, 
 
 from __future__ import annotations
 
-import csv
-import io as _io
 import logging
 import os
 import time
@@ -21,22 +19,41 @@ import numpy as np
 from mslpipe import architectures, checkpoints, data_loading, inference, metrics
 from mslpipe.budget import EpochBudget
 from mslpipe.errors import MslpipeError
-from mslpipe.io import atomic_path, atomic_write_text, read_json, save_nifti, write_json
+from mslpipe.io import read_json, save_nifti, write_json
 from mslpipe.plans import Plan, Workdirs, apply_overrides, load_plan
 from mslpipe.preprocess import restore
+from mslpipe.train_parts import LOG_FIELDS as LOG_FIELDS  # re-exported, as before the split
+from mslpipe.train_parts import (
+    batch_to_device,
+    close_dist,
+    from_rank0,
+    init_dist,
+    init_output_prior,
+    make_ema,
+    make_loss,
+    make_optimizer,
+    make_step,
+    plot_curve,
+    poly_lr,
+    read_log,
+    wrap_ddp,
+    write_log,
+)
+from mslpipe.train_parts import dist_info as dist_info  # re-exported, as before the split
 
 log = logging.getLogger(__name__)
-
-LOG_FIELDS = ["epoch", "train_loss", "val_loss", "val_dice", "val_dice_per_case", "lr", "seconds"]
 
 
 @dataclass
 class FoldData:
+    """The case ids a fold trains on and validates on."""
+
     train: list[str]
     val: list[str]
 
 
 def fold_cases(splits: dict, fingerprint: dict, fold: int | str) -> FoldData:
+    """The cases of fold ``fold`` (0..K-1), or for "final" the 8:1:1 view's train and validation cases (all trained)."""
     from mslpipe.plan import cases_of
 
     if fold == "final":
@@ -49,147 +66,10 @@ def fold_cases(splits: dict, fingerprint: dict, fold: int | str) -> FoldData:
     return FoldData(cases_of(f["train"], fingerprint), cases_of(f["val"], fingerprint))
 
 
-def make_loss():
-    from monai.losses import DiceCELoss
-
-    # BCE (with logits: the sigmoid lives in the loss) + soft Dice over the whole batch.
-    return DiceCELoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
-
-
-def make_optimizer(model, plan: Plan):
-    import torch
-
-    opt = dict(plan.optimizer)
-    name = opt.pop("name", "sgd").lower()
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=opt.get("lr", 1e-2), momentum=opt.get("momentum", 0.9),
-                               nesterov=opt.get("nesterov", True), weight_decay=opt.get("weight_decay", 0))
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=opt.get("lr", 1e-3),
-                                 weight_decay=opt.get("weight_decay", 1e-2))
-    raise MslpipeError(f"unknown optimizer {name!r} in the plan (sgd or adamw)")
-
-
-def init_output_prior(model, prior: float) -> None:
-    """Set the bias of the last 1-channel convolution to logit(prior)."""
-    import torch
-
-    heads = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels == 1]
-    if heads and heads[-1].bias is not None and 0 < prior < 1:
-        with torch.no_grad():
-            heads[-1].bias.fill_(float(np.log(prior / (1 - prior))))
-
-
-def batch_to_device(batch: dict, device: str, layout) -> tuple:
-    """A loader batch as (image, label) on the device; the image in ``layout`` (a torch.memory_format, the
-    network's :func:`architectures.memory_format`)."""
-    x = batch["image"].to(device, non_blocking=True)
-    y = batch["label"].to(device, non_blocking=True)
-    return x.contiguous(memory_format=layout), y
-
-
-def make_ema(model, plan: Plan):
-    """The exponential moving average of ``model``'s weights and BatchNorm statistics that the plan asks for
-    (``plan.ema_half_life``, a fraction of the run's iterations), or None. torch's AveragedModel; its first
-    update copies the weights."""
-    if not plan.ema_half_life:
-        return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    half_life_steps = max(plan.ema_half_life * plan.epochs * plan.iterations_per_epoch, 1.0)
-    decay = 0.5 ** (1.0 / half_life_steps)
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-
-
-def make_step(model, step_model, opt, loss_fn, device: str, ema=None):
-    """One optimisation step on (x, y), returning the detached loss: ``step_model`` (the model, or its
-    DDP or compiled wrapper) forward under bf16 autocast on CUDA, backward, gradients of ``model``
-    clipped to norm 12, SGD step, then the weights' moving average ``ema`` (see make_ema) updated."""
-    import torch
-
-    def step(x, y):
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = loss_fn(step_model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
-        opt.step()
-        if ema is not None:
-            ema.update_parameters(model)
-        return loss.detach()
-    return step
-
-
-def poly_lr(plan: Plan, epoch: int, total: int | None = None) -> float:
-    """The plan's learning rate decayed polynomially over ``total`` epochs (the plan's by default)."""
-    base = plan.optimizer.get("lr", 1e-2)
-    return base * (1 - epoch / (total or plan.epochs)) ** plan.lr_schedule.get("exponent", 0.9)
-
-
-# ---------------------------------------------------------------------------- distributed
-def dist_info() -> tuple[int, int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(
-        os.environ.get("LOCAL_RANK", 0))
-
-
-def _init_dist(device: str):
-    import torch.distributed as dist
-
-    rank, world, local = dist_info()
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
-        if device == "cuda":
-            import torch
-
-            torch.cuda.set_device(local)
-    return rank, world
-
-
-# ---------------------------------------------------------------------------- logs
-def _write_log(path: Path, rows: list[dict]) -> None:
-    buf = _io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=LOG_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
-def _read_log(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with path.open(newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def plot_curve(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def col(k):
-        return [float(r[k]) if r.get(k) not in ("", None) else np.nan for r in rows]
-
-    ep = col("epoch")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(ep, col("train_loss"), label="train loss")
-    ax.plot(ep, col("val_loss"), label="validation loss")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax2 = ax.twinx()
-    ax2.plot(ep, col("val_dice"), color="tab:green", label="validation Dice (volume)")
-    ax2.set_ylim(0, 1)
-    ax2.set_ylabel("Dice")
-    fig.legend(loc="upper center", ncol=3, fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------------------- validation
 def validate(model, cases: list[str], pre_dir: Path, plan: Plan, device: str, divisor: int,
              loss_fn) -> tuple[float, dict[str, float]]:
+    """Mean loss and Dice per case of ``model`` on whole validation volumes, through :mod:`mslpipe.inference`."""
     import torch
 
     losses, dices = [], {}
@@ -223,7 +103,8 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
         device: str = "auto", compile: bool = False, resume: bool = False, num_workers: int | None = None,
         ema_half_life: float | None = None, minutes: float | None = None, show_progress: bool = True
         ) -> dict[str, Any]:
-    """``minutes``: whole epochs while the next one fits into this wall-clock budget (:mod:`mslpipe.budget`),
+    """Train one fold of the plan's network, with the given overrides, into its results folder.
+    ``minutes``: whole epochs while the next one fits into this wall-clock budget (:mod:`mslpipe.budget`),
     with ``epochs`` as a cap (1000 unless given)."""
     import torch
 
@@ -231,13 +112,83 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
     base = load_plan(plan_dir / "plans.json")
     splits, fingerprint = read_json(plan_dir / "splits.json"), read_json(plan_dir / "fingerprint.json")
     device = inference.pick_device(device)
-    optimizer = dict(base.optimizer, lr=lr) if lr is not None else None
-    arch_kwargs = {} if arch is not None and arch != base.architecture else None
+    budget = _epoch_budget(minutes, epochs)
+    plan, divisor = _effective_plan(base, budget, arch=arch, epochs=epochs, lr=lr, batch_size=batch_size,
+                                    iterations=iterations, num_workers=num_workers, ema_half_life=ema_half_life)
+    data = fold_cases(splits, fingerprint, fold)
+    pre_dir = dirs.preprocessed_dir(name)
+    out = dirs.fold_dir(name, plan.architecture, fold)
+    rank, world = init_dist(device)
+    r = _Run(name, fold, plan, budget, divisor, data, pre_dir, out, device, rank, world)
+    if rank == 0:
+        _start_fold_dir(r, resume=resume, compile=compile, minutes=minutes)
+
+    _build_network(r)
+    loss_fn = make_loss()
+    start_epoch, best, rows = _restore(r) if resume else (0, -1.0, [])
+    train_model = wrap_ddp(r.model, device, world)
+    step = make_step(r.model, torch.compile(train_model) if compile else train_model, r.opt, loss_fn, device, r.ema)
+    # One loader for the whole run: its workers stay alive across epochs, and each epoch's batches
+    # follow from (seed, epoch), so a resumed run draws exactly what the uninterrupted one would.
+    loader = data_loading.make_train_loader(pre_dir, data.train, plan, batches=plan.iterations_per_epoch,
+                                            seed=plan.seed + rank, device_hint=device, start_epoch=start_epoch)
+    epoch = _train_epochs(r, train_model, step, loader, loss_fn, start_epoch, best, rows, show_progress)
+    if rank == 0:
+        _save_final(r, epoch)
+    close_dist(world)
+    final = rows[-1] if rows else {}
+    return {"fold_dir": out, "epochs": epoch, "val_dice": final.get("val_dice"), "rows": rows, "rank": rank}
+
+
+@dataclass
+class _Run:
+    """One fold's run: its effective plan and budget, cases, folders, device and rank among ``world`` processes;
+    then (see _build_network) its network, optimiser, weights' moving average (or None) and memory layout."""
+
+    name: str
+    fold: int | str
+    plan: Plan
+    budget: EpochBudget | None
+    divisor: int
+    data: FoldData
+    pre_dir: Path
+    out: Path
+    device: str
+    rank: int
+    world: int
+    model: Any = None
+    opt: Any = None
+    ema: Any = None
+    layout: Any = None
+
+    @property
+    def scored(self):
+        """What validation scores and the best and final checkpoints hold: the moving average, else the model."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def checkpoint(self, which: str) -> Path:
+        """The path of checkpoint_{latest,previous,best,final}.pt."""
+        return self.out / f"checkpoint_{which}.pt"
+
+    def meta(self, **more) -> dict[str, Any]:
+        """A checkpoint's ``meta``: plan, fold and dataset, then ``more``."""
+        return {"plan": self.plan.to_dict(), "fold": str(self.fold), "dataset": self.name, **more}
+
+
+def _epoch_budget(minutes: float | None, epochs: int | None) -> EpochBudget | None:
+    """The wall-clock budget of ``--minutes``, ``--epochs`` (or 1000) its cap; None without ``--minutes``."""
     if minutes is not None and not minutes > 0:
         raise MslpipeError(f"--minutes must be positive, not {minutes:g}")
     if minutes is not None and epochs is not None and epochs < 1:
         raise MslpipeError(f"--epochs (with --minutes, the most epochs to run) must be at least 1, not {epochs}")
-    budget = EpochBudget(minutes * 60, cap=epochs or 1000) if minutes is not None else None
+    return EpochBudget(minutes * 60, cap=epochs or 1000) if minutes is not None else None
+
+
+def _effective_plan(base: Plan, budget: EpochBudget | None, *, arch, epochs, lr, batch_size, iterations,
+                    num_workers, ema_half_life) -> tuple[Plan, int]:
+    """(the plan with the command line's overrides, the patch rounded up to the network's divisor; the divisor)."""
+    optimizer = dict(base.optimizer, lr=lr) if lr is not None else None
+    arch_kwargs = {} if arch is not None and arch != base.architecture else None
     plan = apply_overrides(base, {"architecture": arch, "arch_kwargs": arch_kwargs,
                                   "epochs": None if budget else epochs,
                                   "batch_size": batch_size, "iterations_per_epoch": iterations,
@@ -250,140 +201,143 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
     divisor = architectures.required_divisor(plan.architecture, **plan.arch_kwargs)
     if any(p % divisor for p in plan.patch_size):  # another architecture may need a coarser grid
         plan = apply_overrides(plan, {"patch_size": [-(-p // divisor) * divisor for p in plan.patch_size]})
-    data = fold_cases(splits, fingerprint, fold)
-    pre_dir = dirs.preprocessed_dir(name)
-    out = dirs.fold_dir(name, plan.architecture, fold)
-    rank, world = _init_dist(device)
-    is_main = rank == 0
-    latest, previous = out / "checkpoint_latest.pt", out / "checkpoint_previous.pt"
-    if is_main:
-        if not resume and latest.exists():
-            raise MslpipeError("a run exists here already: add --continue to resume it, or delete the folder",
-                               out)
-        write_json(out / "plan.json", plan.to_dict())
-        write_json(out / "run.json", {"fold": fold, "train": data.train, "val": data.val, "device": device,
-                                      "world_size": world, "compile": compile, "minutes": minutes,
-                                      "epoch_cap": budget.cap if budget else None})
+    return plan, divisor
 
-    torch.manual_seed(plan.seed + rank)
-    np.random.seed(plan.seed + rank)
-    if device == "cuda":
+
+def _start_fold_dir(r: _Run, *, resume: bool, compile: bool, minutes: float | None) -> None:
+    """Refuse to overwrite a run unless resuming; record the effective plan and the run's settings."""
+    if not resume and r.checkpoint("latest").exists():
+        raise MslpipeError("a run exists here already: add --continue to resume it, or delete the folder", r.out)
+    write_json(r.out / "plan.json", r.plan.to_dict())
+    write_json(r.out / "run.json", {"fold": r.fold, "train": r.data.train, "val": r.data.val, "device": r.device,
+                                    "world_size": r.world, "compile": compile, "minutes": minutes,
+                                    "epoch_cap": r.budget.cap if r.budget else None})
+
+
+def _build_network(r: _Run) -> None:
+    """Seed torch and numpy for this rank, then build the network (output bias at the plan's prior), its
+    optimiser and moving average, in this order: the seeded random draws depend on it."""
+    import torch
+
+    torch.manual_seed(r.plan.seed + r.rank)
+    np.random.seed(r.plan.seed + r.rank)
+    if r.device == "cuda":
         torch.backends.cudnn.benchmark = True
-    model = architectures.build(plan.architecture, in_channels=plan.input_channels, **plan.arch_kwargs)
-    init_output_prior(model, plan.output_prior)
-    model = inference.prepare_model(model, device)
-    layout = architectures.memory_format(model, device)
-    opt = make_optimizer(model, plan)
-    ema = make_ema(model, plan)
-    scored = ema.module if ema is not None else model  # what validation scores and the final checkpoint holds
-    loss_fn = make_loss()
-    start_epoch, best, rows = 0, -1.0, []
-    if resume:
-        payload = _load_resume(latest, previous)
-        if payload is not None:
-            model.load_state_dict(payload["model"])
-            opt.load_state_dict(payload["optimizer"])
-            if ema is not None:
-                if "ema" not in payload:
-                    raise MslpipeError("this run's checkpoint has no weight average (ema_half_life was 0): "
-                                       "resume it with --ema-half-life 0", latest)
-                ema.load_state_dict(payload["ema"])
-            start_epoch, best = payload["meta"]["epoch"] + 1, payload["meta"]["best_dice"]
-            if budget is not None and payload["meta"].get("budget"):  # the minutes already spent count
-                budget.spent = float(payload["meta"]["budget"]["spent"])
-                budget.epoch_s = [float(x) for x in payload["meta"]["budget"]["epoch_s"]]
-            checkpoints.set_rng_state(payload["rng"])
-            rows = [r for r in _read_log(out / "log.csv") if int(r["epoch"]) < start_epoch]
-            log.info("resuming %s at epoch %d", out, start_epoch)
-    train_model = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    model = architectures.build(r.plan.architecture, in_channels=r.plan.input_channels, **r.plan.arch_kwargs)
+    init_output_prior(model, r.plan.output_prior)
+    r.model = inference.prepare_model(model, r.device)
+    r.layout = architectures.memory_format(r.model, r.device)
+    r.opt = make_optimizer(r.model, r.plan)
+    r.ema = make_ema(r.model, r.plan)
 
-        train_model = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()]
-                                              if device == "cuda" else None)
-    step = make_step(model, torch.compile(train_model) if compile else train_model, opt, loss_fn, device, ema)
 
-    # One loader for the whole run: its workers stay alive across epochs, and each epoch's batches
-    # follow from (seed, epoch), so a resumed run draws exactly what the uninterrupted one would.
-    loader = data_loading.make_train_loader(pre_dir, data.train, plan, batches=plan.iterations_per_epoch,
-                                            seed=plan.seed + rank, device_hint=device, start_epoch=start_epoch)
-    meta = {"plan": plan.to_dict(), "fold": str(fold), "dataset": name}
-    progress = _progress(show_progress and is_main)
-    total = budget.total(start_epoch) if budget else plan.epochs  # the run's epochs: fixed, or what fits
+def _restore(r: _Run) -> tuple[int, float, list[dict]]:
+    """Load the last readable checkpoint (weights, optimiser, moving average, budget spent, RNG state); returns
+    (first epoch to run, best Dice, the log rows before it), or (0, -1.0, []) when there is none."""
+    payload = _load_resume(r.checkpoint("latest"), r.checkpoint("previous"))
+    if payload is None:
+        return 0, -1.0, []
+    r.model.load_state_dict(payload["model"])
+    r.opt.load_state_dict(payload["optimizer"])
+    if r.ema is not None:
+        if "ema" not in payload:
+            raise MslpipeError("this run's checkpoint has no weight average (ema_half_life was 0): "
+                               "resume it with --ema-half-life 0", r.checkpoint("latest"))
+        r.ema.load_state_dict(payload["ema"])
+    meta = payload["meta"]
+    start_epoch, best = meta["epoch"] + 1, meta["best_dice"]
+    if r.budget is not None and meta.get("budget"):  # the minutes already spent count
+        r.budget.spent = float(meta["budget"]["spent"])
+        r.budget.epoch_s = [float(x) for x in meta["budget"]["epoch_s"]]
+    checkpoints.set_rng_state(payload["rng"])
+    rows = [row for row in read_log(r.out / "log.csv") if int(row["epoch"]) < start_epoch]
+    log.info("resuming %s at epoch %d", r.out, start_epoch)
+    return start_epoch, best, rows
+
+
+def _train_epochs(r: _Run, train_model, step, loader, loss_fn, start_epoch: int, best: float, rows: list[dict],
+                  show_progress: bool) -> int:
+    """Epochs from ``start_epoch`` to the plan's or the budget's end: each trained, then on rank 0 validated,
+    logged (appended to ``rows``) and checkpointed. Returns the epoch count reached."""
+    progress = _progress(show_progress and r.rank == 0)
+    total = r.budget.total(start_epoch) if r.budget else r.plan.epochs  # the run's epochs: fixed, or what fits
+    per_epoch = r.plan.iterations_per_epoch
     epoch, mark = start_epoch, time.perf_counter()
     with progress:
-        task = progress.add_task(f"fold {fold}", total=None if budget else (total - start_epoch)
-                                 * plan.iterations_per_epoch)
+        task = progress.add_task(f"fold {r.fold}", total=None if r.budget else (total - start_epoch) * per_epoch)
         while epoch < total:
             t0 = time.perf_counter()
-            lr_now = poly_lr(plan, epoch, total)
-            for g in opt.param_groups:
-                g["lr"] = lr_now
-            train_model.train()
-            losses = []
-            for batch in loader:
-                losses.append(step(*batch_to_device(batch, device, layout)))
-                progress.advance(task)
-            train_loss = float(torch.stack(losses).mean())
-            if is_main:
-                val_loss, dices = validate(scored, data.val, pre_dir, plan, device, divisor, loss_fn)
-                val_dice = float(np.mean(list(dices.values()))) if dices else float("nan")
-                rows.append({"epoch": epoch, "train_loss": f"{train_loss:.5f}", "val_loss": f"{val_loss:.5f}",
-                             "val_dice": f"{val_dice:.5f}",
-                             "val_dice_per_case": " ".join(f"{c}={d:.4f}" for c, d in dices.items()),
-                             "lr": f"{lr_now:.6g}", "seconds": f"{time.perf_counter() - t0:.2f}"})
-                _write_log(out / "log.csv", rows)
-                plot_curve(rows, out / "curve.png")
-            if budget is not None:  # an epoch runs from the last one's end; rank 0's clock decides for all ranks
+            lr_now = poly_lr(r.plan, epoch, total)
+            train_loss = _train_epoch(r, train_model, step, loader, lr_now, lambda: progress.advance(task))
+            if r.rank == 0:
+                val_dice, dices = _validate_and_log(r, loss_fn, rows, epoch, train_loss, lr_now, t0)
+            if r.budget is not None:  # an epoch runs from the last one's end; rank 0's clock decides for all ranks
                 now = time.perf_counter()
-                budget.add(_from_rank0(now - mark, device, world))
-                mark, total = now, budget.total(epoch + 1)
-            if is_main:
+                r.budget.add(from_rank0(now - mark, r.device, r.world))
+                mark, total = now, r.budget.total(epoch + 1)
+            if r.rank == 0:
                 # under a budget the bar's length is the epochs expected to fit, re-estimated after each one
-                progress.update(task, description=f"fold {fold} ep {epoch + 1}/{total} "
+                progress.update(task, description=f"fold {r.fold} ep {epoch + 1}/{total} "
                                                   f"loss {train_loss:.3f} val Dice {val_dice:.3f}",
-                                total=(total - start_epoch) * plan.iterations_per_epoch)
+                                total=(total - start_epoch) * per_epoch)
                 improved = bool(dices) and val_dice > best
                 best = max(best, val_dice) if dices else best
-                state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": checkpoints.rng_state(),
-                         "meta": {**meta, "epoch": epoch, "best_dice": best,
-                                  **({"budget": budget.state()} if budget else {})}}
-                if ema is not None:
-                    state["ema"] = ema.state_dict()
-                if improved:
-                    checkpoints.save(out / "checkpoint_best.pt", dict(state, model=scored.state_dict()))
-                if latest.exists():
-                    os.replace(latest, previous)
-                checkpoints.save(latest, state)
+                _save_epoch(r, epoch, best, improved)
             epoch += 1
-    if is_main:
-        scored.eval()
-        checkpoints.save(out / "checkpoint_final.pt", {"model": scored.state_dict(),
-                                                       "meta": {**meta, "epoch": epoch - 1}})
-        if data.val:
-            export_validation(scored, data.val, pre_dir, plan, device, divisor, out / "validation")
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
-    final = rows[-1] if rows else {}
-    return {"fold_dir": out, "epochs": epoch, "val_dice": final.get("val_dice"), "rows": rows, "rank": rank}
+    return epoch
 
 
-def _from_rank0(value: float, device: str, world: int) -> float:
-    """Rank 0's ``value`` on every rank (as is without DDP)."""
-    if world == 1:
-        return value
+def _train_epoch(r: _Run, train_model, step, loader, lr: float, advance) -> float:
+    """One pass over the loader at learning rate ``lr``, calling ``advance`` after each step; the mean loss."""
     import torch
-    import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.float64, device="cuda" if device == "cuda" else "cpu")
-    dist.broadcast(t, src=0)
-    return float(t.item())
+    for g in r.opt.param_groups:
+        g["lr"] = lr
+    train_model.train()
+    losses = []
+    for batch in loader:
+        losses.append(step(*batch_to_device(batch, r.device, r.layout)))
+        advance()
+    return float(torch.stack(losses).mean())
+
+
+def _validate_and_log(r: _Run, loss_fn, rows: list[dict], epoch: int, train_loss: float, lr: float,
+                      t0: float) -> tuple[float, dict[str, float]]:
+    """Validate, append the epoch's row to ``rows``, rewrite log.csv and curve.png; (mean Dice, Dice per case)."""
+    val_loss, dices = validate(r.scored, r.data.val, r.pre_dir, r.plan, r.device, r.divisor, loss_fn)
+    val_dice = float(np.mean(list(dices.values()))) if dices else float("nan")
+    rows.append({"epoch": epoch, "train_loss": f"{train_loss:.5f}", "val_loss": f"{val_loss:.5f}",
+                 "val_dice": f"{val_dice:.5f}", "val_dice_per_case": " ".join(f"{c}={d:.4f}" for c, d in dices.items()),
+                 "lr": f"{lr:.6g}", "seconds": f"{time.perf_counter() - t0:.2f}"})
+    write_log(r.out / "log.csv", rows)
+    plot_curve(rows, r.out / "curve.png")
+    return val_dice, dices
+
+
+def _save_epoch(r: _Run, epoch: int, best: float, improved: bool) -> None:
+    """Save the whole state as checkpoint_latest.pt (the one before becomes checkpoint_previous.pt), and the
+    scored weights as checkpoint_best.pt when validation improved."""
+    state = {"model": r.model.state_dict(), "optimizer": r.opt.state_dict(), "rng": checkpoints.rng_state(),
+             "meta": r.meta(epoch=epoch, best_dice=best, **({"budget": r.budget.state()} if r.budget else {}))}
+    if r.ema is not None:
+        state["ema"] = r.ema.state_dict()
+    if improved:
+        checkpoints.save(r.checkpoint("best"), dict(state, model=r.scored.state_dict()))
+    if r.checkpoint("latest").exists():
+        os.replace(r.checkpoint("latest"), r.checkpoint("previous"))
+    checkpoints.save(r.checkpoint("latest"), state)
+
+
+def _save_final(r: _Run, epochs: int) -> None:
+    """Save the scored weights as checkpoint_final.pt, and their out-of-fold predictions when the fold has any."""
+    r.scored.eval()
+    checkpoints.save(r.checkpoint("final"), {"model": r.scored.state_dict(), "meta": r.meta(epoch=epochs - 1)})
+    if r.data.val:
+        export_validation(r.scored, r.data.val, r.pre_dir, r.plan, r.device, r.divisor, r.out / "validation")
 
 
 def _load_resume(latest: Path, previous: Path) -> dict | None:
+    """The latest checkpoint, else the previous one if the latest is unreadable; None when there is neither."""
     for path in (latest, previous):
         if not path.exists():
             continue
@@ -398,6 +352,7 @@ def _load_resume(latest: Path, previous: Path) -> dict | None:
 
 
 def _progress(enabled: bool):
+    """The run's progress bar (rich), drawn only when ``enabled``."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from mslpipe.datasets import check_case_id, discover, gather_sources
+from mslpipe.dicom import write_dicom_series
 from mslpipe.errors import MslpipeError
-from mslpipe.io import save_nifti, write_dicom_series
+from mslpipe.io import save_nifti
 
 SHAPE = (4, 5, 3)
 

@@ -369,7 +369,7 @@ def test_two_visits_as_dicom_series(trained, synth_root, tmp_path):
     from test_registration import _moved
 
     from mslpipe import workflow
-    from mslpipe.io import write_dicom_series
+    from mslpipe.dicom import write_dicom_series
 
     d, result = trained
     model = [result["fold_dir"] / "checkpoint_final.pt"]

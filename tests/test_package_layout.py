@@ -10,8 +10,8 @@ import mslpipe
 
 PACKAGE = Path(mslpipe.__file__).parent
 # imports nothing from the project above it (architectures/ counts as one module here)
-BOTTOM = {"errors", "io", "plans", "metrics", "postprocess", "tables", "budget", "checkpoints", "architectures",
-          "intensity"}
+BOTTOM = {"errors", "io", "dicom", "plans", "metrics", "postprocess", "tables", "budget", "checkpoints",
+          "architectures", "intensity"}
 
 
 def module_name(path: Path) -> str:

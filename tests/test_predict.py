@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from mslpipe import datasets, inference, predict
+from mslpipe.dicom import load_dicom_series, write_dicom_series
 from mslpipe.errors import MslpipeError
-from mslpipe.io import load_dicom_series, load_image, save_nifti, write_dicom_series
+from mslpipe.io import load_image, save_nifti
 
 
 @pytest.fixture(scope="module")

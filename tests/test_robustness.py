@@ -130,7 +130,7 @@ def test_dicom_reading_keeps_the_process_locale(tmp_path):
     """ITK sets the C locale; mslpipe restores it, so later text I/O is not forced to ASCII."""
     import locale
 
-    from mslpipe.io import load_dicom_series, write_dicom_series
+    from mslpipe.dicom import load_dicom_series, write_dicom_series
 
     before = locale.setlocale(locale.LC_ALL)
     write_dicom_series(tmp_path / "s", np.zeros((4, 4, 3)), np.eye(4))

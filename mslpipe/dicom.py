@@ -1,0 +1,157 @@
+"""DICOM series: find them in a folder, read their naming fields, load one as a volume, write one (SimpleITK).
+
+SimpleITK is imported inside each function, so importing this module stays cheap. Volumes come back as
+nibabel would load them (float32 in i,j,k order with a RAS affine); see :func:`mslpipe.io.sitk_to_numpy`.
+Every file written goes through :func:`mslpipe.io.atomic_path`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from mslpipe.errors import MslpipeError
+from mslpipe.io import atomic_path, numpy_to_sitk, sitk_to_numpy
+
+
+@contextlib.contextmanager
+def _keep_locale() -> Iterator[None]:
+    """ITK resets the process locale to "C" (text I/O then defaults to ASCII); put it back."""
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+@_keep_locale()
+def find_dicom_series(folder: str | os.PathLike) -> list[tuple[str, list[str]]]:
+    """List DICOM series under ``folder`` as (series uid, sorted file names); SimpleITK does the sort."""
+    import SimpleITK as sitk
+
+    folders = [Path(folder)] + sorted(p for p in Path(folder).rglob("*") if p.is_dir())
+    series = []
+    for sub in folders:
+        reader = sitk.ImageSeriesReader()
+        for uid in reader.GetGDCMSeriesIDs(str(sub)) or ():
+            files = list(reader.GetGDCMSeriesFileNames(str(sub), uid))
+            if files:
+                series.append((uid, files))
+    return series
+
+
+def _check_dicom_spacing(files: list[str], folder: Path) -> None:
+    """Refuse a series with a missing slice: slice positions must be evenly spaced."""
+    import SimpleITK as sitk
+
+    positions = []
+    for name in files:
+        r = sitk.ImageFileReader()
+        r.SetFileName(name)
+        r.LoadPrivateTagsOff()
+        r.ReadImageInformation()
+        positions.append(np.asarray(r.GetOrigin(), dtype=float))
+    if len(positions) < 2:
+        raise MslpipeError("DICOM series has fewer than 2 slices", folder)
+    gaps = np.linalg.norm(np.diff(np.stack(positions), axis=0), axis=1)
+    step = np.median(gaps)
+    if step <= 0 or np.any(np.abs(gaps - step) > 0.1 * step + 1e-3):
+        worst = int(np.argmax(np.abs(gaps - step)))
+        raise MslpipeError(
+            f"DICOM series has uneven slice spacing (a missing slice? gap {gaps[worst]:.2f} mm "
+            f"after slice {worst + 1}, expected {step:.2f} mm)",
+            folder,
+        )
+
+
+# header fields that name a series, as (DICOM tag, key): what a FLAIR series is recognised by
+SERIES_TAGS = (("0008|103e", "description"), ("0018|1030", "protocol"), ("0020|0011", "number"))
+
+
+@_keep_locale()
+def dicom_series_info(files: list[str]) -> dict[str, str]:
+    """The naming fields (:data:`SERIES_TAGS`) of a series, from its first file's header ('' where absent)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    reader.LoadPrivateTagsOff()
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return {key: "" for _, key in SERIES_TAGS}
+    return {key: reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else "" for tag, key in SERIES_TAGS}
+
+
+@_keep_locale()
+def load_dicom_series(folder: str | os.PathLike, files: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read the single DICOM series in ``folder`` (or the series of ``files``, sorted, one series found by
+    :func:`find_dicom_series`; ``folder`` then names it in errors) as (float32 array, nibabel-style RAS affine).
+
+    Refuses a folder with no series, with several series mixed together, or with a gap.
+    """
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    if files is None:
+        if not folder.is_dir():
+            raise MslpipeError("not a folder", folder)
+        series = find_dicom_series(folder)
+        if not series:
+            raise MslpipeError("no DICOM series found", folder)
+        if len(series) > 1:
+            raise MslpipeError(f"{len(series)} DICOM series mixed in one folder; give one series per folder",
+                               folder)
+        files = series[0][1]
+    _check_dicom_spacing(files, folder)
+    try:
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(files)
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise MslpipeError(f"cannot read DICOM series ({str(exc).strip().splitlines()[-1]})", folder) from exc
+    return sitk_to_numpy(image, folder)
+
+
+@_keep_locale()
+def write_dicom_series(folder: str | os.PathLike, data: np.ndarray, affine: np.ndarray, description: str = "",
+                       number: int = 1, prefix: str = "slice") -> Path:
+    """Write a volume as a DICOM series (one file per slice, ``PREFIX_KKKK.dcm``; ``description`` and ``number``
+    in its SeriesDescription and SeriesNumber): used by tests and for demos."""
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lps = np.diag([-1.0, -1.0, 1.0])
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    direction = lps @ affine[:3, :3] / spacing
+    values = np.rint(np.asarray(data, dtype=np.float64))  # round to the nearest integer, not truncate
+    if values.size and not (np.isfinite(values).all() and values.min() >= -32768 and values.max() <= 32767):
+        raise MslpipeError("NaN, Inf or values outside the int16 range cannot be written as DICOM", folder)
+    image = numpy_to_sitk(values, affine, dtype=np.int16)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    uid = "1.2.826.0.1.3680043.2.1125." + str(abs(hash(f"{folder}|{description}|{number}")) % 10**12)
+    for k in range(image.GetDepth()):
+        sl = image[:, :, k]
+        origin = image.TransformIndexToPhysicalPoint((0, 0, k))
+        sl.SetMetaData("0020|000e", uid)  # series instance uid
+        sl.SetMetaData("0008|0060", "MR")
+        sl.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in origin))
+        sl.SetMetaData("0020|0037", "\\".join(f"{v:.6f}" for v in direction[:, :2].T.ravel()))
+        sl.SetMetaData("0020|0013", str(k + 1))
+        sl.SetMetaData("0020|0011", str(number))
+        if description:
+            sl.SetMetaData("0008|103e", description)
+        sl.SetMetaData("0028|0030", f"{spacing[1]:.6f}\\{spacing[0]:.6f}")
+        sl.SetMetaData("0018|0050", f"{spacing[2]:.6f}")
+        with atomic_path(folder / f"{prefix}_{k:04d}.dcm") as tmp:
+            writer.SetFileName(str(tmp))
+            writer.Execute(sl)
+    return folder

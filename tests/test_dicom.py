@@ -1,0 +1,123 @@
+"""mslpipe.dicom: DICOM series round trips (data and world geometry) and the series it refuses, on tiny hand-made
+series."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from mslpipe.dicom import load_dicom_series, write_dicom_series
+from mslpipe.errors import MslpipeError
+from mslpipe.io import load_image, save_nifti
+
+SHAPE = (6, 7, 5)
+
+
+def _affine(diag=(-1.0, 1.0, 1.5), offset=(10.5, -20.25, 3.0)) -> np.ndarray:
+    a = np.diag([*diag, 1.0])
+    a[:3, 3] = offset
+    return a
+
+
+def _image(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-50, 500, SHAPE).astype(np.float32)
+
+
+@contextlib.contextmanager
+def _raises(path, *words):
+    """An MslpipeError whose message names ``path`` and contains every one of ``words``."""
+    with pytest.raises(MslpipeError) as info:
+        yield info
+    msg = str(info.value)
+    assert str(path) in msg, msg
+    for word in words:
+        assert word.lower() in msg.lower(), msg
+
+
+def _canonical(data: np.ndarray, affine: np.ndarray):
+    img = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
+    return np.asanyarray(img.dataobj), img.affine
+
+
+def test_dicom_round_trip_right_handed_grid(tmp_path):
+    """A grid DICOM can store as is: data and affine come back exactly."""
+    aff = _affine(diag=(-1.0, -1.0, 1.5))  # RAS affine of LPS-ordered voxels, offset
+    data = np.rint(_image())
+    write_dicom_series(tmp_path / "dcm", data, aff)
+    out, out_aff = load_dicom_series(tmp_path / "dcm")
+    assert out.dtype == np.float32 and out.shape == SHAPE
+    np.testing.assert_array_equal(out, data)
+    nifti = save_nifti(tmp_path / "same.nii.gz", data, aff, dtype=np.float32)
+    np.testing.assert_allclose(out_aff, load_image(nifti)[1], atol=1e-3)
+
+
+def test_dicom_round_trip_flipped_offset_grid(tmp_path):
+    """diag(-1, 1, 1.5) + offset is left-handed: a DICOM reader stacks slices along the normal,
+    so the voxel order may differ, but the image in world space must be the same."""
+    aff = _affine(diag=(-1.0, 1.0, 1.5))
+    data = _image(1)
+    data[0, 0, 0], data[1, 0, 0] = 2.4, -2.6  # int16 rounding, not truncation
+    write_dicom_series(tmp_path / "dcm", data, aff)
+    out, out_aff = load_dicom_series(tmp_path / "dcm")
+    nifti = save_nifti(tmp_path / "same.nii.gz", data, aff, dtype=np.float32)
+    n_data, n_aff = load_image(nifti)
+    got, got_aff = _canonical(out, out_aff)
+    want, want_aff = _canonical(np.rint(n_data), n_aff)
+    np.testing.assert_allclose(got_aff, want_aff, atol=1e-3)
+    np.testing.assert_array_equal(got, want)
+    # spacing and the voxel-to-world mapping of every corner agree
+    np.testing.assert_allclose(np.linalg.norm(out_aff[:3, :3], axis=0), [1.0, 1.0, 1.5], atol=1e-3)
+    corners = np.array([[i, j, k, 1] for i in (0, 5) for j in (0, 6) for k in (0, 4)], float).T
+    world_dcm = {tuple(np.round(p, 3)) for p in (out_aff @ corners)[:3].T}
+    world_nii = {tuple(np.round(p, 3)) for p in (n_aff @ corners)[:3].T}
+    assert world_dcm == world_nii
+
+
+def test_dicom_series_with_missing_middle_slice_is_refused(tmp_path):
+    folder = write_dicom_series(tmp_path / "dcm", np.rint(_image()), _affine(diag=(1.0, 1.0, 2.0)))
+    files = sorted(folder.glob("*.dcm"))
+    assert len(files) == SHAPE[2]
+    files[2].unlink()
+    with _raises(folder, "uneven slice spacing", "missing slice"):
+        load_dicom_series(folder)
+
+
+def test_dicom_series_of_one_slice_is_refused(tmp_path):
+    folder = write_dicom_series(tmp_path / "dcm", np.rint(_image()), np.eye(4))
+    for f in sorted(folder.glob("*.dcm"))[1:]:
+        f.unlink()
+    with _raises(folder, "fewer than 2 slices"):
+        load_dicom_series(folder)
+
+
+def test_two_dicom_series_in_one_folder_are_refused(tmp_path):
+    a = write_dicom_series(tmp_path / "a", np.rint(_image(0)), _affine(diag=(1.0, 1.0, 2.0)))
+    b = write_dicom_series(tmp_path / "b", np.rint(_image(1)), _affine(diag=(1.0, 1.0, 2.0)))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for series in (a, b):
+        for f in series.glob("*.dcm"):
+            shutil.copy(f, mixed / f"{series.name}_{f.name}")
+    with _raises(mixed, "2 dicom series", "one series per folder"):
+        load_dicom_series(mixed)
+
+
+def test_empty_folder_has_no_dicom_series(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with _raises(tmp_path / "empty", "no dicom series"):
+        load_dicom_series(tmp_path / "empty")
+    with _raises(tmp_path / "absent", "not a folder"):
+        load_dicom_series(tmp_path / "absent")
+
+
+@pytest.mark.parametrize("bad", [40000.0, -40000.0, np.nan])
+def test_write_dicom_refuses_values_int16_cannot_hold(tmp_path, bad):
+    data = np.rint(_image())
+    data[1, 1, 1] = bad
+    with _raises(tmp_path / "dcm", "int16"):
+        write_dicom_series(tmp_path / "dcm", data, np.eye(4))
+    assert not list((tmp_path / "dcm").glob("*"))
