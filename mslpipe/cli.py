@@ -123,29 +123,15 @@ def plan_cmd(
 ) -> None:
     """Verify the data, fingerprint it, write plans and subject-level splits, preprocess."""
     from mslpipe import plan as plan_mod
-    from mslpipe.plans import Plan
+    from mslpipe import tables
 
-    norm = None
-    if normalization or flatfield:
-        norm = {**Plan("x").normalization, **({"scheme": normalization} if normalization else {}),
-                **({"flatfield_mm": flatfield} if flatfield else {})}
+    overrides = {"context_slices": context_slices, "foreground_sampling": foreground_sampling,
+                 "normalization.scheme": normalization, "normalization.flatfield_mm": flatfield,
+                 "augmentation.p_bias_field": bias_field}
     with _progress_bar() as update:
         result = plan_mod.run(dataset, _dirs(), input, device=device, arch=arch, seed=seed, n_folds=folds,
-                              test_fraction=test_fraction, overrides={"context_slices": context_slices,
-                                                                      "normalization": norm,
-                                                                      "foreground_sampling": foreground_sampling,
-                                                                      "augmentation.p_bias_field": bias_field},
-                              progress=update)
-    p, s = result["plan"], result["splits"]
-    _echo(f"plan {p.hash} for {dataset}: {result['fingerprint']['n_cases']} scans, "
-          f"{result['fingerprint']['n_subjects']} subjects; {p.architecture} {p.arch_kwargs or '(full width)'} "
-          f"on {p.target_device}, {p.input_channels} input slice(s), patch {p.patch_size[0]}×{p.patch_size[1]}, "
-          f"batch {p.batch_size}")
-    _echo(f"splits: test {s['test']}, {len(s['folds'])} folds; preprocessed {len(result['preprocessed'])} "
-          f"new scans → {result['plan_dir']}")
-    if s.get("warning"):
-        _echo(f"warning: {s['warning']}")
-    _echo(f"next: mslpipe train -d {dataset} --fold 0")
+                              test_fraction=test_fraction, overrides=overrides, progress=update)
+    _echo(tables.plan_text(dataset, result))
 
 
 @app.command()
@@ -350,15 +336,9 @@ def export(
         raise MslpipeError(f"--format must be onnx, not {format!r}")
     meta = export_mod.run(output, dirs=_dirs(), dataset=dataset, arch=arch, fold=fold, checkpoint=checkpoint,
                           exporter=exporter, precision=precision, calibration=calibration)
-    _echo(f"exported {meta['source_checkpoint']} → {output} ({meta['precision']}, {meta['exporter']} exporter, "
-          f"opset {meta['opset']}; ONNX Runtime vs torch max logit difference "
-          f"{meta['export_check']['max_abs_logit_diff']:.2g})")
-    if "quantization" in meta:
-        q = meta["quantization"]
-        dice = q["check"]["mask_dice"]
-        _echo(f"int8 calibrated on {q['calibration']['slices']} slices of {q['calibration']['volumes']} scans; "
-              f"masks against fp32 on {q['check']['slices']} other slices: "
-              + (f"Dice {dice:.3f}" if dice is not None else "not measurable (almost no foreground)"))
+    from mslpipe import tables
+
+    _echo(tables.export_text(meta, output))
 
 
 @app.command("export-nnunet")

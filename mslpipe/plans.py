@@ -60,6 +60,7 @@ class Augmentation:
 
 
 AUGMENTATION_FIELDS = {f.name for f in dataclasses.fields(Augmentation)}
+NORMALIZATION_KEYS = {"scheme", "lower_pct", "upper_pct", "flatfield_mm"}
 
 
 def _normalization_for_hash(norm: Any) -> Any:
@@ -270,16 +271,20 @@ def load_plan(path: str | os.PathLike) -> Plan:
 
 
 def apply_overrides(plan: Plan, overrides: dict[str, Any]) -> Plan:
-    """Return a copy of ``plan`` with fields replaced (None values are ignored): top-level ones by name, and the
-    augmentation's as ``augmentation.NAME``."""
+    """Return a copy of ``plan`` with fields replaced (None values are ignored): top-level ones by name, the
+    augmentation's as ``augmentation.NAME`` and the normalisation's as ``normalization.KEY``."""
     changes = {k: v for k, v in overrides.items() if v is not None}
-    aug = {k.split(".", 1)[1]: changes.pop(k) for k in list(changes) if k.startswith("augmentation.")}
+    aug, norm = ({k.split(".", 1)[1]: changes.pop(k) for k in list(changes) if k.startswith(f"{part}.")}
+                 for part in ("augmentation", "normalization"))
     names = {f.name for f in dataclasses.fields(Plan)}
-    unknown = sorted(set(changes) - names) + sorted(f"augmentation.{k}" for k in set(aug) - AUGMENTATION_FIELDS)
+    unknown = (sorted(set(changes) - names) + sorted(f"augmentation.{k}" for k in set(aug) - AUGMENTATION_FIELDS)
+               + sorted(f"normalization.{k}" for k in set(norm) - NORMALIZATION_KEYS))
     if unknown:
         raise MslpipeError(f"unknown plan fields {unknown}")
     if aug:
         changes["augmentation"] = dataclasses.replace(changes.get("augmentation", plan.augmentation), **aug)
+    if norm:
+        changes["normalization"] = {**changes.get("normalization", plan.normalization), **norm}
     new = dataclasses.replace(plan, **changes)
     new.validate()
     return new.finalised()

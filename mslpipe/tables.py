@@ -1,5 +1,5 @@
 """Plain text for the console: an evaluation summary's tables (:func:`mslpipe.evaluate.score_pairs`), and the
-lines of ``compare``.
+lines of ``plan``, ``compare`` and ``export``.
 
 Presentation only: it reads the summaries' dicts and imports nothing from the project.
 """
@@ -114,3 +114,31 @@ def registration_text(reg: dict) -> str:
     return (f"registered the follow-up to the baseline: rotation {reg['rotation_deg']} deg, translation "
             f"{reg['translation_mm']} mm, brain correlation {reg['correlation_before']:.2f} → "
             f"{reg['correlation_after']:.2f}")
+
+
+def plan_text(dataset: str, result: dict) -> str:
+    """``plan``'s lines: the plan, the splits, any warning on them, and the next command."""
+    p, s, fp = result["plan"], result["splits"], result["fingerprint"]
+    lines = [f"plan {p.hash} for {dataset}: {fp['n_cases']} scans, {fp['n_subjects']} subjects; {p.architecture} "
+             f"{p.arch_kwargs or '(full width)'} on {p.target_device}, {p.input_channels} input slice(s), patch "
+             f"{p.patch_size[0]}×{p.patch_size[1]}, batch {p.batch_size}",
+             f"splits: test {s['test']}, {len(s['folds'])} folds; preprocessed {len(result['preprocessed'])} new "
+             f"scans → {result['plan_dir']}"]
+    if s.get("warning"):
+        lines.append(f"warning: {s['warning']}")
+    lines.append(f"next: mslpipe train -d {dataset} --fold 0")
+    return "\n".join(lines)
+
+
+def export_text(meta: dict, output) -> str:
+    """``export``'s lines: the model written and its check against torch; for int8, its calibration and check."""
+    lines = [f"exported {meta['source_checkpoint']} → {output} ({meta['precision']}, {meta['exporter']} exporter, "
+             f"opset {meta['opset']}; ONNX Runtime vs torch max logit difference "
+             f"{meta['export_check']['max_abs_logit_diff']:.2g})"]
+    if "quantization" in meta:
+        q = meta["quantization"]
+        dice = q["check"]["mask_dice"]
+        lines.append(f"int8 calibrated on {q['calibration']['slices']} slices of {q['calibration']['volumes']} "
+                     f"scans; masks against fp32 on {q['check']['slices']} other slices: "
+                     + (f"Dice {dice:.3f}" if dice is not None else "not measurable (almost no foreground)"))
+    return "\n".join(lines)

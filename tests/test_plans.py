@@ -348,3 +348,20 @@ def test_workdirs_expand_user_and_sub_folders(monkeypatch, tmp_path):
     assert d.plans == tmp_path / "p" and d.results == tmp_path / "r"
     assert d.plan_dir("ms") == tmp_path / "p" / "ms"
     assert d.fold_dir("ms", "leaky_unet", 3) == tmp_path / "r" / "ms" / "leaky_unet" / "fold_3"
+
+
+def test_apply_overrides_of_one_normalization_key():
+    """``normalization.KEY`` replaces that key alone (0 flat field hashes as none); an unknown key or an invalid
+    value is refused."""
+    plan = _plan().finalised()
+    new = apply_overrides(plan, {"normalization.scheme": "brain_percentile_median_iqr",
+                                 "normalization.flatfield_mm": None})
+    assert new.normalization == {**plan.normalization, "scheme": "brain_percentile_median_iqr"}
+    assert new.preprocessing_hash() != plan.preprocessing_hash()
+    assert apply_overrides(plan, {"normalization.flatfield_mm": 0}).hash == plan.hash
+    flat = apply_overrides(plan, {"normalization.flatfield_mm": 25})
+    assert flat.normalization["flatfield_mm"] == 25 and flat.normalization["upper_pct"] == 99.5
+    with pytest.raises(MslpipeError, match=r"unknown plan fields \['normalization.gamma'\]"):
+        apply_overrides(plan, {"normalization.gamma": 2})
+    with pytest.raises(MslpipeError, match="flatfield_mm"):
+        apply_overrides(plan, {"normalization.flatfield_mm": -3})
