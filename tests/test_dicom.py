@@ -3,39 +3,15 @@ series."""
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 
 import nibabel as nib
 import numpy as np
 import pytest
+from test_io import SHAPE, _affine, _image, _raises
 
 from mslpipe.dicom import load_dicom_series, write_dicom_series
-from mslpipe.errors import MslpipeError
 from mslpipe.io import load_image, save_nifti
-
-SHAPE = (6, 7, 5)
-
-
-def _affine(diag=(-1.0, 1.0, 1.5), offset=(10.5, -20.25, 3.0)) -> np.ndarray:
-    a = np.diag([*diag, 1.0])
-    a[:3, 3] = offset
-    return a
-
-
-def _image(seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).uniform(-50, 500, SHAPE).astype(np.float32)
-
-
-@contextlib.contextmanager
-def _raises(path, *words):
-    """An MslpipeError whose message names ``path`` and contains every one of ``words``."""
-    with pytest.raises(MslpipeError) as info:
-        yield info
-    msg = str(info.value)
-    assert str(path) in msg, msg
-    for word in words:
-        assert word.lower() in msg.lower(), msg
 
 
 def _canonical(data: np.ndarray, affine: np.ndarray):
