@@ -119,6 +119,10 @@ def main() -> None:
                          "[0.3:0.1]")
     ap.add_argument("--flatfield", default="",
                     help="flat-field arms: comma-separated normalization.flatfield_mm values (mm), none by default")
+    ap.add_argument("--section", default="robustness_bias",
+                    help="the RESULTS.md section to write (a new name adds one) [robustness_bias]")
+    ap.add_argument("--title", default="Robustness to intensity non-uniformity (CPU plan, real data)",
+                    help="its heading")
     args = ap.parse_args()
     work = real_data_work(args.work, "mslpipe-bias-")
     raw = {c.id: c for c in datasets.discover(real_data_path())}
@@ -155,7 +159,7 @@ def main() -> None:
             + "\n\nScans on which an arm's Dice is higher than the first arm's:\n\n"
             + table(["arm", *FIELDS], win_rows))
     print(body)
-    write_section("robustness_bias", "Robustness to intensity non-uniformity (CPU plan, real data)", body)
+    write_section(args.section, args.title, body)
 
 
 if __name__ == "__main__":
