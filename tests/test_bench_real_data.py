@@ -151,3 +151,34 @@ def test_all_folds_are_pooled_per_scan_in_the_table_and_the_goals(real_data):
     assert "| **nnunet_2d** | pooled | tta | 0.517 |" in text
     assert "| **mslpipe_leaky_unet** | pooled" not in text and "pooled over all" not in text
     assert real_data.pooled(setup, mine[:3], "no_tta") is None
+
+
+def test_commit_stamp_flags_uncommitted_code_anywhere_but_not_results_md(tmp_path):
+    """bench/results.py's commit stamp: a change to RESULTS.md (which earlier runs rewrite) is not flagged; a
+    change anywhere else in the checkout is, mslpipe/ included."""
+    import os
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / "bench").mkdir(parents=True)
+    (repo / "mslpipe").mkdir()
+    shutil.copy(BENCH / "results.py", repo / "bench" / "results.py")
+    (repo / "bench" / "RESULTS.md").write_text("# results\n")
+    (repo / "mslpipe" / "code.py").write_text("x = 1\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "."], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], cwd=repo, check=True)
+    env = {k: v for k, v in os.environ.items() if k != "MSLPIPE_COMMIT"}
+
+    def stamp() -> str:
+        return subprocess.run([sys.executable, "-c", "import results; print(results.commit())"], cwd=repo / "bench",
+                              env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+    clean = stamp()
+    assert clean and "uncommitted" not in clean
+    (repo / "bench" / "RESULTS.md").write_text("# results\nrewritten\n")
+    assert stamp() == clean
+    (repo / "mslpipe" / "code.py").write_text("x = 2\n")
+    assert stamp() == clean + "+uncommitted changes"
