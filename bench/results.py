@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -71,7 +72,7 @@ def write_section(name: str, title: str, body: str, where: str | None = None) ->
     """Replace (or append) the section ``name`` of RESULTS.md, atomically. ``where`` replaces this machine's
     description in the stamp, for a table rendered from entries measured elsewhere."""
     stamp = (f"_{where or machine()}; {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-             f"commit {COMMIT_AT_START}; `python bench/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`_")
+             f"commit {COMMIT_AT_START}; `python bench/{Path(sys.argv[0]).name} {shlex.join(sys.argv[1:])}`_")
     section = f"<!-- BEGIN {name} -->\n## {title}\n\n{stamp}\n\n{body.strip()}\n<!-- END {name} -->\n"
     text = RESULTS.read_text() if RESULTS.exists() else HEADER
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->\n"
