@@ -99,7 +99,7 @@ def test_flatten_field_leaves_an_even_brain_nearly_as_it_was():
 
 def test_flatten_field_does_not_brighten_tissue_beside_a_ventricle():
     """A dark ventricle (CSF, 20) the size of the Gaussian in an even brain is not a shading: the tissue around it
-    keeps its level (the whole-brain local mean, pulled down by the CSF, would brighten it by a fifth), and so do a
+    keeps its level (the whole-brain local mean, pulled down by the CSF, brightened it by about an eighth), and so do a
     bright lesion and the ventricle itself, relative to the tissue."""
     image, brain, lesion = _shaded_brain()
     ventricle = np.zeros(image.shape, bool)
