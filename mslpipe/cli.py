@@ -115,7 +115,7 @@ def plan_cmd(
         help="How a lesion sample picks its slice: slice (uniformly among lesion slices, the default) or lesion "
              "(a lesion first, then one of its slices).")] = None,
     flatfield: Annotated[float | None, typer.Option(
-        help="Divide out each scan's slow shading (its local brain mean over a Gaussian of this many mm) before "
+        help="Divide out each scan's slow shading (its local tissue mean over a Gaussian of this many mm) before "
              "normalising, for scans without bias-field correction (default: off).")] = None,
     bias_field: Annotated[float | None, typer.Option(
         help="Share of training slices shaded by a random smooth bias field, for scans without bias-field "
