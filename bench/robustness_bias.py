@@ -5,7 +5,7 @@ real data here (corrected by its curators) does not have. This trains every fold
 (leave one subject out, plan seeds as given) once with the default plan (``p_bias_field`` 0; these runs are
 `bench/lesion_sizes.py`'s when the same ``--work`` folder is given) and once per arm of ``--arms``, each with its
 ``augmentation.p_bias_field`` and ``bias_field_coeff`` (:class:`mslpipe.augmentation.RandBrainBiasFieldd`), and
-once per ``--flatfield`` value, ``normalization.flatfield_mm`` (:func:`mslpipe.preprocess.flatten_field`, which
+once per ``--flatfield`` value, ``normalization.flatfield_mm`` (:func:`mslpipe.intensity.flatten_field`, which
 divides each scan's slow shading out before normalising, in training and in prediction alike), everything else
 equal. Each fold's scores are kept beside its model (``robustness_bias.json``), so a rerun scores only new folds.
 Each fold's final model then
@@ -26,7 +26,6 @@ of bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mslpipe import datasets, inference, metrics, preprocess  # noqa: E402
 from mslpipe.io import read_json, write_json  # noqa: E402
-from mslpipe.plans import Augmentation, Plan, load_plan  # noqa: E402
+from mslpipe.plans import load_plan  # noqa: E402
 from results import fold_arguments, real_data_path, real_data_work, table, trained_folds, write_section  # noqa: E402
 
 
@@ -128,11 +127,11 @@ def main() -> None:
     raw = {c.id: c for c in datasets.discover(real_data_path())}
     runs = {"without": score_folds(args, work, None, raw)}
     for p, c in parse_arms(args.arms):
-        on = {"augmentation": dataclasses.replace(Augmentation(), p_bias_field=p, bias_field_coeff=(0.0, c))}
+        on = {"augmentation.p_bias_field": p, "augmentation.bias_field_coeff": (0.0, c)}
         runs[f"p_bias_field {p:g}, coefficients up to {c:g}"] = score_folds(args, work / f"bias_field_p{p:g}_c{c:g}",
                                                                            on, raw)
     for mm in (float(v) for v in args.flatfield.split(",") if v):
-        flat = {"normalization": {**Plan("x").normalization, "flatfield_mm": mm}}
+        flat = {"normalization.flatfield_mm": mm}
         runs[f"flat field {mm:g} mm"] = score_folds(args, work / f"flatfield_{mm:g}", flat, raw)
     base = runs["without"]
     n = len(base["scans"])

@@ -22,7 +22,6 @@ from mslpipe.errors import MslpipeError
 from mslpipe.io import read_json, save_nifti, write_json
 from mslpipe.plans import Plan, Workdirs, apply_overrides, load_plan
 from mslpipe.preprocess import restore
-from mslpipe.train_parts import LOG_FIELDS as LOG_FIELDS  # re-exported, as before the split
 from mslpipe.train_parts import (
     batch_to_device,
     close_dist,
@@ -39,7 +38,6 @@ from mslpipe.train_parts import (
     wrap_ddp,
     write_log,
 )
-from mslpipe.train_parts import dist_info as dist_info  # re-exported, as before the split
 
 log = logging.getLogger(__name__)
 
