@@ -6,11 +6,12 @@ real data here (corrected by its curators) does not have. This trains every fold
 `bench/lesion_sizes.py`'s when the same ``--work`` folder is given) and once per arm of ``--arms``, each with its
 ``augmentation.p_bias_field`` and ``bias_field_coeff`` (:class:`mslpipe.augmentation.RandBrainBiasFieldd`), and
 once per ``--flatfield`` value, ``normalization.flatfield_mm`` (:func:`mslpipe.intensity.flatten_field`, which
-divides each scan's slow shading out before normalising, in training and in prediction alike), everything else
-equal. Each fold's scores are kept beside its model (``robustness_bias.json``), so a rerun scores only new folds.
-Each fold's final model then
-segments its validation scans as acquired and shaded by fixed smooth fields applied to the **raw** scan before
-mslpipe's own preprocessing (so the normalisation sees the shading, as it would on a new scanner's scan):
+divides each scan's slow shading out before normalising, in training and in prediction alike), and once per
+``--n4`` value, ``normalization.n4_levels`` (:func:`mslpipe.intensity.correct_bias_n4`, SimpleITK's N4 in the same
+place), everything else equal. Each fold's scores are kept beside its model (``robustness_bias.json``), so a rerun
+scores only new folds. Each fold's final model then segments its validation scans as acquired and shaded by fixed
+smooth fields applied to the **raw** scan before mslpipe's own preprocessing (so the normalisation sees the shading,
+as it would on a new scanner's scan):
 
 * ``ramp ±20%``: a left-to-right ramp from 0.8 to 1.2 across the brain's bounding box;
 * ``ramp ±40%``: the same from 0.6 to 1.4;
@@ -118,6 +119,10 @@ def main() -> None:
                          "[0.3:0.1]")
     ap.add_argument("--flatfield", default="",
                     help="flat-field arms: comma-separated normalization.flatfield_mm values (mm), none by default")
+    ap.add_argument("--n4", default="",
+                    help="N4 arms: comma-separated normalization.n4_levels values (fitting levels), none by default")
+    ap.add_argument("--per-scan", action="store_true",
+                    help="add a table of each scan's Dice, as acquired and with the ±40%% ramp, per arm")
     ap.add_argument("--section", default="robustness_bias",
                     help="the RESULTS.md section to write (a new name adds one) [robustness_bias]")
     ap.add_argument("--title", default="Robustness to intensity non-uniformity (CPU plan, real data)",
@@ -133,6 +138,9 @@ def main() -> None:
     for mm in (float(v) for v in args.flatfield.split(",") if v):
         flat = {"normalization.flatfield_mm": mm}
         runs[f"flat field {mm:g} mm"] = score_folds(args, work / f"flatfield_{mm:g}", flat, raw)
+    for levels in (int(v) for v in args.n4.split(",") if v):
+        runs[f"N4, {levels} levels"] = score_folds(args, work / f"n4_{levels}", {"normalization.n4_levels": levels},
+                                                   raw)
     base = runs["without"]
     n = len(base["scans"])
     rows, win_rows = [], []
@@ -148,15 +156,22 @@ def main() -> None:
             win_rows.append([arm, *(f"{h} of {n}" for h in higher)])
     body = (f"CPU plan (leaky_unet {base['net']}), {args.epochs} epochs × {args.iterations} iterations per fold, folds "
             f"by subject (leave one subject out), plan seed(s) {args.seeds}; the arms differ only in "
-            "`augmentation.p_bias_field` and `bias_field_coeff`, or in `normalization.flatfield_mm` (the first arm "
-            "has neither, the default). Each fold's final model on its validation scans, as acquired and shaded by a "
-            "fixed smooth field on the raw scan before preprocessing (see `bench/robustness_bias.py`); one pass, "
+            "`augmentation.p_bias_field` and `bias_field_coeff`, or in `normalization.flatfield_mm` or `n4_levels` "
+            "(the first arm has none of them, the default). Each fold's final model on its validation scans, as "
+            "acquired and shaded by a fixed smooth field on the raw scan before preprocessing (see "
+            "`bench/robustness_bias.py`); one pass, "
             f"threshold 0.5, no postprocessing, against the expert mask. {n} scans: {', '.join(base['scans'])}.\n\n"
             "Cells: volume Dice / lesion F1, mean over the scans (in brackets the Dice change from the same models "
             "on the scans as acquired).\n\n"
             + table(["arm", *FIELDS], rows)
             + "\n\nScans on which an arm's Dice is higher than the first arm's:\n\n"
             + table(["arm", *FIELDS], win_rows))
+    if args.per_scan:
+        cols = ["as acquired", "ramp ±40%"]
+        scan_rows = [[scan, *(" / ".join(f"{r['scores'][c][i][0]:.3f}" for c in cols) for r in runs.values())]
+                     for i, scan in enumerate(base["scans"])]
+        body += (f"\n\nEach scan's volume Dice ({' / '.join(cols)}):\n\n"
+                 + table(["scan", *runs], scan_rows))
     print(body)
     write_section(args.section, args.title, body)
 

@@ -117,6 +117,9 @@ def plan_cmd(
     flatfield: Annotated[float | None, typer.Option(
         help="Divide out each scan's slow shading (its local tissue mean over a Gaussian of this many mm) before "
              "normalising, for scans without bias-field correction (default: off).")] = None,
+    n4: Annotated[int | None, typer.Option(
+        help="Correct each scan's bias field with N4 (SimpleITK) before normalising, with this many fitting levels "
+             "(3 suits a whole brain; default: off, 0). Not with --flatfield.")] = None,
     bias_field: Annotated[float | None, typer.Option(
         help="Share of training slices shaded by a random smooth bias field, for scans without bias-field "
              "correction (default: 0, off; see the README's Numbers).")] = None,
@@ -127,7 +130,7 @@ def plan_cmd(
 
     overrides = {"context_slices": context_slices, "foreground_sampling": foreground_sampling,
                  "normalization.scheme": normalization, "normalization.flatfield_mm": flatfield,
-                 "augmentation.p_bias_field": bias_field}
+                 "normalization.n4_levels": n4, "augmentation.p_bias_field": bias_field}
     with _progress_bar() as update:
         result = plan_mod.run(dataset, _dirs(), input, device=device, arch=arch, seed=seed, n_folds=folds,
                               test_fraction=test_fraction, overrides=overrides, progress=update)

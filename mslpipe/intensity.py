@@ -1,7 +1,8 @@
-"""Intensity of one scan inside its brain mask: the plan's normalisation, and the optional flat field before it.
+"""Intensity of one scan inside its brain mask: the plan's normalisation, and the optional shading correction
+before it (a flat field, or N4).
 
-Pure numpy and scipy, no project imports: :mod:`mslpipe.preprocess` calls them per channel, on the
-brain's bounding box.
+numpy, scipy and (for N4, imported inside the function) SimpleITK, no project imports: :mod:`mslpipe.preprocess`
+calls them per channel, on the brain's bounding box.
 """
 
 from __future__ import annotations
@@ -82,4 +83,41 @@ def flatten_field(image: np.ndarray, brain: np.ndarray, sigma_mm: float, spacing
     tissue = brain & (flat >= tissue_range[0] * median) & (flat <= tissue_range[1] * median)
     second = shading(tissue.astype(np.float32)) if tissue.sum() > 0.25 * brain.sum() else None
     field = first if second is None else second
+    return np.where(brain, signal / field + lo, image).astype(np.float32)
+
+
+def correct_bias_n4(image: np.ndarray, brain: np.ndarray, spacing, levels: int = 3, shrink_mm: float = 4.0,
+                    iterations: int = 50) -> np.ndarray:
+    """The image with its bias field removed by N4 (Tustison et al. 2010; SimpleITK's
+    ``N4BiasFieldCorrectionImageFilter``), fitted inside the brain.
+
+    N4 finds the smooth multiplicative field (a cubic B-spline) whose removal makes the brain's intensity histogram
+    sharpest, so unlike a local mean it is not bent by where CSF or lesions lie. ``levels`` fitting levels of
+    ``iterations`` each, starting from 4 control points per axis (the mesh doubles per level: 3 levels give control
+    points about 45 mm apart over a 180 mm brain, far coarser than lesions); fitted on a grid of about
+    ``shrink_mm`` (a few seconds for a whole brain on two cores) and evaluated at full resolution. As in
+    :func:`flatten_field`, intensities count from the brain's 0.5th percentile, the field is divided out relative
+    to its median over the brain (the overall level stays), and outside the brain the image is unchanged.
+    """
+    import SimpleITK as sitk
+
+    lo = float(np.percentile(image[brain], 0.5))
+    signal = np.where(brain, np.maximum(image - lo, 0.0), 0.0).astype(np.float32)
+    fit_mask = brain & (signal > 0)  # N4 works on log intensities
+    if fit_mask.sum() < 64:
+        return image
+    spacing = [float(s) for s in spacing]
+
+    def as_image(a: np.ndarray):
+        img = sitk.GetImageFromArray(np.ascontiguousarray(a.transpose(2, 1, 0)))
+        img.SetSpacing(spacing)
+        return img
+
+    full = as_image(signal)
+    shrink = [max(1, int(round(shrink_mm / s))) for s in spacing]
+    n4 = sitk.N4BiasFieldCorrectionImageFilter()
+    n4.SetMaximumNumberOfIterations([int(iterations)] * int(levels))
+    n4.Execute(sitk.Shrink(full, shrink), sitk.Shrink(as_image(fit_mask.astype(np.uint8)), shrink))
+    log_field = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(full)).transpose(2, 1, 0)
+    field = np.exp(log_field - float(np.median(log_field[brain])))
     return np.where(brain, signal / field + lo, image).astype(np.float32)

@@ -60,13 +60,14 @@ class Augmentation:
 
 
 AUGMENTATION_FIELDS = {f.name for f in dataclasses.fields(Augmentation)}
-NORMALIZATION_KEYS = {"scheme", "lower_pct", "upper_pct", "flatfield_mm"}
+NORMALIZATION_KEYS = {"scheme", "lower_pct", "upper_pct", "flatfield_mm", "n4_levels"}
+SHADING_KEYS = ("flatfield_mm", "n4_levels")  # off at 0, hashed as absent
 
 
 def _normalization_for_hash(norm: Any) -> Any:
-    """``flatfield_mm`` 0 (off) hashes as its absence: plans written before it keep their hashes."""
-    if isinstance(norm, dict) and "flatfield_mm" in norm and not norm["flatfield_mm"]:
-        return {k: v for k, v in norm.items() if k != "flatfield_mm"}
+    """``flatfield_mm`` or ``n4_levels`` 0 (off) hashes as its absence: plans written before them keep their hashes."""
+    if isinstance(norm, dict):
+        return {k: v for k, v in norm.items() if k not in SHADING_KEYS or v}
     return norm
 
 
@@ -232,6 +233,10 @@ class Plan:
         flat = norm.get("flatfield_mm", 0)
         need(isinstance(flat, int | float) and not isinstance(flat, bool) and 0 <= flat <= 500,
              "normalization flatfield_mm must be a number of mm from 0 (off) to 500")
+        n4 = norm.get("n4_levels", 0)
+        need(isinstance(n4, int) and not isinstance(n4, bool) and 0 <= n4 <= 6,
+             "normalization n4_levels must be an integer from 0 (off) to 6")
+        need(not (flat and n4), "normalization: choose flatfield_mm or n4_levels, not both")
         need(self.brain_ml_range is None or (isinstance(self.brain_ml_range, list | tuple)
                                              and len(self.brain_ml_range) == 2
                                              and 0 < self.brain_ml_range[0] <= self.brain_ml_range[1]),

@@ -19,7 +19,7 @@ from scipy import ndimage
 from mslpipe import postprocess
 from mslpipe.datasets import Case
 from mslpipe.errors import MslpipeError
-from mslpipe.intensity import flatten_field, normalise
+from mslpipe.intensity import correct_bias_n4, flatten_field, normalise
 from mslpipe.io import load_image, load_mask, make_dir, read_json, save_npy, write_json
 from mslpipe.plans import Plan
 
@@ -163,7 +163,8 @@ def preprocess_volume(
 
     Steps: reorient to RAS, resample to the plan's voxel size when the scan's differs by more than
     5% (scans at the planned size are never interpolated), brain mask, crop, (with the plan's
-    ``normalization.flatfield_mm``, :func:`flatten_field`), normalise, slice.
+    ``normalization.flatfield_mm``, :func:`flatten_field`; with its ``n4_levels``, :func:`correct_bias_n4`),
+    normalise, slice.
     """
     ornt = canonical_ornt(affine)
     canon = [to_canonical(c, ornt) for c in channels]
@@ -187,6 +188,8 @@ def preprocess_volume(
         c = c[sl]
         if norm.get("flatfield_mm"):
             c = flatten_field(c, brain[sl], float(norm["flatfield_mm"]), grid)
+        elif norm.get("n4_levels"):
+            c = correct_bias_n4(c, brain[sl], grid, levels=int(norm["n4_levels"]))
         arr, st = normalise(c, brain[sl], norm["lower_pct"], norm["upper_pct"], norm["scheme"])
         normed.append(arr)
         stats.append(st)

@@ -119,6 +119,19 @@ def test_plan_flatfield_option(tmp_path, synth_root):
     assert norm["flatfield_mm"] == 25 and norm["scheme"] == "brain_percentile_median_iqr"
 
 
+def test_plan_n4_option(tmp_path, synth_root):
+    written, _ = _plan_with(tmp_path, synth_root, "--n4", "9", "n4_levels must be an integer from 0 (off) to 6",
+                            ["3"])
+    assert written["normalization"]["n4_levels"] == 3 and "flatfield_mm" not in written["normalization"]
+
+
+def test_plan_refuses_n4_beside_a_flat_field(tmp_path, synth_root):
+    out = run_cli("plan", "-d", "syn", "-i", synth_root, "--device", "cpu", "--n4", "3", "--flatfield", "25",
+                  cwd=tmp_path)
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "flatfield_mm or n4_levels, not both" in out.stderr and not (tmp_path / "plans").exists()
+
+
 def test_plan_normalization_option(tmp_path, synth_root):
     import json
 

@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 from test_preprocess import SHAPE, _ball, _head
 
-from mslpipe.intensity import flatten_field, normalise
+from mslpipe.intensity import correct_bias_n4, flatten_field, normalise
 from mslpipe.preprocess import brain_mask
 
 
@@ -112,3 +112,47 @@ def test_flatten_field_does_not_brighten_tissue_beside_a_ventricle():
     ratio = np.median(out[shell]) / np.median(out[far])
     assert abs(ratio - 1) < 0.05, ratio
     assert out[lesion].mean() / np.median(out[far]) == pytest.approx(1.5, rel=0.1)
+
+
+# ---------------------------------------------------------------------------- N4
+def test_n4_removes_a_ramp_and_keeps_lesion_contrast():
+    """N4 on the ±30 % ramp: the brain's two sides differ by over a fifth before and by under 5 % after; the lesion
+    keeps its contrast to the tissue beside it, the background stays as it was, and the brain's level stays."""
+    ramp = np.linspace(0.7, 1.3, 64, dtype=np.float32)[:, None, None] * np.ones((64, 64, 64), np.float32)
+    image, brain, lesion = _shaded_brain(ramp)
+    out = correct_bias_n4(image, brain, spacing=(2.0, 2.0, 2.0))
+    tissue = brain & (image > 0) & ~lesion
+    left, right = tissue.copy(), tissue.copy()
+    left[32:], right[:32] = False, False
+    before = np.median(image[right]) / np.median(image[left])
+    after = np.median(out[right]) / np.median(out[left])
+    assert before > 1.2 and abs(after - 1) < 0.05, (before, after)
+    near = tissue.copy()
+    near[:36], near[48:] = False, False
+    assert out[lesion].mean() / np.median(out[near]) == pytest.approx(150 / 100, rel=0.1)
+    assert np.array_equal(out[~brain], image[~brain])
+    assert np.median(out[brain]) == pytest.approx(np.median(image[brain]), rel=0.05)
+    assert out.dtype == np.float32 and out.shape == image.shape
+
+
+def test_n4_does_not_shade_an_even_brain_with_a_ventricle():
+    """An even brain with a dark ventricle the size of a quarter of it: N4 finds no shading, so the tissue beside the
+    ventricle keeps its level (where the whole-brain local mean brightened it by about an eighth)."""
+    image, brain, lesion = _shaded_brain()
+    ventricle = np.zeros(image.shape, bool)
+    ventricle[18:38, 20:40, 20:40] = True
+    image[ventricle] = 20.0
+    out = correct_bias_n4(image, brain, spacing=(2.0, 2.0, 2.0))
+    tissue = brain & (image > 50) & (image < 140)
+    shell = tissue & ndimage.binary_dilation(ventricle, iterations=3) & ~ventricle
+    far = tissue & ~ndimage.binary_dilation(ventricle, iterations=12)
+    assert abs(np.median(out[shell]) / np.median(out[far]) - 1) < 0.03
+    assert np.median(np.abs(out[brain] - image[brain]) / image[brain].clip(1)) < 0.03
+
+
+def test_n4_leaves_an_almost_empty_brain_alone():
+    image = np.zeros((16, 16, 16), np.float32)
+    brain = np.zeros(image.shape, bool)
+    brain[4:6, 4:6, 4:6] = True
+    image[brain] = 5.0
+    assert np.array_equal(correct_bias_n4(image, brain, spacing=(1.0, 1.0, 1.0)), image)

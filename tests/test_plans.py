@@ -365,3 +365,7 @@ def test_apply_overrides_of_one_normalization_key():
         apply_overrides(plan, {"normalization.gamma": 2})
     with pytest.raises(MslpipeError, match="flatfield_mm"):
         apply_overrides(plan, {"normalization.flatfield_mm": -3})
+    assert apply_overrides(plan, {"normalization.n4_levels": 0}).hash == plan.hash
+    assert apply_overrides(plan, {"normalization.n4_levels": 3}).normalization["n4_levels"] == 3
+    with pytest.raises(MslpipeError, match="not both"):
+        apply_overrides(flat, {"normalization.n4_levels": 3})

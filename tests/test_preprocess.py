@@ -462,3 +462,23 @@ def test_flatfield_in_the_plan_preprocesses_and_hashes():
     for bad in (-5, "20", True, 1000):
         with pytest.raises(MslpipeError, match="flatfield_mm"):
             Plan("x", normalization={**plain.normalization, "flatfield_mm": bad}).validate()
+
+
+def test_n4_in_the_plan_preprocesses_and_hashes():
+    """normalization.n4_levels: off when absent or 0 (same hashes, same arrays); set, it changes the arrays and both
+    hashes; a value that is not an integer from 0 to 6, or one beside a flat field, is refused."""
+    image, _, _ = _head()
+    image = image * np.linspace(0.7, 1.3, image.shape[0], dtype=np.float32)[:, None, None]
+    plain = Plan("x", target_spacing=None)
+    off = Plan("x", target_spacing=None, normalization={**plain.normalization, "n4_levels": 0})
+    on = Plan("x", target_spacing=None, normalization={**plain.normalization, "n4_levels": 2})
+    assert off.compute_hash() == plain.compute_hash() and off.preprocessing_hash() == plain.preprocessing_hash()
+    assert on.compute_hash() != plain.compute_hash() and on.preprocessing_hash() != plain.preprocessing_hash()
+    a = preprocess_volume([image], np.eye(4), plain)[0]
+    assert np.array_equal(a, preprocess_volume([image], np.eye(4), off)[0])
+    assert not np.allclose(a, preprocess_volume([image], np.eye(4), on)[0])
+    for bad in (-1, 2.5, "3", True, 7):
+        with pytest.raises(MslpipeError, match="n4_levels must be an integer"):
+            Plan("x", normalization={**plain.normalization, "n4_levels": bad}).validate()
+    with pytest.raises(MslpipeError, match="flatfield_mm or n4_levels, not both"):
+        Plan("x", normalization={**plain.normalization, "n4_levels": 3, "flatfield_mm": 25}).validate()
