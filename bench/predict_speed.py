@@ -3,7 +3,8 @@
 Measures, on the current device, for one whole MNI-size FLAIR volume (the first real scan in
 ../shared/data/real-ms-isbi if present, else a synthetic one of the same size):
 - the bare network forward over all slices (on CUDA: bf16 + channels_last + torch.compile);
-- mslpipe's compute per volume (preprocess + network + map back + postprocess, no file I/O);
+- mslpipe's compute per volume (preprocess, with the default N4 since 2026-11-28, + network + map back +
+  postprocess, no file I/O);
 - end-to-end folder throughput (read NIfTI, predict, write NIfTI) over several copies.
 Weights are random: only speed is measured. Timing: warm-up, synchronise, median of repeats.
 Writes its section of bench/RESULTS.md.
@@ -24,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mslpipe import architectures, datasets, inference, predict, preprocess, train  # noqa: E402
 from mslpipe.io import load_image, save_nifti  # noqa: E402
-from mslpipe.plan import DEFAULT_CONTEXT_SLICES  # noqa: E402
+from mslpipe.plan import DEFAULT_CONTEXT_SLICES, DEFAULT_N4_LEVELS  # noqa: E402
 from mslpipe.plans import Plan  # noqa: E402
 from results import real_data_path, table, write_section  # noqa: E402
 
@@ -75,6 +76,7 @@ def bare_forward(model, x: torch.Tensor, device: str, batch: int, compile: bool)
 def measure(arch: str, kwargs: dict, device: str, data, affine, args) -> list:
     plan = Plan(dataset="bench", architecture=arch, arch_kwargs=kwargs, context_slices=DEFAULT_CONTEXT_SLICES,
                 inference_batch_size=args.batch if device == "cuda" else 16)
+    plan.normalization = {**plan.normalization, "n4_levels": DEFAULT_N4_LEVELS}  # as `plan` writes it
     net = architectures.build(arch, in_channels=plan.input_channels, **kwargs)
     train.init_output_prior(net, plan.output_prior)  # as training starts: sparse masks, not coin flips
     model = inference.prepare_model(net, device).eval()

@@ -2,8 +2,9 @@
 
 Scans from other scanners often come without bias-field correction: a smooth shading across the brain that the
 real data here (corrected by its curators) does not have. This trains every fold of ../shared/data/real-ms-isbi
-(leave one subject out, plan seeds as given) once with the default plan (``p_bias_field`` 0; these runs are
-`bench/lesion_sizes.py`'s when the same ``--work`` folder is given) and once per arm of ``--arms``, each with its
+(leave one subject out, plan seeds as given) once with no correction at all (``p_bias_field`` 0, N4 off; the
+default plan but for N4, which it has used since 2026-11-28; folds trained before then are `bench/lesion_sizes.py`'s
+when the same ``--work`` folder is given) and once per arm of ``--arms``, each with its
 ``augmentation.p_bias_field`` and ``bias_field_coeff`` (:class:`mslpipe.augmentation.RandBrainBiasFieldd`), and
 once per ``--flatfield`` value, ``normalization.flatfield_mm`` (:func:`mslpipe.intensity.flatten_field`, which
 divides each scan's slow shading out before normalising, in training and in prediction alike), and once per
@@ -130,9 +131,10 @@ def main() -> None:
     args = ap.parse_args()
     work = real_data_work(args.work, "mslpipe-bias-")
     raw = {c.id: c for c in datasets.discover(real_data_path())}
-    runs = {"without": score_folds(args, work, None, raw)}
+    off = {"normalization.n4_levels": 0}  # the plan's default corrects with N4 since 2026-11-28
+    runs = {"without": score_folds(args, work, off, raw)}
     for p, c in parse_arms(args.arms):
-        on = {"augmentation.p_bias_field": p, "augmentation.bias_field_coeff": (0.0, c)}
+        on = {**off, "augmentation.p_bias_field": p, "augmentation.bias_field_coeff": (0.0, c)}
         runs[f"p_bias_field {p:g}, coefficients up to {c:g}"] = score_folds(args, work / f"bias_field_p{p:g}_c{c:g}",
                                                                            on, raw)
     for mm in (float(v) for v in args.flatfield.split(",") if v):
@@ -157,7 +159,7 @@ def main() -> None:
     body = (f"CPU plan (leaky_unet {base['net']}), {args.epochs} epochs × {args.iterations} iterations per fold, folds "
             f"by subject (leave one subject out), plan seed(s) {args.seeds}; the arms differ only in "
             "`augmentation.p_bias_field` and `bias_field_coeff`, or in `normalization.flatfield_mm` or `n4_levels` "
-            "(the first arm has none of them, the default). Each fold's final model on its validation scans, as "
+            "(the first arm has none of them). Each fold's final model on its validation scans, as "
             "acquired and shaded by a fixed smooth field on the raw scan before preprocessing (see "
             "`bench/robustness_bias.py`); one pass, "
             f"threshold 0.5, no postprocessing, against the expert mask. {n} scans: {', '.join(base['scans'])}.\n\n"

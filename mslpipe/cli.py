@@ -116,10 +116,10 @@ def plan_cmd(
              "(a lesion first, then one of its slices).")] = None,
     flatfield: Annotated[float | None, typer.Option(
         help="Divide out each scan's slow shading (its local tissue mean over a Gaussian of this many mm) before "
-             "normalising, for scans without bias-field correction (default: off).")] = None,
+             "normalising, in place of N4 (default: off).")] = None,
     n4: Annotated[int | None, typer.Option(
-        help="Correct each scan's bias field with N4 (SimpleITK) before normalising, with this many fitting levels "
-             "(3 suits a whole brain; default: off, 0). Not with --flatfield.")] = None,
+        help="Fitting levels of the N4 bias-field correction (SimpleITK) each scan gets before normalising "
+             "(default: 3; 0 turns it off; a flat field replaces it).")] = None,
     bias_field: Annotated[float | None, typer.Option(
         help="Share of training slices shaded by a random smooth bias field, for scans without bias-field "
              "correction (default: 0, off; see the README's Numbers).")] = None,

@@ -277,7 +277,8 @@ def load_plan(path: str | os.PathLike) -> Plan:
 
 def apply_overrides(plan: Plan, overrides: dict[str, Any]) -> Plan:
     """Return a copy of ``plan`` with fields replaced (None values are ignored): top-level ones by name, the
-    augmentation's as ``augmentation.NAME`` and the normalisation's as ``normalization.KEY``."""
+    augmentation's as ``augmentation.NAME`` and the normalisation's as ``normalization.KEY``. A shading correction
+    given alone (``flatfield_mm`` or ``n4_levels`` set) replaces the other; both set at once are refused."""
     changes = {k: v for k, v in overrides.items() if v is not None}
     aug, norm = ({k.split(".", 1)[1]: changes.pop(k) for k in list(changes) if k.startswith(f"{part}.")}
                  for part in ("augmentation", "normalization"))
@@ -288,6 +289,9 @@ def apply_overrides(plan: Plan, overrides: dict[str, Any]) -> Plan:
         raise MslpipeError(f"unknown plan fields {unknown}")
     if aug:
         changes["augmentation"] = dataclasses.replace(changes.get("augmentation", plan.augmentation), **aug)
+    for key, other in (SHADING_KEYS, SHADING_KEYS[::-1]):
+        if norm.get(key) and other not in norm:
+            norm[other] = 0
     if norm:
         changes["normalization"] = {**changes.get("normalization", plan.normalization), **norm}
     new = dataclasses.replace(plan, **changes)

@@ -117,12 +117,13 @@ def test_plan_flatfield_option(tmp_path, synth_root):
                             ["25", "--normalization", "brain_percentile_median_iqr"])
     norm = written["normalization"]
     assert norm["flatfield_mm"] == 25 and norm["scheme"] == "brain_percentile_median_iqr"
+    assert norm["n4_levels"] == 0  # a flat field replaces the default N4
 
 
 def test_plan_n4_option(tmp_path, synth_root):
     written, _ = _plan_with(tmp_path, synth_root, "--n4", "9", "n4_levels must be an integer from 0 (off) to 6",
                             ["3"])
-    assert written["normalization"]["n4_levels"] == 3 and "flatfield_mm" not in written["normalization"]
+    assert written["normalization"]["n4_levels"] == 3 and not written["normalization"].get("flatfield_mm")
 
 
 def test_plan_refuses_n4_beside_a_flat_field(tmp_path, synth_root):

@@ -95,6 +95,15 @@ def test_gpu_plans_simulate_low_resolution(synth_planned):
     assert plan.make_plan(fingerprint, "syn", "cpu").augmentation.p_low_res == 0.0
 
 
+def test_plans_correct_the_bias_field_with_n4_by_default(synth_planned):
+    """Every new plan, GPU or CPU, runs N4 before normalising (``normalization.n4_levels``), and the plan written
+    to plans.json says so; a plan without the key (written before) keeps N4 off."""
+    fingerprint = read_json(synth_planned[0].plan_dir("syn") / "fingerprint.json")
+    for device in ("cuda", "cpu"):
+        assert plan.make_plan(fingerprint, "syn", device).normalization["n4_levels"] == plan.DEFAULT_N4_LEVELS == 3
+    assert read_json(synth_planned[0].plan_dir("syn") / "plans.json")["normalization"]["n4_levels"] == 3
+
+
 def test_plans_json(synth_planned):
     d, result = synth_planned
     p = load_plan(d.plan_dir("syn") / "plans.json")

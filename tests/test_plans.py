@@ -367,5 +367,8 @@ def test_apply_overrides_of_one_normalization_key():
         apply_overrides(plan, {"normalization.flatfield_mm": -3})
     assert apply_overrides(plan, {"normalization.n4_levels": 0}).hash == plan.hash
     assert apply_overrides(plan, {"normalization.n4_levels": 3}).normalization["n4_levels"] == 3
+    n4 = apply_overrides(flat, {"normalization.n4_levels": 3})  # one shading correction given alone replaces the other
+    assert n4.normalization["n4_levels"] == 3 and not n4.normalization["flatfield_mm"]
+    assert apply_overrides(n4, {"normalization.flatfield_mm": 25}).normalization["n4_levels"] == 0
     with pytest.raises(MslpipeError, match="not both"):
-        apply_overrides(flat, {"normalization.n4_levels": 3})
+        apply_overrides(plan, {"normalization.n4_levels": 3, "normalization.flatfield_mm": 25})
