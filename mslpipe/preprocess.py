@@ -189,7 +189,12 @@ def preprocess_volume(
         if norm.get("flatfield_mm"):
             c = flatten_field(c, brain[sl], float(norm["flatfield_mm"]), grid)
         elif norm.get("n4_levels"):
-            c = correct_bias_n4(c, brain[sl], grid, levels=int(norm["n4_levels"]))
+            try:
+                c = correct_bias_n4(c, brain[sl], grid, levels=int(norm["n4_levels"]))
+            except RuntimeError as exc:  # ITK's exceptions; the scan, not the code, is the likely cause
+                reason = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
+                raise MslpipeError(f"N4 bias-field correction failed ({reason}); a plan with --n4 0 skips it",
+                                   where) from exc
         arr, st = normalise(c, brain[sl], norm["lower_pct"], norm["upper_pct"], norm["scheme"])
         normed.append(arr)
         stats.append(st)

@@ -482,3 +482,18 @@ def test_n4_in_the_plan_preprocesses_and_hashes():
             Plan("x", normalization={**plain.normalization, "n4_levels": bad}).validate()
     with pytest.raises(MslpipeError, match="flatfield_mm or n4_levels, not both"):
         Plan("x", normalization={**plain.normalization, "n4_levels": 3, "flatfield_mm": 25}).validate()
+
+
+def test_a_failing_n4_names_the_scan(monkeypatch):
+    """ITK's exception inside N4 becomes one line naming the scan and the way around it."""
+    import mslpipe.preprocess as pre
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("ITK ERROR: N4BiasFieldCorrectionImageFilter\n  Inputs do not occupy the same space")
+
+    monkeypatch.setattr(pre, "correct_bias_n4", broken)
+    image, _, _ = _head()
+    plan = Plan("x", target_spacing=None, normalization={**Plan("x").normalization, "n4_levels": 3})
+    with pytest.raises(MslpipeError, match=r"scan\.nii\.gz.*N4 bias-field correction failed \(Inputs do not occupy "
+                       r"the same space\); a plan with --n4 0 skips it"):
+        preprocess_volume([image], np.eye(4), plan, where="scan.nii.gz")
