@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check: one device call of at most ~9.5 minutes on an H100/H200. Prepare with
-# bench/gpu_prepare.sh, commit, then run through the device tool with carry [.whl, .realdata]:
+# bench/gpu_prepare.sh and bench/nnunet/gpu_prepare.sh (SimpleITK, for the default plan's N4), commit, then run
+# through the device tool with carry [.whl, .nnpack, .realdata]:
 #   MSLPIPE_COMMIT=<short hash> bash bench/gpu_check.sh
 # In order, each step bounded by what is left of BUDGET_S (so a slow step costs the later ones, never the call):
 #   1. fold 0 of the real data at full width: bench/real_data.py, mslpipe's arm only (no nnU-Net wheels
@@ -20,13 +21,16 @@ bounded() {  # bounded MAX_S cmd...: run with timeout min(MAX_S, time left - 15 
   echo "== $(date +%T) [${t}s max] $*" | tee -a "$LOG"
   timeout "$t" "$@" 2>&1 | tee -a "$LOG"; echo "== rc ${PIPESTATUS[0]} at $(( $(date +%s) - T0 )) s" | tee -a "$LOG"
 }
+mkdir -p /tmp/site
+# SimpleITK (the default plan's N4 needs it) comes unpacked in bench/nnunet/gpu_prepare.sh's .nnpack/site.tar.xz
+if [ -f .nnpack/site.tar.xz ]; then tar -xJf .nnpack/site.tar.xz -C /tmp/site || exit 1; fi
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
 fi
+export PYTHONPATH=/tmp/site:$PWD
+python3 -c "import SimpleITK, monai, nibabel" \
+  || { echo "packages missing: prepare with bench/gpu_prepare.sh and bench/nnunet/gpu_prepare.sh"; exit 2; }
 [ -d .realdata ] && export MSLPIPE_REAL_DATA=$PWD/.realdata
 export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; echo "cpus $(nproc)"; df -h /dev/shm | tail -1

@@ -13,9 +13,11 @@ grep -qx "/$WHL/" .git/info/exclude 2>/dev/null || echo "/$WHL/" >> .git/info/ex
 grep -qx '/.realdata/' .git/info/exclude 2>/dev/null || echo '/.realdata/' >> .git/info/exclude
 PY=${PYTHON:-python3}
 plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
-# pure-Python packages; SimpleITK (DICOM only, imported lazily) is left behind: its wheel is ~50 MB
+# pure-Python packages; SimpleITK (DICOM, and the default plan's N4) is not here: its wheel is ~50 MB, so
+# bench/nnunet/gpu_prepare.sh packs it, unpacked and compressed, into .nnpack/site.tar.xz
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp "${plat[@]}" \
     -d "$WHL" monai==1.6.1 nibabel==5.4.2 importlib-resources
 [ "${NO_DATA:-}" = 1 ] || { rm -rf .realdata && cp -r ../shared/data/real-ms-isbi .realdata; }
 du -sh "$WHL" .realdata
-echo "now call the device tool with carry [.whl, .realdata] and command: bash bench/gpu_check.sh"
+[ -f .nnpack/site.tar.xz ] || echo "also run bench/nnunet/gpu_prepare.sh: SimpleITK (N4) comes in its .nnpack"
+echo "now call the device tool with carry [.whl, .nnpack, .realdata] and command: bash bench/gpu_check.sh"
