@@ -9,10 +9,10 @@ when the same ``--work`` folder is given) and once per arm of ``--arms``, each w
 once per ``--flatfield`` value, ``normalization.flatfield_mm`` (:func:`mslpipe.intensity.flatten_field`, which
 divides each scan's slow shading out before normalising, in training and in prediction alike), and once per
 ``--n4`` value, ``normalization.n4_levels`` (:func:`mslpipe.intensity.correct_bias_n4`, SimpleITK's N4 in the same
-place), everything else equal. Each fold's scores are kept beside its model (``robustness_bias.json``), so a rerun
-scores only new folds. Each fold's final model then segments its validation scans as acquired and shaded by fixed
-smooth fields applied to the **raw** scan before mslpipe's own preprocessing (so the normalisation sees the shading,
-as it would on a new scanner's scan):
+place; ``LEVELS@MM`` also sets ``n4_grid_mm``, its fitting grid), everything else equal. Each fold's scores are kept
+beside its model (``robustness_bias.json``), so a rerun scores only new folds. Each fold's final model then segments
+its validation scans as acquired and shaded by fixed smooth fields applied to the **raw** scan before mslpipe's own
+preprocessing (so the normalisation sees the shading, as it would on a new scanner's scan):
 
 * ``ramp ±20%``: a left-to-right ramp from 0.8 to 1.2 across the brain's bounding box;
 * ``ramp ±40%``: the same from 0.6 to 1.4;
@@ -121,7 +121,8 @@ def main() -> None:
     ap.add_argument("--flatfield", default="",
                     help="flat-field arms: comma-separated normalization.flatfield_mm values (mm), none by default")
     ap.add_argument("--n4", default="",
-                    help="N4 arms: comma-separated normalization.n4_levels values (fitting levels), none by default")
+                    help="N4 arms: comma-separated normalization.n4_levels values (fitting levels), each optionally "
+                         "@ normalization.n4_grid_mm (its fitting grid, mm; 4 if not given), none by default")
     ap.add_argument("--per-scan", action="store_true",
                     help="add a table of each scan's Dice, as acquired and with the ±40%% ramp, per arm")
     ap.add_argument("--section", default="robustness_bias",
@@ -140,9 +141,14 @@ def main() -> None:
     for mm in (float(v) for v in args.flatfield.split(",") if v):
         flat = {"normalization.flatfield_mm": mm}
         runs[f"flat field {mm:g} mm"] = score_folds(args, work / f"flatfield_{mm:g}", flat, raw)
-    for levels in (int(v) for v in args.n4.split(",") if v):
-        runs[f"N4, {levels} levels"] = score_folds(args, work / f"n4_{levels}", {"normalization.n4_levels": levels},
-                                                   raw)
+    for item in (v for v in args.n4.split(",") if v):
+        levels, _, grid = item.partition("@")
+        n4 = {"normalization.n4_levels": int(levels)}
+        label, folder = f"N4, {int(levels)} levels", work / f"n4_{int(levels)}"
+        if grid:
+            n4["normalization.n4_grid_mm"] = float(grid)
+            label, folder = f"{label}, {float(grid):g} mm grid", work / f"n4_{int(levels)}_grid{float(grid):g}"
+        runs[label] = score_folds(args, folder, n4, raw)
     base = runs["without"]
     n = len(base["scans"])
     rows, win_rows = [], []

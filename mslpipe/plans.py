@@ -60,8 +60,9 @@ class Augmentation:
 
 
 AUGMENTATION_FIELDS = {f.name for f in dataclasses.fields(Augmentation)}
-NORMALIZATION_KEYS = {"scheme", "lower_pct", "upper_pct", "flatfield_mm", "n4_levels"}
+NORMALIZATION_KEYS = {"scheme", "lower_pct", "upper_pct", "flatfield_mm", "n4_levels", "n4_grid_mm"}
 SHADING_KEYS = ("flatfield_mm", "n4_levels")  # off at 0, hashed as absent
+N4_GRID_MM = 4.0  # N4's fitting grid where a plan does not name one (``normalization.n4_grid_mm``)
 
 
 def _normalization_for_hash(norm: Any) -> Any:
@@ -237,6 +238,9 @@ class Plan:
         need(isinstance(n4, int) and not isinstance(n4, bool) and 0 <= n4 <= 6,
              "normalization n4_levels must be an integer from 0 (off) to 6")
         need(not (flat and n4), "normalization: choose flatfield_mm or n4_levels, not both")
+        grid = norm.get("n4_grid_mm", N4_GRID_MM)
+        need(isinstance(grid, int | float) and not isinstance(grid, bool) and 1 <= grid <= 20,
+             "normalization n4_grid_mm must be a number of mm from 1 to 20")
         need(self.brain_ml_range is None or (isinstance(self.brain_ml_range, list | tuple)
                                              and len(self.brain_ml_range) == 2
                                              and 0 < self.brain_ml_range[0] <= self.brain_ml_range[1]),

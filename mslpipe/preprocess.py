@@ -21,7 +21,7 @@ from mslpipe.datasets import Case
 from mslpipe.errors import MslpipeError
 from mslpipe.intensity import correct_bias_n4, flatten_field, normalise
 from mslpipe.io import load_image, load_mask, make_dir, read_json, save_npy, write_json
-from mslpipe.plans import Plan
+from mslpipe.plans import N4_GRID_MM, Plan
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,8 @@ def preprocess_volume(
             c = flatten_field(c, brain[sl], float(norm["flatfield_mm"]), grid)
         elif norm.get("n4_levels"):
             try:
-                c = correct_bias_n4(c, brain[sl], grid, levels=int(norm["n4_levels"]))
+                c = correct_bias_n4(c, brain[sl], grid, levels=int(norm["n4_levels"]),
+                                    shrink_mm=float(norm.get("n4_grid_mm", N4_GRID_MM)))
             except RuntimeError as exc:  # ITK's exceptions; the scan, not the code, is the likely cause
                 reason = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
                 raise MslpipeError(f"N4 bias-field correction failed ({reason}); a plan with --n4 0 skips it",

@@ -482,6 +482,13 @@ def test_n4_in_the_plan_preprocesses_and_hashes():
             Plan("x", normalization={**plain.normalization, "n4_levels": bad}).validate()
     with pytest.raises(MslpipeError, match="flatfield_mm or n4_levels, not both"):
         Plan("x", normalization={**plain.normalization, "n4_levels": 3, "flatfield_mm": 25}).validate()
+    coarse = Plan("x", target_spacing=None, normalization={**on.normalization, "n4_grid_mm": 8})
+    assert coarse.preprocessing_hash() != on.preprocessing_hash()
+    assert not np.array_equal(preprocess_volume([image], np.eye(4), coarse)[0],
+                              preprocess_volume([image], np.eye(4), on)[0])
+    for bad in (0, 0.5, "6", True, 50):
+        with pytest.raises(MslpipeError, match="n4_grid_mm must be a number of mm from 1 to 20"):
+            Plan("x", normalization={**on.normalization, "n4_grid_mm": bad}).validate()
 
 
 def test_a_failing_n4_names_the_scan(monkeypatch):
