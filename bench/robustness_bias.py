@@ -143,12 +143,11 @@ def main() -> None:
         runs[f"flat field {mm:g} mm"] = score_folds(args, work / f"flatfield_{mm:g}", flat, raw)
     for item in (v for v in args.n4.split(",") if v):
         levels, _, grid = item.partition("@")
-        n4 = {"normalization.n4_levels": int(levels)}
-        label, folder = f"N4, {int(levels)} levels", work / f"n4_{int(levels)}"
+        n4, label, folder = {"normalization.n4_levels": int(levels)}, f"N4, {int(levels)} levels", f"n4_{int(levels)}"
         if grid:
             n4["normalization.n4_grid_mm"] = float(grid)
-            label, folder = f"{label}, {float(grid):g} mm grid", work / f"n4_{int(levels)}_grid{float(grid):g}"
-        runs[label] = score_folds(args, folder, n4, raw)
+            label, folder = f"{label}, {float(grid):g} mm grid", f"{folder}_grid{float(grid):g}"
+        runs[label] = score_folds(args, work / folder, n4, raw)
     base = runs["without"]
     n = len(base["scans"])
     rows, win_rows = [], []

@@ -71,22 +71,30 @@ def _shaded_brain(shading: np.ndarray | None = None):
     return image, brain, lesion
 
 
-def test_flatten_field_divides_out_a_ramp_and_keeps_lesion_contrast():
-    """A ±30 % left-right ramp over a ball 60 mm across (a Gaussian of 10 mm, as 25 mm to a brain 140 mm across):
-    before, the brain's two sides differ by over a fifth; after, by about 5 %. The lesion keeps its contrast to
-    the tissue beside it, and the background stays zero."""
+def _ramp_result(correct):
+    """The ball under a ±30 % left-right ramp, corrected by ``correct(image, brain)``: (image, brain, out, ratio of
+    the right half's tissue to the left's before and after, the lesion's contrast to the tissue beside it after)."""
     ramp = np.linspace(0.7, 1.3, 64, dtype=np.float32)[:, None, None] * np.ones((64, 64, 64), np.float32)
     image, brain, lesion = _shaded_brain(ramp)
-    out = flatten_field(image, brain, sigma_mm=10.0, spacing=(1.0, 1.0, 1.0))
+    out = correct(image, brain)
     tissue = brain & (image > 0) & ~lesion
     left, right = tissue.copy(), tissue.copy()
     left[32:], right[:32] = False, False
     before = np.median(image[right]) / np.median(image[left])
     after = np.median(out[right]) / np.median(out[left])
-    assert before > 1.2 and abs(after - 1) < 0.07, (before, after)
     near = tissue.copy()
     near[:36], near[48:] = False, False
-    assert out[lesion].mean() / np.median(out[near]) == pytest.approx(150 / 100, rel=0.1)
+    return image, brain, out, before, after, out[lesion].mean() / np.median(out[near])
+
+
+def test_flatten_field_divides_out_a_ramp_and_keeps_lesion_contrast():
+    """A ±30 % left-right ramp over a ball 60 mm across (a Gaussian of 10 mm, as 25 mm to a brain 140 mm across):
+    before, the brain's two sides differ by over a fifth; after, by about 5 %. The lesion keeps its contrast to
+    the tissue beside it, and the background stays zero."""
+    image, brain, out, before, after, contrast = _ramp_result(
+        lambda image, brain: flatten_field(image, brain, sigma_mm=10.0, spacing=(1.0, 1.0, 1.0)))
+    assert before > 1.2 and abs(after - 1) < 0.07, (before, after)
+    assert contrast == pytest.approx(150 / 100, rel=0.1)
     assert np.array_equal(out[~brain], image[~brain])
 
 
@@ -118,18 +126,10 @@ def test_flatten_field_does_not_brighten_tissue_beside_a_ventricle():
 def test_n4_removes_a_ramp_and_keeps_lesion_contrast():
     """N4 on the ±30 % ramp: the brain's two sides differ by over a fifth before and by under 5 % after; the lesion
     keeps its contrast to the tissue beside it, the background stays as it was, and the brain's level stays."""
-    ramp = np.linspace(0.7, 1.3, 64, dtype=np.float32)[:, None, None] * np.ones((64, 64, 64), np.float32)
-    image, brain, lesion = _shaded_brain(ramp)
-    out = correct_bias_n4(image, brain, spacing=(2.0, 2.0, 2.0))
-    tissue = brain & (image > 0) & ~lesion
-    left, right = tissue.copy(), tissue.copy()
-    left[32:], right[:32] = False, False
-    before = np.median(image[right]) / np.median(image[left])
-    after = np.median(out[right]) / np.median(out[left])
+    image, brain, out, before, after, contrast = _ramp_result(
+        lambda image, brain: correct_bias_n4(image, brain, spacing=(2.0, 2.0, 2.0)))
     assert before > 1.2 and abs(after - 1) < 0.05, (before, after)
-    near = tissue.copy()
-    near[:36], near[48:] = False, False
-    assert out[lesion].mean() / np.median(out[near]) == pytest.approx(150 / 100, rel=0.1)
+    assert contrast == pytest.approx(150 / 100, rel=0.1)
     assert np.array_equal(out[~brain], image[~brain])
     assert np.median(out[brain]) == pytest.approx(np.median(image[brain]), rel=0.05)
     assert out.dtype == np.float32 and out.shape == image.shape
