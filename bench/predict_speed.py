@@ -1,10 +1,11 @@
 """Inference speed: mslpipe's predict path against a bare forward of the same network.
 
-Measures, on the current device, for one whole MNI-size FLAIR volume (the first real scan in
-../shared/data/real-ms-isbi if present, else a synthetic one of the same size):
+Measures, on the current device, for one whole MNI-size FLAIR volume (a real scan from
+../shared/data/real-ms-isbi if present, the first or ``--scan``, else a synthetic one of the same size):
 - the bare network forward over all slices (on CUDA: bf16 + channels_last + torch.compile);
 - mslpipe's compute per volume (preprocess, with the default N4 since 2026-11-28, + network + map back +
-  postprocess, no file I/O);
+  postprocess, no file I/O), and the same with N4 off (N4's time depends on the scan: it stops early where it
+  finds no field);
 - end-to-end folder throughput (read NIfTI, predict, write NIfTI) over several copies.
 Weights are random: only speed is measured. Timing: warm-up, synchronise, median of repeats.
 Writes its section of bench/RESULTS.md.
@@ -13,6 +14,7 @@ Writes its section of bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -50,8 +52,10 @@ def timed(fn, device: str, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def a_volume() -> tuple[np.ndarray, np.ndarray, str]:
-    scans = sorted(REAL.glob("training/*/preprocessed/*_flair_pp.nii*"))
+def a_volume(scan: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    scans = sorted(REAL.glob(f"training/*/preprocessed/{scan or '*'}_flair_pp.nii*"))
+    if scan and not scans:
+        sys.exit(f"no real scan {scan}_flair_pp.nii[.gz] under {REAL}/training")
     if scans:
         data, affine = load_image(scans[0])
         return data, affine, f"real scan {scans[0].name} {data.shape}"
@@ -93,6 +97,9 @@ def measure(arch: str, kwargs: dict, device: str, data, affine, args) -> list:
     predictor = inference.Predictor([run_model], plan, device, divisor, [])
     t_case = timed(lambda: inference.predict_case(predictor, [data], affine), device, args.repeats,
                    warmup=2 if compile else 1)
+    no_n4 = dataclasses.replace(plan, normalization={**plan.normalization, "n4_levels": 0})
+    predictor_no_n4 = inference.Predictor([run_model], no_n4, device, divisor, [])
+    t_case_no_n4 = timed(lambda: inference.predict_case(predictor_no_n4, [data], affine), device, args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "in"
         for i in range(args.volumes):
@@ -105,8 +112,8 @@ def measure(arch: str, kwargs: dict, device: str, data, affine, args) -> list:
     params = sum(p.numel() for p in model.parameters()) / 1e6
     slices = f"{n} × {padded.shape[2]}×{padded.shape[3]}, {plan.input_channels} input slice(s)"
     return [f"{arch} {kwargs or '(full width)'}", f"{params:.2f} M", slices,
-            round(t_bare, 4), round(n / t_bare, 1), round(t_case, 4), round(t_case / t_bare, 2),
-            round(args.volumes / t_folder, 3)]
+            round(t_bare, 4), round(n / t_bare, 1), round(t_case, 4), round(t_case_no_n4, 4),
+            round(t_case / t_bare, 2), round(args.volumes / t_folder, 3)]
 
 
 def main() -> None:
@@ -116,10 +123,11 @@ def main() -> None:
     ap.add_argument("--volumes", type=int, default=8, help="copies in the end-to-end folder run")
     ap.add_argument("--batch", type=int, default=256, help="slices per batch on CUDA")
     ap.add_argument("--full-width-cpu", action="store_true", help="also time the full-width network on CPU")
+    ap.add_argument("--scan", default=None, help="real scan to time, e.g. training04_01 [the first]")
     args = ap.parse_args()
     device = inference.pick_device(args.device)
     torch.manual_seed(0)
-    data, affine, what = a_volume()
+    data, affine, what = a_volume(args.scan)
     configs = [("leaky_unet", {})] if device == "cuda" else [("leaky_unet", {"base_channels": 16, "max_channels": 256})]
     if device == "cpu" and args.full_width_cpu:
         configs.append(("leaky_unet", {}))
@@ -127,7 +135,8 @@ def main() -> None:
     if device == "cpu":
         args.repeats, args.volumes = min(args.repeats, 3), min(args.volumes, 3)
     headers = ["network", "params", "slices per volume", "bare forward s/volume", "bare slices/s",
-               "mslpipe compute s/volume", "compute / bare", "end-to-end volumes/s (read+predict+write)"]
+               "mslpipe compute s/volume", "same, N4 off", "compute / bare",
+               "end-to-end volumes/s (read+predict+write)"]
     baseline = ("bf16 + channels_last + torch.compile" if device == "cuda"
                 else "fp32 eager, the network's CPU layout, batch 16")
     rows = []
@@ -135,6 +144,8 @@ def main() -> None:
         rows.append(measure(a, k, device, data, affine, args))
         body = (f"Input: {what}, brain-cropped by mslpipe's preprocessing. Bare forward: {baseline}, the same "
                 f"tensors. Median of {args.repeats} repeats after warm-up; end-to-end over {args.volumes} volumes. "
+                f"mslpipe's compute includes the default plan's N4 ({DEFAULT_N4_LEVELS} levels); the column after it "
+                "is the same path with N4 off. "
                 "Random weights with the output bias at the lesion prior, as training starts (speed only; the "
                 "masks come out sparse, as a trained model's do). `nnunet2d` is nnU-Net's 2D network architecture "
                 "run through mslpipe's inference path, not nnU-Net's own predictor.\n\n" + table(headers, rows))
