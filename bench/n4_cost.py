@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mslpipe import datasets, preprocess  # noqa: E402
+from mslpipe import brainmask, datasets, preprocess  # noqa: E402
 from mslpipe.intensity import correct_bias_n4  # noqa: E402
 from mslpipe.plan import DEFAULT_N4_LEVELS  # noqa: E402
 from mslpipe.plans import Plan  # noqa: E402
@@ -40,8 +40,8 @@ def field_percentiles(channel: np.ndarray, affine: np.ndarray, plan: Plan) -> tu
     cropped brain, as ``preprocess_volume`` runs it; the scans here are at the plan's voxel size)."""
     ornt = preprocess.canonical_ornt(affine)
     canon = preprocess.to_canonical(channel, ornt)
-    brain = preprocess.brain_mask(canon)
-    sl = tuple(slice(a, b) for a, b in preprocess.bounding_box(brain, plan.crop_margin))
+    brain = brainmask.brain_mask(canon)
+    sl = tuple(slice(a, b) for a, b in brainmask.bounding_box(brain, plan.crop_margin))
     spacing = np.linalg.norm(affine[:3, :3], axis=0)[np.argsort(ornt[:, 0])]
     image, mask = canon[sl], brain[sl]
     lo = float(np.percentile(image[mask], 0.5))

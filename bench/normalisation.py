@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mslpipe import datasets, intensity, preprocess  # noqa: E402
+from mslpipe import brainmask, datasets, intensity  # noqa: E402
 from mslpipe.io import load_image, load_mask, read_json  # noqa: E402
 from mslpipe.plans import Plan  # noqa: E402
 from results import (  # noqa: E402
@@ -48,7 +48,7 @@ def lesion_contrast() -> list[list]:
     for case in datasets.discover(real_data_path()):
         image, _ = load_image(next(iter(case.images.values())))
         lesion = load_mask(case.masks[0], image.shape) > 0
-        brain = preprocess.brain_mask(image)
+        brain = brainmask.brain_mask(image)
         row = [case.id]
         for scheme in SCHEMES.values():
             normed, _ = intensity.normalise(image, brain, DEFAULT["lower_pct"], DEFAULT["upper_pct"], scheme)

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mslpipe import datasets, inference, metrics, preprocess  # noqa: E402
+from mslpipe import brainmask, datasets, inference, metrics, preprocess  # noqa: E402
 from mslpipe.io import read_json, write_json  # noqa: E402
 from mslpipe.plans import load_plan  # noqa: E402
 from results import fold_arguments, real_data_path, real_data_work, table, trained_folds, write_section  # noqa: E402
@@ -42,7 +42,7 @@ from results import fold_arguments, real_data_path, real_data_work, table, train
 
 def _box_coordinates(image: np.ndarray, brain: np.ndarray) -> list[np.ndarray]:
     """Per axis, the voxel coordinate scaled to [-1, 1] over the brain's bounding box (beyond it outside)."""
-    box = preprocess.bounding_box(brain, 0)
+    box = brainmask.bounding_box(brain, 0)
     return [np.linspace(-1 - 2 * a / max(b - a - 1, 1), 1 + 2 * (n - b) / max(b - a - 1, 1), n)
             for (a, b), n in zip(box, image.shape, strict=True)]
 
@@ -68,7 +68,7 @@ def shade(image: np.ndarray, field) -> np.ndarray:
     """The raw scan times a smooth field, above its darkest brain intensity (never below 0.05 of the field)."""
     if field is None:
         return image
-    brain = preprocess.brain_mask(image)
+    brain = brainmask.brain_mask(image)
     lo = float(np.percentile(image[brain], 0.5))
     return ((image - lo) * np.clip(field(image, brain), 0.05, None) + lo).astype(np.float32)
 

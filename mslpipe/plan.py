@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from mslpipe import architectures, preprocess
+from mslpipe import architectures, brainmask, preprocess
 from mslpipe.datasets import Case, discover
 from mslpipe.errors import MslpipeError
 from mslpipe.io import write_json
@@ -48,10 +48,10 @@ def fingerprint_case(case: Case) -> dict[str, Any]:
     image = channels[0]
     ornt = preprocess.canonical_ornt(affine)
     canon = preprocess.to_canonical(image, ornt)
-    brain = preprocess.brain_mask(canon)
+    brain = brainmask.brain_mask(canon)
     if not brain.any():
         raise MslpipeError("image is empty (all zero or no positive voxels)", first)
-    box = preprocess.bounding_box(brain, 0)
+    box = brainmask.bounding_box(brain, 0)
     values = canon[brain]
     p_lo, p_hi = np.percentile(values, [0.5, 99.5])
     if p_hi - p_lo <= 0:

@@ -8,7 +8,9 @@ same code, so what the network sees at prediction time is what it saw in trainin
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from mslpipe import postprocess
+from mslpipe.brainmask import bounding_box, brain_mask
 from mslpipe.datasets import Case
 from mslpipe.errors import MslpipeError
 from mslpipe.intensity import correct_bias_n4, flatten_field, normalise
@@ -47,69 +50,7 @@ def from_canonical(data: np.ndarray, ornt: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(nio.apply_orientation(data, inverse))
 
 
-# ---------------------------------------------------------------------------- brain and intensities
-def bright_voxels(image: np.ndarray, fraction: float = 0.05) -> np.ndarray:
-    """Voxels above ``fraction`` of the positive voxels' 99.5th percentile (none when no voxel is positive): the
-    threshold of :func:`brain_mask`, before its morphology."""
-    positive = image[image > 0]
-    if positive.size == 0:
-        return np.zeros(image.shape, dtype=bool)
-    return image > fraction * float(np.percentile(positive, 99.5))
-
-
-def brain_mask(image: np.ndarray, fraction: float = 0.05) -> np.ndarray:
-    """Voxels of the head/brain: above a small fraction of the bright end, holes filled.
-
-    Robust to skull-stripped scans with an exactly zero background and to scans whose
-    background carries small interpolation values of either sign. The morphology runs inside the
-    thresholded voxels' bounding box (plus a margin of 2), which gives the same mask as on the whole
-    volume: outside the box everything is background and connected to the volume's border.
-    """
-    full = bright_voxels(image, fraction)
-    out = np.zeros(image.shape, dtype=bool)
-    if not full.any():
-        return out
-    box = tuple(slice(a, b) for a, b in bounding_box(full, 2))
-    mask = full[box]
-    mask = open_faces(mask) if mask.sum() > 1000 else mask
-    labels, n = ndimage.label(mask)
-    if n > 1:  # keep components holding at least 1% of the mask (drops specks of background noise)
-        sizes = np.bincount(labels.ravel(), minlength=n + 1)
-        sizes[0] = 0
-        mask = (sizes >= 0.01 * sizes.max())[labels]
-    out[box] = fill_holes(mask)
-    return out
-
-
-def open_faces(mask: np.ndarray) -> np.ndarray:
-    """``scipy.ndimage.binary_opening(mask)`` (one iteration, face-connected cross, zero border) by shifted
-    array views: the same mask at about a tenth of scipy's time on brain-sized volumes, where scipy's generic
-    morphology was the largest share of `predict`'s work around a GPU's network."""
-    def shifted(a: np.ndarray, reduce) -> np.ndarray:
-        p = np.pad(a, 1)
-        centre = tuple(slice(1, -1) for _ in range(a.ndim))
-        out = p[centre].copy()
-        for axis in range(a.ndim):
-            for lo, hi in ((None, -2), (2, None)):
-                reduce(out, p[centre[:axis] + (slice(lo, hi),) + centre[axis + 1:]], out=out)
-        return out
-
-    return shifted(shifted(mask.astype(bool), np.logical_and), np.logical_or)
-
-
-def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """``scipy.ndimage.binary_fill_holes`` (face connectivity), by labelling the background once:
-    background components that touch no face of the array are holes. Same result, a fraction of
-    the time on brain-sized volumes."""
-    background, _ = ndimage.label(~mask)
-    on_border = np.zeros(int(background.max()) + 1, dtype=bool)
-    for axis in range(mask.ndim):
-        for end in (0, -1):
-            on_border[np.take(background, end, axis=axis)] = True
-    on_border[0] = True  # label 0 is the mask itself
-    return mask | ~on_border[background]
-
-
+# ---------------------------------------------------------------------------- labels
 def combine_raters(masks: list[np.ndarray], policy: str) -> np.ndarray:
     """One training label from one or more raters' masks (float32 in [0, 1])."""
     stack = np.stack([m.astype(np.float32) for m in masks])
@@ -122,17 +63,6 @@ def combine_raters(masks: list[np.ndarray], policy: str) -> np.ndarray:
     if policy == "mask1":
         return stack[0]
     raise MslpipeError(f"unknown label policy {policy!r}")
-
-
-def bounding_box(mask: np.ndarray, margin: int) -> list[list[int]]:
-    """[[start, stop], ...] per axis of the non-zero voxels, ``margin`` wider, clipped to the array."""
-    box = []
-    for axis, n in enumerate(mask.shape):
-        hit = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if hit.size == 0:
-            raise ValueError("bounding_box of an empty mask")
-        box.append([int(max(hit[0] - margin, 0)), int(min(hit[-1] + 1 + margin, n))])
-    return box
 
 
 # ---------------------------------------------------------------------------- one volume
@@ -359,37 +289,69 @@ def source_digest(case: Case) -> str:
     return digest.hexdigest()
 
 
-def run(cases: list[Case], plan: Plan, out_dir: Path, progress=None) -> list[str]:
+def preprocess_workers(n_cases: int) -> int:
+    """Cases preprocessed at once by :func:`run`: one per CPU core, at most 8 and at most the cases. Threads
+    suffice: reading (zlib), N4 (SimpleITK) and the array work release the GIL for most of their time; each
+    case in flight holds a few copies of its volume (a few hundred MB for an MNI-size scan)."""
+    return max(1, min(n_cases, os.cpu_count() or 1, 8))
+
+
+def _is_done(case: Case, out_dir: Path, key: str, digest: str) -> bool:
+    props_path = out_dir / f"{case.id}.json"
+    if not (props_path.exists() and (out_dir / f"{case.id}.npy").exists()):
+        return False
+    try:
+        done = read_json(props_path)
+    except MslpipeError:
+        return False
+    return done.get("preprocessing_hash") == key and done.get("source_digest") == digest
+
+
+def _preprocess_case(case: Case, plan: Plan, out_dir: Path, key: str, digest: str) -> None:
+    channels, affine, masks = load_case(case)
+    image, label, props = preprocess_volume(channels, affine, plan, masks, where=case.images["flair"]
+                                            if "flair" in case.images else None)
+    props.update(case=case.id, subject=case.subject, timepoint=case.timepoint,
+                 preprocessing_hash=key, source_digest=digest, test_only=case.test_only)
+    save_npy(out_dir / f"{case.id}.npy", image)
+    if label is not None:
+        save_npy(out_dir / f"{case.id}_seg.npy", label)
+    write_json(out_dir / f"{case.id}.json", props)  # written last: its presence marks the case complete
+
+
+def run(cases: list[Case], plan: Plan, out_dir: Path, progress=None, workers: int | None = None) -> list[str]:
     """Preprocess every case into ``out_dir``; skip cases already done with the same plan from the
     same source files (a content digest, so an edited or replaced scan or mask is preprocessed again).
 
-    Returns the ids that were (re)written.
+    ``workers`` cases at once (default :func:`preprocess_workers`), each case's files written whole and its
+    properties file last, so a failure leaves every other case either complete or absent. On a failure the
+    cases not yet started are not started, and the first error (in case order) is raised.
+
+    Returns the ids that were (re)written, in the order of ``cases``.
     """
     make_dir(out_dir)
     key = plan.preprocessing_hash()
-    written = []
+    todo = []
     for case in cases:
-        props_path = out_dir / f"{case.id}.json"
         digest = source_digest(case)
-        if props_path.exists() and (out_dir / f"{case.id}.npy").exists():
-            try:
-                done = read_json(props_path)
-                if done.get("preprocessing_hash") == key and done.get("source_digest") == digest:
-                    if progress:
-                        progress(case.id)
-                    continue
-            except MslpipeError:
-                pass
-        channels, affine, masks = load_case(case)
-        image, label, props = preprocess_volume(channels, affine, plan, masks, where=case.images["flair"]
-                                                if "flair" in case.images else None)
-        props.update(case=case.id, subject=case.subject, timepoint=case.timepoint,
-                     preprocessing_hash=key, source_digest=digest, test_only=case.test_only)
-        save_npy(out_dir / f"{case.id}.npy", image)
-        if label is not None:
-            save_npy(out_dir / f"{case.id}_seg.npy", label)
-        write_json(props_path, props)  # written last: its presence marks the case complete
-        written.append(case.id)
-        if progress:
-            progress(case.id)
-    return written
+        if _is_done(case, out_dir, key, digest):
+            if progress:
+                progress(case.id)
+        else:
+            todo.append((case, digest))
+    if not todo:
+        return []
+    with ThreadPoolExecutor(max_workers=workers or preprocess_workers(len(todo))) as pool:
+        futures = {pool.submit(_preprocess_case, case, plan, out_dir, key, digest): case for case, digest in todo}
+        for fut in as_completed(futures):
+            if fut.cancelled():
+                continue
+            if fut.exception() is not None:
+                for other in futures:  # those not started yet; the running ones finish
+                    other.cancel()
+            elif progress:
+                progress(futures[fut].id)
+    for fut in futures:  # the first failure in case order, so the message does not depend on timing
+        if not fut.cancelled() and fut.exception() is not None:
+            raise fut.exception()
+    return [case.id for case, _ in todo]

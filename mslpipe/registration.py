@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mslpipe.brainmask import bright_voxels
 from mslpipe.errors import MslpipeError
 from mslpipe.io import atomic_path, numpy_to_sitk
-from mslpipe.preprocess import bright_voxels
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import pytest
 from scipy import ndimage
 from test_preprocess import SHAPE, _ball, _head
 
+from mslpipe.brainmask import brain_mask
 from mslpipe.intensity import correct_bias_n4, flatten_field, normalise
-from mslpipe.preprocess import brain_mask
 
 
 # ---------------------------------------------------------------------------- normalise
@@ -161,8 +161,8 @@ def test_n4_leaves_an_almost_empty_brain_alone():
 def test_n4_on_a_real_scan(real_data):
     """A real, curator-corrected scan (Lesjak's training01_01): N4 finds no field (brain voxels change by under 1 %).
     The same scan under a ±30 % left-right ramp: N4 brings its two halves' tissue within 3 % of each other."""
+    from mslpipe.brainmask import bounding_box
     from mslpipe.io import load_image, load_mask
-    from mslpipe.preprocess import bounding_box
 
     image, _ = load_image(real_data / "training/training01/preprocessed/training01_01_flair_pp.nii.gz")
     lesion = load_mask(real_data / "training/training01/masks/training01_01_mask1.nii.gz")

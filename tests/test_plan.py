@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from mslpipe import architectures, plan, preprocess
+from mslpipe import architectures, brainmask, plan
 from mslpipe.errors import MslpipeError
 from mslpipe.io import load_image, read_json, save_nifti
 from mslpipe.plans import Workdirs, load_plan
@@ -76,7 +76,7 @@ def test_fingerprint(synth_planned, synth_root):
         masks = [load_image(synth_root / m)[0] for m in truth_scans[c["case"]]["masks"]]
         assert c["lesion_count"] == [ndimage.label(m, structure)[1] for m in masks]
         assert c["n_raters"] == 2
-        brain = preprocess.brain_mask(image)  # orientation does not change the count
+        brain = brainmask.brain_mask(image)  # orientation does not change the count
         assert c["brain_ml"] == pytest.approx(brain.sum() * np.prod(c["spacing"]) / 1000)
     med = fp["median"]
     assert med["shape"] == [40, 44, 32]

@@ -1,18 +1,17 @@
-"""preprocess: brain mask, normalisation, rater policies, and the geometry of preprocess/restore."""
+"""preprocess: normalisation, rater policies, and the geometry of preprocess/restore."""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pytest
 
+from mslpipe.brainmask import brain_mask
 from mslpipe.errors import MslpipeError
 from mslpipe.plans import Plan
 from mslpipe.preprocess import (
-    bounding_box,
-    brain_mask,
     combine_raters,
-    fill_holes,
-    open_faces,
     preprocess_volume,
     restore,
     with_context,
@@ -89,111 +88,6 @@ def _variants():
 
 
 # ---------------------------------------------------------------------------- brain mask
-def test_brain_mask_ball_with_zero_background():
-    image, _, _ = _head()
-    ball = _ball()
-    mask = brain_mask(image)
-    assert mask.dtype == bool and mask.shape == SHAPE
-    assert not (mask & ~ball).any()  # nothing outside the ball
-    assert (ball & ~mask).sum() <= 0.02 * ball.sum()  # at most the ball's outermost tips trimmed
-
-
-def test_brain_mask_fills_dark_interior():
-    image, _, _ = _head()
-    ventricle = _ball(3.0)
-    image[ventricle] = 0.0
-    mask = brain_mask(image)
-    assert mask[ventricle].all()
-
-
-@pytest.mark.parametrize("noise", [(-3.0, 3.0), (-3.0, 0.0), (0.0, 3.0)])
-def test_brain_mask_with_small_background_noise(noise):
-    image, _, _ = _head()
-    ball = _ball()
-    clean = brain_mask(image)
-    rng = np.random.default_rng(1)
-    noisy = image + np.where(ball, 0.0, rng.uniform(*noise, SHAPE)).astype(np.float32)
-    noisy[0, 0, 0] = noisy[1, 0, 0] = 40.0  # a bright background speck
-    mask = brain_mask(noisy)
-    assert not (mask & ~ball).any()
-    np.testing.assert_array_equal(mask, clean)
-
-
-def test_brain_mask_of_empty_image():
-    assert not brain_mask(np.zeros(SHAPE, np.float32)).any()
-    assert not brain_mask(-np.ones(SHAPE, np.float32)).any()
-
-
-def _brain_mask_on_whole_volume(image: np.ndarray, fraction: float = 0.05) -> np.ndarray:
-    """brain_mask's definition, spelt with scipy's own functions on the whole volume (the slow way)."""
-    from scipy import ndimage
-
-    positive = image[image > 0]
-    if positive.size == 0:
-        return np.zeros(image.shape, dtype=bool)
-    mask = image > fraction * float(np.percentile(positive, 99.5))
-    mask = ndimage.binary_opening(mask, iterations=1) if mask.sum() > 1000 else mask
-    labels, n = ndimage.label(mask)
-    if n > 1:
-        sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
-        mask = np.isin(labels, 1 + np.flatnonzero(sizes >= 0.01 * sizes.max()))
-    return ndimage.binary_fill_holes(mask)
-
-
-def test_brain_mask_equals_whole_volume_morphology():
-    """Cropping to the thresholded box and filling holes by labelling change nothing: random smooth
-    volumes (blobs that touch the borders, several components, holes), big enough for the opening."""
-    from scipy import ndimage
-
-    rng = np.random.default_rng(7)
-    for _ in range(40):
-        shape = tuple(int(v) for v in rng.integers(4, 26, size=3))
-        image = ndimage.gaussian_filter(rng.normal(size=shape), rng.uniform(0.5, 3.0)) + rng.uniform(-0.3, 0.3)
-        np.testing.assert_array_equal(brain_mask(image), _brain_mask_on_whole_volume(image))
-    image, _, _ = _head()
-    image[_ball(3.0)] = 0.0  # a hole inside the big component
-    np.testing.assert_array_equal(brain_mask(image), _brain_mask_on_whole_volume(image))
-
-
-def _random_masks(seed: int, max_fill: float):
-    """30 random 2D and 30 random 3D masks of 1-13 voxels per side, filled 20 % to ``max_fill``."""
-    rng = np.random.default_rng(seed)
-    for ndim in (2, 3):
-        for _ in range(30):
-            yield rng.random(tuple(int(v) for v in rng.integers(1, 14, size=ndim))) < rng.uniform(0.2, max_fill)
-
-
-def test_fill_holes_equals_scipy():
-    from scipy import ndimage
-
-    for mask in _random_masks(3, 0.9):
-        np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
-    shell = _ball(8.0) & ~_ball(5.0)
-    assert fill_holes(shell).sum() == _ball(8.0).sum()
-
-
-def test_open_faces_equals_scipy():
-    from scipy import ndimage
-
-    for mask in _random_masks(5, 0.95):
-        np.testing.assert_array_equal(open_faces(mask), ndimage.binary_opening(mask))
-    ball = _ball(8.0)
-    ball[12, 13, :] = True  # a one-voxel-thin rod through it, which the opening removes outside the ball
-    opened = open_faces(ball)
-    np.testing.assert_array_equal(opened, ndimage.binary_opening(ball))
-    assert not opened[12, 13, [0, -1]].any() and opened.sum() > 0.9 * _ball(8.0).sum()
-
-
-def test_bounding_box():
-    mask = np.zeros((10, 12, 8), dtype=bool)
-    mask[2:5, 7, 0] = True
-    assert bounding_box(mask, 0) == [[2, 5], [7, 8], [0, 1]]
-    assert bounding_box(mask, 3) == [[0, 8], [4, 11], [0, 4]]
-    with pytest.raises(ValueError):
-        bounding_box(np.zeros((3, 3), dtype=bool), 1)
-
-
-# ---------------------------------------------------------------------------- rater policies
 def test_combine_raters_policies():
     a = np.array([[[0, 1, 1, 0]]], np.uint8)
     b = np.array([[[0, 0, 1, 1]]], np.uint8)
@@ -504,3 +398,71 @@ def test_a_failing_n4_names_the_scan(monkeypatch):
     with pytest.raises(MslpipeError, match=r"scan\.nii\.gz.*N4 bias-field correction failed \(Inputs do not occupy "
                        r"the same space\); a plan with --n4 0 skips it"):
         preprocess_volume([image], np.eye(4), plan, where="scan.nii.gz")
+
+
+# ---------------------------------------------------------------------------- preprocess.run, several cases at once
+def _run_plan(n4_levels: int = 0) -> Plan:
+    plan = Plan(dataset="syn", target_spacing=None)
+    plan.normalization = {**plan.normalization, "n4_levels": n4_levels}
+    return plan
+
+
+def _outputs(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("n4_levels", [0, 1])
+def test_run_with_several_workers_writes_what_one_worker_writes(tmp_path, synth_root, n4_levels):
+    from mslpipe import datasets, preprocess
+
+    cases = datasets.discover(synth_root)[:4]
+    plan = _run_plan(n4_levels)
+    seen: list[str] = []
+    one = preprocess.run(cases, plan, tmp_path / "one", workers=1)
+    three = preprocess.run(cases, plan, tmp_path / "three", progress=seen.append, workers=3)
+    assert one == three == [c.id for c in cases]
+    assert sorted(seen) == sorted(c.id for c in cases)
+    npy = {k: v for k, v in _outputs(tmp_path / "one").items() if k.endswith(".npy")}
+    assert len(npy) == 8 and npy == {k: v for k, v in _outputs(tmp_path / "three").items() if k.endswith(".npy")}
+
+
+def test_run_failing_cases_leave_the_others_whole_and_a_rerun_finishes(tmp_path, synth_root, monkeypatch):
+    """Two of six cases fail: the error names the first of them in case order, whatever finished first; every case
+    is either complete (arrays and properties) or absent; a rerun preprocesses exactly the absent ones."""
+    from mslpipe import datasets, preprocess
+
+    cases = datasets.discover(synth_root)[:6]
+    bad = {cases[1].id, cases[4].id}
+    real = preprocess.preprocess_volume
+
+    def flaky(channels, affine, plan, masks=None, where=None):
+        if any(b in str(where) for b in bad):
+            if cases[1].id in str(where):
+                time.sleep(0.5)  # the later bad case fails first
+            raise MslpipeError(f"{where}: not a brain")
+        return real(channels, affine, plan, masks, where=where)
+
+    monkeypatch.setattr(preprocess, "preprocess_volume", flaky)
+    out = tmp_path / "pre"
+    with pytest.raises(MslpipeError, match=f"{cases[1].id}_flair_pp.*not a brain"):
+        preprocess.run(cases, _run_plan(), out, workers=3)
+    names = set(_outputs(out))
+    done = {c.id for c in cases if f"{c.id}.json" in names}
+    assert not done & bad
+    for case in cases:
+        whole = {f"{case.id}.json", f"{case.id}.npy", f"{case.id}_seg.npy"}
+        assert whole <= names or not whole & names, case.id
+    assert names == {f"{c}{suffix}" for c in done for suffix in (".json", ".npy", "_seg.npy")}  # no temporary files
+    monkeypatch.setattr(preprocess, "preprocess_volume", real)
+    again = preprocess.run(cases, _run_plan(), out, workers=3)
+    assert again == [c.id for c in cases if c.id not in done]
+    assert preprocess.run(cases, _run_plan(), out, workers=3) == []
+
+
+def test_preprocess_workers_is_bounded_by_cases_and_cpus(monkeypatch):
+    from mslpipe import preprocess
+
+    monkeypatch.setattr(preprocess.os, "cpu_count", lambda: 16)
+    assert [preprocess.preprocess_workers(n) for n in (1, 3, 20)] == [1, 3, 8]
+    monkeypatch.setattr(preprocess.os, "cpu_count", lambda: None)
+    assert preprocess.preprocess_workers(5) == 1

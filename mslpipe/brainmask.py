@@ -1,0 +1,82 @@
+"""The brain mask of a scan and the box around it: a threshold near the bright end, then morphology.
+
+Function-first and numpy/scipy only, so that preprocessing, planning and registration share one definition.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def bright_voxels(image: np.ndarray, fraction: float = 0.05) -> np.ndarray:
+    """Voxels above ``fraction`` of the positive voxels' 99.5th percentile (none when no voxel is positive): the
+    threshold of :func:`brain_mask`, before its morphology."""
+    positive = image[image > 0]
+    if positive.size == 0:
+        return np.zeros(image.shape, dtype=bool)
+    return image > fraction * float(np.percentile(positive, 99.5))
+
+
+def brain_mask(image: np.ndarray, fraction: float = 0.05) -> np.ndarray:
+    """Voxels of the head/brain: above a small fraction of the bright end, holes filled.
+
+    Robust to skull-stripped scans with an exactly zero background and to scans whose
+    background carries small interpolation values of either sign. The morphology runs inside the
+    thresholded voxels' bounding box (plus a margin of 2), which gives the same mask as on the whole
+    volume: outside the box everything is background and connected to the volume's border.
+    """
+    full = bright_voxels(image, fraction)
+    out = np.zeros(image.shape, dtype=bool)
+    if not full.any():
+        return out
+    box = tuple(slice(a, b) for a, b in bounding_box(full, 2))
+    mask = full[box]
+    mask = open_faces(mask) if mask.sum() > 1000 else mask
+    labels, n = ndimage.label(mask)
+    if n > 1:  # keep components holding at least 1% of the mask (drops specks of background noise)
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        sizes[0] = 0
+        mask = (sizes >= 0.01 * sizes.max())[labels]
+    out[box] = fill_holes(mask)
+    return out
+
+
+def open_faces(mask: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_opening(mask)`` (one iteration, face-connected cross, zero border) by shifted
+    array views: the same mask at about a tenth of scipy's time on brain-sized volumes, where scipy's generic
+    morphology was the largest share of `predict`'s work around a GPU's network."""
+    def shifted(a: np.ndarray, reduce) -> np.ndarray:
+        p = np.pad(a, 1)
+        centre = tuple(slice(1, -1) for _ in range(a.ndim))
+        out = p[centre].copy()
+        for axis in range(a.ndim):
+            for lo, hi in ((None, -2), (2, None)):
+                reduce(out, p[centre[:axis] + (slice(lo, hi),) + centre[axis + 1:]], out=out)
+        return out
+
+    return shifted(shifted(mask.astype(bool), np.logical_and), np.logical_or)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_fill_holes`` (face connectivity), by labelling the background once:
+    background components that touch no face of the array are holes. Same result, a fraction of
+    the time on brain-sized volumes."""
+    background, _ = ndimage.label(~mask)
+    on_border = np.zeros(int(background.max()) + 1, dtype=bool)
+    for axis in range(mask.ndim):
+        for end in (0, -1):
+            on_border[np.take(background, end, axis=axis)] = True
+    on_border[0] = True  # label 0 is the mask itself
+    return mask | ~on_border[background]
+
+
+def bounding_box(mask: np.ndarray, margin: int) -> list[list[int]]:
+    """[[start, stop], ...] per axis of the non-zero voxels, ``margin`` wider, clipped to the array."""
+    box = []
+    for axis, n in enumerate(mask.shape):
+        hit = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            raise ValueError("bounding_box of an empty mask")
+        box.append([int(max(hit[0] - margin, 0)), int(min(hit[-1] + 1 + margin, n))])
+    return box

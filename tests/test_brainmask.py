@@ -1,0 +1,133 @@
+"""brainmask: the brain mask's threshold and morphology, checked against scipy's own functions, and the box."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mslpipe.brainmask import bounding_box, brain_mask, fill_holes, open_faces
+
+SHAPE = (24, 28, 20)
+CENTRE = np.array([11.5, 13.5, 9.5])
+
+
+def _ball(radius: float = 9.0, shape=SHAPE, centre=CENTRE) -> np.ndarray:
+    grid = np.indices(shape).astype(float)
+    r = np.sqrt(((grid - np.asarray(centre)[:, None, None, None]) ** 2).sum(0))
+    return r <= radius
+
+
+def _brain(seed: int = 0) -> np.ndarray:
+    """A textured ball 'brain' with two brighter lesions, on a zero background."""
+    rng = np.random.default_rng(seed)
+    image = np.where(_ball(), 100 + 20 * rng.random(SHAPE), 0).astype(np.float32)
+    image[5:8, 10:13, 6:8] += 60
+    image[14:16, 18:20, 12:15] += 60
+    return image
+
+
+def test_brain_mask_ball_with_zero_background():
+    image = _brain()
+    ball = _ball()
+    mask = brain_mask(image)
+    assert mask.dtype == bool and mask.shape == SHAPE
+    assert not (mask & ~ball).any()  # nothing outside the ball
+    assert (ball & ~mask).sum() <= 0.02 * ball.sum()  # at most the ball's outermost tips trimmed
+
+
+def test_brain_mask_fills_dark_interior():
+    image = _brain()
+    ventricle = _ball(3.0)
+    image[ventricle] = 0.0
+    mask = brain_mask(image)
+    assert mask[ventricle].all()
+
+
+@pytest.mark.parametrize("noise", [(-3.0, 3.0), (-3.0, 0.0), (0.0, 3.0)])
+def test_brain_mask_with_small_background_noise(noise):
+    image = _brain()
+    ball = _ball()
+    clean = brain_mask(image)
+    rng = np.random.default_rng(1)
+    noisy = image + np.where(ball, 0.0, rng.uniform(*noise, SHAPE)).astype(np.float32)
+    noisy[0, 0, 0] = noisy[1, 0, 0] = 40.0  # a bright background speck
+    mask = brain_mask(noisy)
+    assert not (mask & ~ball).any()
+    np.testing.assert_array_equal(mask, clean)
+
+
+def test_brain_mask_of_empty_image():
+    assert not brain_mask(np.zeros(SHAPE, np.float32)).any()
+    assert not brain_mask(-np.ones(SHAPE, np.float32)).any()
+
+
+def _brain_mask_on_whole_volume(image: np.ndarray, fraction: float = 0.05) -> np.ndarray:
+    """brain_mask's definition, spelt with scipy's own functions on the whole volume (the slow way)."""
+    from scipy import ndimage
+
+    positive = image[image > 0]
+    if positive.size == 0:
+        return np.zeros(image.shape, dtype=bool)
+    mask = image > fraction * float(np.percentile(positive, 99.5))
+    mask = ndimage.binary_opening(mask, iterations=1) if mask.sum() > 1000 else mask
+    labels, n = ndimage.label(mask)
+    if n > 1:
+        sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
+        mask = np.isin(labels, 1 + np.flatnonzero(sizes >= 0.01 * sizes.max()))
+    return ndimage.binary_fill_holes(mask)
+
+
+def test_brain_mask_equals_whole_volume_morphology():
+    """Cropping to the thresholded box and filling holes by labelling change nothing: random smooth
+    volumes (blobs that touch the borders, several components, holes), big enough for the opening."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        shape = tuple(int(v) for v in rng.integers(4, 26, size=3))
+        image = ndimage.gaussian_filter(rng.normal(size=shape), rng.uniform(0.5, 3.0)) + rng.uniform(-0.3, 0.3)
+        np.testing.assert_array_equal(brain_mask(image), _brain_mask_on_whole_volume(image))
+    image = _brain()
+    image[_ball(3.0)] = 0.0  # a hole inside the big component
+    np.testing.assert_array_equal(brain_mask(image), _brain_mask_on_whole_volume(image))
+
+
+def _random_masks(seed: int, max_fill: float):
+    """30 random 2D and 30 random 3D masks of 1-13 voxels per side, filled 20 % to ``max_fill``."""
+    rng = np.random.default_rng(seed)
+    for ndim in (2, 3):
+        for _ in range(30):
+            yield rng.random(tuple(int(v) for v in rng.integers(1, 14, size=ndim))) < rng.uniform(0.2, max_fill)
+
+
+def test_fill_holes_equals_scipy():
+    from scipy import ndimage
+
+    for mask in _random_masks(3, 0.9):
+        np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+    shell = _ball(8.0) & ~_ball(5.0)
+    assert fill_holes(shell).sum() == _ball(8.0).sum()
+
+
+def test_open_faces_equals_scipy():
+    from scipy import ndimage
+
+    for mask in _random_masks(5, 0.95):
+        np.testing.assert_array_equal(open_faces(mask), ndimage.binary_opening(mask))
+    ball = _ball(8.0)
+    ball[12, 13, :] = True  # a one-voxel-thin rod through it, which the opening removes outside the ball
+    opened = open_faces(ball)
+    np.testing.assert_array_equal(opened, ndimage.binary_opening(ball))
+    assert not opened[12, 13, [0, -1]].any() and opened.sum() > 0.9 * _ball(8.0).sum()
+
+
+def test_bounding_box():
+    mask = np.zeros((10, 12, 8), dtype=bool)
+    mask[2:5, 7, 0] = True
+    assert bounding_box(mask, 0) == [[2, 5], [7, 8], [0, 1]]
+    assert bounding_box(mask, 3) == [[0, 8], [4, 11], [0, 4]]
+    with pytest.raises(ValueError):
+        bounding_box(np.zeros((3, 3), dtype=bool), 1)
+
+
+# ---------------------------------------------------------------------------- rater policies
