@@ -104,6 +104,9 @@ def plan_cmd(
     arch: Annotated[str, typer.Option(help="Registered architecture (see `mslpipe archs`).")] = "leaky_unet",
     seed: int = 12345,
     folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 5,
+    groups: Annotated[Path | None, typer.Option(
+        help='JSON file of subject to group (site, scanner), e.g. {"training01": "site_a"}: each fold leaves one '
+             "group out (in place of --folds), which measures a site the model never saw.")] = None,
     test_fraction: Annotated[float, typer.Option(help="Share of subjects held out as test set.")] = 0.1,
     context_slices: Annotated[int | None, typer.Option(
         help="Neighbouring slices per side fed as extra channels, 0 = plain 2D "
@@ -133,7 +136,7 @@ def plan_cmd(
                  "normalization.n4_levels": n4, "augmentation.p_bias_field": bias_field}
     with _progress_bar() as update:
         result = plan_mod.run(dataset, _dirs(), input, device=device, arch=arch, seed=seed, n_folds=folds,
-                              test_fraction=test_fraction, overrides=overrides, progress=update)
+                              test_fraction=test_fraction, overrides=overrides, progress=update, groups=groups)
     _echo(tables.plan_text(dataset, result))
 
 

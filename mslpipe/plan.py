@@ -18,7 +18,7 @@ from scipy import ndimage
 from mslpipe import architectures, brainmask, preprocess
 from mslpipe.datasets import Case, discover
 from mslpipe.errors import MslpipeError
-from mslpipe.io import write_json
+from mslpipe.io import read_json, write_json
 from mslpipe.plans import CPU_INFERENCE_BATCH, Plan, Workdirs, save_plan
 
 log = logging.getLogger(__name__)
@@ -174,9 +174,40 @@ def make_plan(fingerprint: dict, name: str, device: str, arch: str = "leaky_unet
 
 
 # ---------------------------------------------------------------------------- splits
-def make_splits(subjects: list[str], seed: int, n_folds: int = 5, test_fraction: float = 0.1) -> dict:
-    """Subject-level splits: held-out test set, k-fold CV over the rest, and the 8:1:1 view."""
+def read_groups(path: Path) -> dict[str, str]:
+    """``plan --groups``: a JSON object of subject → group (the site or scanner each subject was scanned at)."""
+    data = read_json(path)
+    if not (isinstance(data, dict) and data and all(
+            isinstance(v, str | int) and not isinstance(v, bool) and str(v) for v in data.values())):
+        raise MslpipeError('--groups takes a JSON object of subject to group name, e.g. {"training01": "site_a"}',
+                           path)
+    return {str(k): str(v) for k, v in data.items()}
+
+
+def group_folds(rest: list[str], groups: dict[str, str]) -> list[dict]:
+    """Leave-one-group-out folds over the subjects ``rest``: one fold per group, which validates on its subjects and
+    trains on all others, groups in name order."""
+    by_group: dict[str, list[str]] = {}
+    for subject in rest:
+        by_group.setdefault(groups[subject], []).append(subject)
+    if len(by_group) < 2:
+        raise MslpipeError(f"--groups: the {len(rest)} subjects outside the test set are all in group "
+                           f"{next(iter(by_group), '')!r}; leaving one group out needs subjects of at least 2 groups")
+    return [{"group": g, "train": sorted(set(rest) - set(val)), "val": sorted(val)}
+            for g, val in sorted(by_group.items())]
+
+
+def make_splits(subjects: list[str], seed: int, n_folds: int = 5, test_fraction: float = 0.1,
+                groups: dict[str, str] | None = None) -> dict:
+    """Subject-level splits: held-out test set, k-fold CV over the rest, and the 8:1:1 view. With ``groups``
+    (subject → site or scanner) the cross-validation leaves one group out per fold instead (``n_folds`` unused),
+    which measures how the model does on a site it never saw; the test set is still drawn by subject."""
     subjects = sorted(set(subjects))
+    if groups is not None:
+        missing = [s for s in subjects if s not in groups]
+        if missing:
+            raise MslpipeError(f"--groups: no group for {len(missing)} subject(s): {', '.join(missing[:8])}"
+                               + (" ..." if len(missing) > 8 else ""))
     n = len(subjects)
     if n < 2:
         raise MslpipeError(f"need at least 2 labelled subjects to split, found {n}")
@@ -187,15 +218,15 @@ def make_splits(subjects: list[str], seed: int, n_folds: int = 5, test_fraction:
         n_test = max(n_test, 1)
     n_test = min(n_test, n - 2)
     test, rest = sorted(order[:n_test]), order[n_test:]
-    k = min(n_folds, len(rest))
     warning = None
-    if k < n_folds:
-        warning = f"only {len(rest)} subjects outside the test set: {k} folds instead of {n_folds}"
-        log.warning(warning)
-    folds = []
-    for i in range(k):
-        val = sorted(rest[i::k])
-        folds.append({"train": sorted(set(rest) - set(val)), "val": val})
+    if groups is not None:
+        folds = group_folds(rest, groups)
+    else:
+        k = min(n_folds, len(rest))
+        if k < n_folds:
+            warning = f"only {len(rest)} subjects outside the test set: {k} folds instead of {n_folds}"
+            log.warning(warning)
+        folds = [{"train": sorted(set(rest) - set(rest[i::k])), "val": sorted(rest[i::k])} for i in range(k)]
     n_val = max(1, int(round(0.1 * n)))
     split_811 = {"train": sorted(rest[n_val:]), "val": sorted(rest[:n_val]), "test": test}
     out = {"seed": seed, "test": test, "folds": folds, "split_811": split_811}
@@ -212,9 +243,12 @@ def cases_of(subjects: list[str], fingerprint: dict) -> list[str]:
 # ---------------------------------------------------------------------------- the command
 def run(name: str, dirs: Workdirs, input_path: Path | None = None, device: str = "auto",
         arch: str = "leaky_unet", seed: int = 12345, n_folds: int = 5, test_fraction: float = 0.1,
-        overrides: dict | None = None, progress: Callable[[str, int, int, str], None] | None = None) -> dict:
+        overrides: dict | None = None, progress: Callable[[str, int, int, str], None] | None = None,
+        groups: Path | None = None) -> dict:
     """Run the whole `plan` stage; return the paths written and a few facts for the console. ``progress`` is
-    told (stage, cases done, cases in all, case id) after each case of the "verify" and "preprocess" stages."""
+    told (stage, cases done, cases in all, case id) after each case of the "verify" and "preprocess" stages.
+    ``groups``: a JSON file of subject → group for leave-one-group-out folds (:func:`make_splits`)."""
+    group_of = read_groups(groups) if groups is not None else None
     root = Path(input_path) if input_path else dirs.raw / name
     cases = discover(root)
 
@@ -234,7 +268,7 @@ def run(name: str, dirs: Workdirs, input_path: Path | None = None, device: str =
 
         plan = apply_overrides(plan, overrides)
     labelled_subjects = [c["subject"] for c in fingerprint["cases"] if not c["test_only"]]
-    splits = make_splits(labelled_subjects, seed, n_folds, test_fraction)
+    splits = make_splits(labelled_subjects, seed, n_folds, test_fraction, group_of)
     splits["test_only_cases"] = [c["case"] for c in fingerprint["cases"] if c["test_only"]]
     shared = sorted({c["subject"] for c in fingerprint["cases"] if c["test_only"]} & set(labelled_subjects))
     if shared:  # e.g. an nnU-Net dataset whose imagesTs holds other time points of training patients

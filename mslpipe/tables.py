@@ -122,8 +122,10 @@ def plan_text(dataset: str, result: dict) -> str:
     lines = [f"plan {p.hash} for {dataset}: {fp['n_cases']} scans, {fp['n_subjects']} subjects; {p.architecture} "
              f"{p.arch_kwargs or '(full width)'} on {p.target_device}, {p.input_channels} input slice(s), patch "
              f"{p.patch_size[0]}×{p.patch_size[1]}, batch {p.batch_size}",
-             f"splits: test {s['test']}, {len(s['folds'])} folds; preprocessed {len(result['preprocessed'])} new "
-             f"scans → {result['plan_dir']}"]
+             f"splits: test {s['test']}, {len(s['folds'])} folds"
+             + (f" (one group left out in each: {', '.join(f['group'] for f in s['folds'])})"
+                if s["folds"] and "group" in s["folds"][0] else "")
+             + f"; preprocessed {len(result['preprocessed'])} new scans → {result['plan_dir']}"]
     if s.get("warning"):
         lines.append(f"warning: {s['warning']}")
     lines.append(f"next: mslpipe train -d {dataset} --fold 0")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -131,6 +132,17 @@ def test_plan_refuses_n4_beside_a_flat_field(tmp_path, synth_root):
                   cwd=tmp_path)
     assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "flatfield_mm or n4_levels, not both" in out.stderr and not (tmp_path / "plans").exists()
+
+
+def test_plan_groups_option(tmp_path, synth_root):
+    (tmp_path / "bad.json").write_text('["training01"]')
+    sites = {f"training{i:02d}": "ab"[i % 2] for i in range(1, 6)}
+    (tmp_path / "sites.json").write_text(json.dumps(sites))
+    _, stdout = _plan_with(tmp_path, synth_root, "--groups", tmp_path / "bad.json",
+                           f"{tmp_path / 'bad.json'}: --groups takes a JSON object", [tmp_path / "sites.json"])
+    assert "(one group left out in each: a, b)" in stdout.splitlines()[1]
+    splits = json.loads((tmp_path / "plans" / "syn" / "splits.json").read_text())
+    assert [f["group"] for f in splits["folds"]] == ["a", "b"]
 
 
 def test_plan_normalization_option(tmp_path, synth_root):

@@ -299,6 +299,61 @@ def test_make_splits_two_subjects():
     _check_splits_by_subject(splits, {"a", "b"}, {"a": "a", "b": "b"})
 
 
+# ---------------------------------------------------------------------------- leave one group (site) out
+SITES = {"s01": "b", "s02": "a", "s03": "b", "s04": "c", "s05": "a", "s06": "b", "s07": "c", "s08": "a"}
+
+
+@pytest.mark.parametrize("test_fraction", [0.0, 0.2])
+def test_make_splits_by_group_leaves_one_group_out(test_fraction):
+    splits = plan.make_splits(list(SITES) * 2, seed=4, test_fraction=test_fraction, groups=SITES)
+    test = set(splits["test"])
+    assert len(test) == round(test_fraction * len(SITES))
+    rest = {s: g for s, g in SITES.items() if s not in test}
+    assert [f["group"] for f in splits["folds"]] == sorted(set(rest.values()))
+    for f in splits["folds"]:  # each fold validates on exactly one group's subjects and trains on all the others
+        assert f["val"] == sorted(s for s, g in rest.items() if g == f["group"])
+        assert {rest[s] for s in f["train"]} == set(rest.values()) - {f["group"]}
+    _check_splits_by_subject(splits, set(SITES), {s: s for s in SITES})
+    assert plan.make_splits(list(SITES), seed=4, test_fraction=test_fraction, groups=SITES) == splits
+
+
+def test_make_splits_by_group_refuses_a_subject_without_group_and_a_single_group():
+    with pytest.raises(MslpipeError, match=r"--groups: no group for 2 subject\(s\): s09, s10"):
+        plan.make_splits([*SITES, "s09", "s10"], seed=4, groups=SITES)
+    with pytest.raises(MslpipeError, match="all in group 'a'; leaving one group out needs subjects of at least 2"):
+        plan.make_splits(["s02", "s05", "s08"], seed=4, test_fraction=0, groups=SITES)
+
+
+@pytest.mark.parametrize("content", ['["a", "b"]', "{}", '{"s01": true}', '{"s01": ""}', '{"s01": ["a"]}',
+                                     "{not json"])
+def test_read_groups_refuses_what_is_not_subject_to_group(tmp_path, content):
+    path = tmp_path / "groups.json"
+    path.write_text(content)
+    with pytest.raises(MslpipeError, match=f"^{path}: "):
+        plan.read_groups(path)
+
+
+def test_read_groups_takes_names_and_numbers(tmp_path):
+    path = tmp_path / "groups.json"
+    path.write_text('{"s01": "site_a", "s02": 3}')
+    assert plan.read_groups(path) == {"s01": "site_a", "s02": "3"}
+
+
+def test_plan_with_groups_writes_group_folds_and_nothing_when_one_is_missing(tmp_path, tiny_root):
+    groups = tmp_path / "groups.json"
+    groups.write_text('{"training01": "north"}')
+    d = _workdirs(tmp_path / "work")
+    with pytest.raises(MslpipeError, match="no group for 1 subject\\(s\\): training02"):
+        plan.run("ds", d, input_path=tiny_root, device="cpu", test_fraction=0, groups=groups)
+    assert not d.plan_dir("ds").exists() and not d.preprocessed_dir("ds").exists()
+    groups.write_text('{"training01": "north", "training02": "south"}')
+    result = plan.run("ds", d, input_path=tiny_root, device="cpu", test_fraction=0, groups=groups)
+    written = json.loads((d.plan_dir("ds") / "splits.json").read_text())
+    assert written["folds"] == result["splits"]["folds"] == [
+        {"group": "north", "train": ["training02"], "val": ["training01"]},
+        {"group": "south", "train": ["training01"], "val": ["training02"]}]
+
+
 @pytest.mark.parametrize("subjects", [["only"], ["only", "only"], []])
 def test_make_splits_one_subject_is_refused(subjects):
     with pytest.raises(MslpipeError, match="at least 2 labelled subjects"):
