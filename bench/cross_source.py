@@ -1,0 +1,123 @@
+"""Another scanner: the CPU plan trained on one source of the real data and scored on the other.
+
+The real scans come from two sources (../shared/data/real-ms-isbi/README.md): the Lesjak et al. database
+(training01, training02: one scan each) and MSLesSeg (training03: three time points; training04). Leave-one-subject-
+out folds mix both in training, so they never show a scan from a source the model has not seen, which is what a
+new site's scans are. This plans the real data with ``plan --groups`` (subject → source), which gives two folds:
+fold 0 trains on Lesjak and validates on MSLesSeg's 4 scans, fold 1 the reverse, with the 2 subjects of the other
+source in training in each case.
+
+Each arm of ``--arms`` is a set of plan overrides (``default``: the plan as ``mslpipe plan`` writes it; ``n4_off``:
+without N4; ``median_iqr``: median/IQR normalisation; ``bias_aug``: the random bias-field augmentation on 30% of
+slices), trained once per plan seed (a seed changes the training's randomness; the folds are fixed by the
+sources). The final checkpoint of each fold segments its validation scans: volume Dice and lesion F1, one pass,
+threshold 0.5, no postprocessing, on the preprocessed grid. A rerun with the same ``--work`` reuses trained folds.
+Writes its section of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mslpipe import plan, train  # noqa: E402
+from mslpipe.io import read_json  # noqa: E402
+from results import real_data_path, real_data_work, score_checkpoint, seed_dirs, table, write_section  # noqa: E402
+
+# the sources, as ../shared/data/real-ms-isbi/README.md names them
+SOURCES = {"training01": "Lesjak", "training02": "Lesjak", "training03": "MSLesSeg", "training04": "MSLesSeg"}
+ARMS = {
+    "default": None,
+    "n4_off": {"normalization.n4_levels": 0},
+    "median_iqr": {"normalization.scheme": "brain_percentile_median_iqr"},
+    "bias_aug": {"augmentation.p_bias_field": 0.3},
+}
+
+
+def trained_source_fold(work: Path, arm: str, seed: int, fold: int, epochs: int, iterations: int) -> Path:
+    """Fold ``fold`` of the real data planned with one source left out per fold (arm ``arm``'s overrides), trained
+    unless already there."""
+    dirs = seed_dirs(work / arm, seed)
+    if not (dirs.plan_dir("real") / "splits.json").exists():
+        groups = work / "sources.json"
+        work.mkdir(parents=True, exist_ok=True)
+        groups.write_text(json.dumps(SOURCES))
+        plan.run("real", dirs, input_path=real_data_path(), device="cpu", test_fraction=0, seed=seed,
+                 overrides=ARMS[arm], groups=groups)
+    fold_dir = dirs.fold_dir("real", "leaky_unet", fold)
+    if not (fold_dir / "checkpoint_final.pt").exists():
+        train.run("real", dirs, fold, epochs=epochs, iterations=iterations, device="cpu", show_progress=False,
+                  resume=(fold_dir / "checkpoint_latest.pt").exists())
+    return fold_dir
+
+
+def score(work: Path, arm: str, seed: int, fold: int, args) -> dict[str, tuple[float, float]]:
+    """{case: (Dice, lesion F1)} of one fold's final model on its validation scans (cached beside it)."""
+    fold_dir = trained_source_fold(work, arm, seed, fold, args.epochs, args.iterations)
+    cache = fold_dir / "cross_source.json"
+    if cache.exists():
+        return {k: tuple(v) for k, v in read_json(cache).items()}
+    dirs = seed_dirs(work / arm, seed)
+    out = score_checkpoint(dirs.preprocessed_dir("real"), fold_dir / "checkpoint_final.pt",
+                           read_json(fold_dir / "run.json")["val"])
+    cache.write_text(json.dumps(out))
+    print(f"{arm} seed {seed} fold {fold}: " + ", ".join(f"{c} {d:.3f}/{f:.3f}" for c, (d, f) in out.items()),
+          flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arms", default="default,n4_off", help=f"comma-separated, of {', '.join(ARMS)}")
+    ap.add_argument("--seeds", default="12345,7", help="comma-separated plan seeds [12345,7]")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--iterations", type=int, default=40)
+    ap.add_argument("--work", type=Path, default=None, help="work folder; a rerun reuses trained folds")
+    args = ap.parse_args()
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        sys.exit(f"unknown arm(s) {unknown}: choose from {', '.join(ARMS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    work = real_data_work(args.work, "cross_source_")
+    scores = {(a, s, k): score(work, a, s, k, args) for a in arms for s in seeds for k in (0, 1)}
+    folds = read_json(seed_dirs(work / arms[0], seeds[0]).plan_dir("real") / "splits.json")["folds"]
+    direction = {k: f"{SOURCES[f['train'][0]]} → {f['group']}" for k, f in enumerate(folds)}  # trained on → scored on
+
+    def mean(values) -> str:
+        return f"{statistics.mean(values):.3f}" if values else "—"
+
+    rows = []
+    for a in arms:
+        for k in (0, 1):
+            for s in seeds:
+                cases = scores[(a, s, k)]
+                rows.append([a, direction[k], s, len(cases), mean([d for d, _ in cases.values()]),
+                             mean([f for _, f in cases.values()])])
+        for s in seeds:
+            pooled = [v for k in (0, 1) for v in scores[(a, s, k)].values()]
+            rows.append([a, "pooled", s, len(pooled), mean([d for d, _ in pooled]), mean([f for _, f in pooled])])
+    per_scan = []
+    for a in arms:
+        for s in seeds:
+            for k in (0, 1):
+                for case, (d, f) in scores[(a, s, k)].items():
+                    per_scan.append([a, s, direction[k], case, f"{d:.3f}", f"{f:.3f}"])
+    body = (f"Folds by source (`plan --groups`: {json.dumps(SOURCES)}); fold names read trained on → scored on. "
+            f"CPU plan, {args.epochs} epochs × {args.iterations} iterations per fold, plan seeds {args.seeds}; each "
+            "fold's final checkpoint on its validation scans, one pass, threshold 0.5, no postprocessing. Arms: "
+            + "; ".join(f"`{a}` {ARMS[a] or 'the plan as written'}" for a in arms)
+            + ". Mean volume Dice and lesion F1 over the scans.\n\n"
+            + table(["arm", "direction", "seed", "scans", "Dice", "lesion F1"], rows)
+            + "\n\nPer scan:\n\n" + table(["arm", "seed", "direction", "scan", "Dice", "lesion F1"], per_scan))
+    print(body)
+    write_section("cross_source", "Another scanner: trained on one source, scored on the other (CPU plan, real data)",
+                  body)
+
+
+if __name__ == "__main__":
+    main()
