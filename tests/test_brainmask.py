@@ -4,30 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_preprocess import SHAPE, _ball, _head
 
 from mslpipe.brainmask import bounding_box, brain_mask, fill_holes, open_faces
 
-SHAPE = (24, 28, 20)
-CENTRE = np.array([11.5, 13.5, 9.5])
-
-
-def _ball(radius: float = 9.0, shape=SHAPE, centre=CENTRE) -> np.ndarray:
-    grid = np.indices(shape).astype(float)
-    r = np.sqrt(((grid - np.asarray(centre)[:, None, None, None]) ** 2).sum(0))
-    return r <= radius
-
-
-def _brain(seed: int = 0) -> np.ndarray:
-    """A textured ball 'brain' with two brighter lesions, on a zero background."""
-    rng = np.random.default_rng(seed)
-    image = np.where(_ball(), 100 + 20 * rng.random(SHAPE), 0).astype(np.float32)
-    image[5:8, 10:13, 6:8] += 60
-    image[14:16, 18:20, 12:15] += 60
-    return image
-
 
 def test_brain_mask_ball_with_zero_background():
-    image = _brain()
+    image, _, _ = _head()
     ball = _ball()
     mask = brain_mask(image)
     assert mask.dtype == bool and mask.shape == SHAPE
@@ -36,7 +19,7 @@ def test_brain_mask_ball_with_zero_background():
 
 
 def test_brain_mask_fills_dark_interior():
-    image = _brain()
+    image, _, _ = _head()
     ventricle = _ball(3.0)
     image[ventricle] = 0.0
     mask = brain_mask(image)
@@ -45,7 +28,7 @@ def test_brain_mask_fills_dark_interior():
 
 @pytest.mark.parametrize("noise", [(-3.0, 3.0), (-3.0, 0.0), (0.0, 3.0)])
 def test_brain_mask_with_small_background_noise(noise):
-    image = _brain()
+    image, _, _ = _head()
     ball = _ball()
     clean = brain_mask(image)
     rng = np.random.default_rng(1)
@@ -87,7 +70,7 @@ def test_brain_mask_equals_whole_volume_morphology():
         shape = tuple(int(v) for v in rng.integers(4, 26, size=3))
         image = ndimage.gaussian_filter(rng.normal(size=shape), rng.uniform(0.5, 3.0)) + rng.uniform(-0.3, 0.3)
         np.testing.assert_array_equal(brain_mask(image), _brain_mask_on_whole_volume(image))
-    image = _brain()
+    image, _, _ = _head()
     image[_ball(3.0)] = 0.0  # a hole inside the big component
     np.testing.assert_array_equal(brain_mask(image), _brain_mask_on_whole_volume(image))
 
