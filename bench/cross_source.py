@@ -101,6 +101,11 @@ def main() -> None:
         for s in seeds:
             pooled = [v for k in (0, 1) for v in scores[(a, s, k)].values()]
             rows.append([a, "pooled", s, len(pooled), mean([d for d, _ in pooled]), mean([f for _, f in pooled])])
+        if len(seeds) > 1:  # each seed's pooled mean, averaged over the seeds
+            per_seed = [[v for k in (0, 1) for v in scores[(a, s, k)].values()] for s in seeds]
+            rows.append([f"**{a}**", "**pooled, mean of the seeds**", "all", sum(map(len, per_seed)),
+                         mean([statistics.mean(d for d, _ in p) for p in per_seed]),
+                         mean([statistics.mean(f for _, f in p) for p in per_seed])])
     per_scan = []
     for a in arms:
         for s in seeds:
