@@ -7,12 +7,14 @@ new site's scans are. This plans the real data with ``plan --groups`` (subject â
 fold 0 trains on Lesjak and validates on MSLesSeg's 4 scans, fold 1 the reverse, with the 2 subjects of the other
 source in training in each case.
 
-Each arm of ``--arms`` is a set of plan overrides (``default``: the plan as ``mslpipe plan`` writes it; ``n4_off``:
-without N4; ``median_iqr``: median/IQR normalisation; ``bias_aug``: the random bias-field augmentation on 30% of
-slices), trained once per plan seed (a seed changes the training's randomness; the folds are fixed by the
-sources). The final checkpoint of each fold segments its validation scans: volume Dice and lesion F1, one pass,
-threshold 0.5, no postprocessing, on the preprocessed grid. A rerun with the same ``--work`` reuses trained folds.
-Writes its section of bench/RESULTS.md.
+Each arm of ``--arms`` is a set of plan overrides that names the scheme it tests, so that a change of the
+planner's defaults does not change what a cached arm means (``default``: the plan as ``mslpipe plan`` now writes it;
+``zscore``: z-score normalisation with N4, the default before median/IQR; ``n4_off``: z-score without N4;
+``median_iqr``: median/IQR normalisation with N4; ``bias_aug``: the plan as written plus the random bias-field
+augmentation on 30% of slices), trained once per plan seed (a seed changes the training's randomness; the folds
+are fixed by the sources). The final checkpoint of each fold segments its validation scans: volume Dice and
+lesion F1, one pass, threshold 0.5, no postprocessing, on the preprocessed grid. A rerun with the same
+``--work`` reuses trained folds. Writes its section of bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from results import real_data_path, real_data_work, score_checkpoint, seed_dirs,
 SOURCES = {"training01": "Lesjak", "training02": "Lesjak", "training03": "MSLesSeg", "training04": "MSLesSeg"}
 ARMS = {
     "default": None,
-    "n4_off": {"normalization.n4_levels": 0},
+    "zscore": {"normalization.scheme": "brain_percentile_zscore"},
+    "n4_off": {"normalization.scheme": "brain_percentile_zscore", "normalization.n4_levels": 0},
     "median_iqr": {"normalization.scheme": "brain_percentile_median_iqr"},
     "bias_aug": {"augmentation.p_bias_field": 0.3},
 }
@@ -72,7 +75,7 @@ def score(work: Path, arm: str, seed: int, fold: int, args) -> dict[str, tuple[f
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arms", default="default,n4_off", help=f"comma-separated, of {', '.join(ARMS)}")
+    ap.add_argument("--arms", default="zscore,n4_off,median_iqr", help=f"comma-separated, of {', '.join(ARMS)}")
     ap.add_argument("--seeds", default="12345,7", help="comma-separated plan seeds [12345,7]")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--iterations", type=int, default=40)
