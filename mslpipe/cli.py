@@ -112,7 +112,7 @@ def plan_cmd(
         help="Neighbouring slices per side fed as extra channels, 0 = plain 2D "
              "(default: 1, i.e. 3 slices).")] = None,
     normalization: Annotated[str | None, typer.Option(
-        help="Intensity normalisation scheme: brain_percentile_zscore (default) or brain_percentile_median_iqr.")
+        help="Intensity normalisation scheme: brain_percentile_median_iqr (default) or brain_percentile_zscore.")
     ] = None,
     foreground_sampling: Annotated[str | None, typer.Option(
         help="How a lesion sample picks its slice: slice (uniformly among lesion slices, the default) or lesion "

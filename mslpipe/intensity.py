@@ -20,7 +20,8 @@ def normalise(image: np.ndarray, brain: np.ndarray, lower_pct: float, upper_pct:
               scheme: str = "brain_percentile_zscore") -> tuple[np.ndarray, dict[str, float]]:
     """Clip to the brain's percentiles, then centre and scale inside the brain, zero outside.
 
-    ``brain_percentile_zscore`` (the default) centres on the mean and divides by the standard deviation;
+    ``brain_percentile_zscore`` (this function's default, and what plans written before median/IQR became the
+    planner's default say) centres on the mean and divides by the standard deviation;
     ``brain_percentile_median_iqr`` centres on the median and divides by the interquartile range / 1.349 (the
     standard deviation for normally distributed intensities), which the share of dark CSF or of bright lesions
     in the brain mask moves less. The stats keep the names ``mean`` and ``std`` for the centre and scale used.

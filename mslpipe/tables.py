@@ -116,6 +116,21 @@ def registration_text(reg: dict) -> str:
             f"{reg['correlation_after']:.2f}")
 
 
+SCHEME_NAMES = {"brain_percentile_zscore": "z-score", "brain_percentile_median_iqr": "median/IQR"}
+
+
+def normalisation_text(norm: dict) -> str:
+    """A plan's ``normalization`` in words, e.g. "N4 (3 levels), clip to brain percentiles 0.5/99.5, median/IQR"."""
+    steps = []
+    if norm.get("n4_levels"):
+        steps.append(f"N4 ({norm['n4_levels']} levels)")
+    if norm.get("flatfield_mm"):
+        steps.append(f"flat field ({norm['flatfield_mm']:g} mm)")
+    steps.append(f"clip to brain percentiles {norm['lower_pct']:g}/{norm['upper_pct']:g}")
+    steps.append(SCHEME_NAMES.get(norm["scheme"], norm["scheme"]) + " inside the brain")
+    return ", ".join(steps)
+
+
 def plan_text(dataset: str, result: dict) -> str:
     """``plan``'s lines: the plan, the splits, any warning on them, and the next command."""
     p, s, fp = result["plan"], result["splits"], result["fingerprint"]
@@ -126,6 +141,7 @@ def plan_text(dataset: str, result: dict) -> str:
              + (f" (one group left out in each: {', '.join(f['group'] for f in s['folds'])})"
                 if s["folds"] and "group" in s["folds"][0] else "")
              + f"; preprocessed {len(result['preprocessed'])} new scans → {result['plan_dir']}"]
+    lines.append(f"preprocessing: {normalisation_text(p.normalization)}")
     if s.get("warning"):
         lines.append(f"warning: {s['warning']}")
     lines.append(f"next: mslpipe train -d {dataset} --fold 0")

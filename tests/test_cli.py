@@ -114,10 +114,11 @@ def test_plan_bias_field_option(tmp_path, synth_root):
 
 
 def test_plan_flatfield_option(tmp_path, synth_root):
-    written, _ = _plan_with(tmp_path, synth_root, "--flatfield", "-3", "flatfield_mm",
-                            ["25", "--normalization", "brain_percentile_median_iqr"])
+    written, stdout = _plan_with(tmp_path, synth_root, "--flatfield", "-3", "flatfield_mm",
+                                 ["25", "--normalization", "brain_percentile_zscore"])
     norm = written["normalization"]
-    assert norm["flatfield_mm"] == 25 and norm["scheme"] == "brain_percentile_median_iqr"
+    assert norm["flatfield_mm"] == 25 and norm["scheme"] == "brain_percentile_zscore"
+    assert "preprocessing: flat field (25 mm), clip to brain percentiles 0.5/99.5, z-score inside" in stdout
     assert norm["n4_levels"] == 0  # a flat field replaces the default N4
 
 
@@ -153,15 +154,22 @@ def test_plan_normalization_option(tmp_path, synth_root):
     out = run_cli("plan", "-d", "syn", "-i", synth_root, "--device", "cpu", "--normalization", "minmax", cwd=tmp_path)
     assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "normalization" in out.stderr and not (tmp_path / "plans").exists()
-    out = run_cli("plan", "-d", "syn", "-i", synth_root, "--device", "cpu", "--normalization",
-                  "brain_percentile_median_iqr", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    plan = json.loads((tmp_path / "plans" / "syn" / "plans.json").read_text())
-    assert plan["normalization"]["scheme"] == "brain_percentile_median_iqr"
-    case = next((tmp_path / "preprocessed" / "syn").glob("*_01.json"))
-    image = np.load(case.with_suffix(".npy"))
-    brain = image[image != 0]
-    assert abs(float(np.median(brain))) < 0.05  # centred on the median, not the mean
+    centres = {}
+    for scheme, centre in (("brain_percentile_zscore", np.mean), (None, np.median)):  # None: the default
+        work = tmp_path / str(scheme)
+        work.mkdir()
+        out = run_cli("plan", "-d", "syn", "-i", synth_root, "--device", "cpu",
+                      *(["--normalization", scheme] if scheme else []), cwd=work)
+        assert out.returncode == 0, out.stderr
+        plan = json.loads((work / "plans" / "syn" / "plans.json").read_text())
+        assert plan["normalization"]["scheme"] == (scheme or "brain_percentile_median_iqr")
+        words = "z-score" if scheme else "median/IQR"
+        assert f"preprocessing: N4 (3 levels), clip to brain percentiles 0.5/99.5, {words} inside" in out.stdout
+        image = np.load(next((work / "preprocessed" / "syn").glob("*_01.npy")))
+        brain = image[image != 0]
+        centres[scheme] = (float(np.mean(brain)), float(np.median(brain)))
+        assert abs(float(centre(brain))) < 0.05, (scheme, centres[scheme])  # centred on the scheme's centre
+    assert centres["brain_percentile_zscore"] != centres[None]
 
 
 def test_evaluate_pred_ref(tmp_path):

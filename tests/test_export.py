@@ -48,7 +48,7 @@ def test_export_writes_model_and_description(exported):
     assert described["exporter"] in ("dynamo", "torchscript") and described["opset"] >= 17
     assert described["divisor"] == 8 and described["input"]["channels"] == ["flair"]
     assert described["threshold"] == 0.5 and "min_lesion_mm3" in described["postprocessing"]
-    assert described["preprocessing"]["normalization"]["scheme"] == "brain_percentile_zscore"
+    assert described["preprocessing"]["normalization"]["scheme"] == "brain_percentile_median_iqr"  # the plan's
     assert described["export_check"]["max_abs_logit_diff"] < LOGIT_TOLERANCE
     import onnx
 

@@ -104,6 +104,16 @@ def test_plans_correct_the_bias_field_with_n4_by_default(synth_planned):
     assert read_json(synth_planned[0].plan_dir("syn") / "plans.json")["normalization"]["n4_levels"] == 3
 
 
+def test_plans_normalise_by_median_and_iqr_by_default(synth_planned):
+    """New plans, GPU or CPU, normalise by the brain's median and IQR, and plans.json says so."""
+    fingerprint = read_json(synth_planned[0].plan_dir("syn") / "fingerprint.json")
+    for device in ("cuda", "cpu"):
+        scheme = plan.make_plan(fingerprint, "syn", device).normalization["scheme"]
+        assert scheme == plan.DEFAULT_NORMALIZATION == "brain_percentile_median_iqr"
+    written = read_json(synth_planned[0].plan_dir("syn") / "plans.json")
+    assert written["normalization"]["scheme"] == "brain_percentile_median_iqr"
+
+
 def test_plans_json(synth_planned):
     d, result = synth_planned
     p = load_plan(d.plan_dir("syn") / "plans.json")
