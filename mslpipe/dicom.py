@@ -8,7 +8,9 @@ Every file written goes through :func:`mslpipe.io.atomic_path`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,20 +19,27 @@ import numpy as np
 from mslpipe.errors import MslpipeError
 from mslpipe.io import atomic_path, numpy_to_sitk, sitk_to_numpy
 
+# GDCM, which SimpleITK reads and writes DICOM with, is not safe to call from several threads at once (SimpleITK
+# issues 805 and 1466: crashes), and predict reads scans in two threads beside a GPU. One call at a time, then; the
+# lock is re-entrant because loading a series first finds it.
+_GDCM_LOCK = threading.RLock()
+
 
 @contextlib.contextmanager
-def _keep_locale() -> Iterator[None]:
-    """ITK resets the process locale to "C" (text I/O then defaults to ASCII); put it back."""
+def _gdcm_guard() -> Iterator[None]:
+    """One GDCM call at a time in this process; and ITK resets the process locale to "C" (text I/O then defaults
+    to ASCII), so put it back afterwards (under the same lock: the locale is the whole process's)."""
     import locale
 
-    saved = locale.setlocale(locale.LC_ALL)
-    try:
-        yield
-    finally:
-        locale.setlocale(locale.LC_ALL, saved)
+    with _GDCM_LOCK:
+        saved = locale.setlocale(locale.LC_ALL)
+        try:
+            yield
+        finally:
+            locale.setlocale(locale.LC_ALL, saved)
 
 
-@_keep_locale()
+@_gdcm_guard()
 def find_dicom_series(folder: str | os.PathLike) -> list[tuple[str, list[str]]]:
     """List DICOM series under ``folder`` as (series uid, sorted file names); SimpleITK does the sort."""
     import SimpleITK as sitk
@@ -74,7 +83,7 @@ def _check_dicom_spacing(files: list[str], folder: Path) -> None:
 SERIES_TAGS = (("0008|103e", "description"), ("0018|1030", "protocol"), ("0020|0011", "number"))
 
 
-@_keep_locale()
+@_gdcm_guard()
 def dicom_series_info(files: list[str]) -> dict[str, str]:
     """The naming fields (:data:`SERIES_TAGS`) of a series, from its first file's header ('' where absent)."""
     import SimpleITK as sitk
@@ -89,7 +98,7 @@ def dicom_series_info(files: list[str]) -> dict[str, str]:
     return {key: reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else "" for tag, key in SERIES_TAGS}
 
 
-@_keep_locale()
+@_gdcm_guard()
 def load_dicom_series(folder: str | os.PathLike, files: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read the single DICOM series in ``folder`` (or the series of ``files``, sorted, one series found by
     :func:`find_dicom_series`; ``folder`` then names it in errors) as (float32 array, nibabel-style RAS affine).
@@ -119,7 +128,7 @@ def load_dicom_series(folder: str | os.PathLike, files: list[str] | None = None)
     return sitk_to_numpy(image, folder)
 
 
-@_keep_locale()
+@_gdcm_guard()
 def write_dicom_series(folder: str | os.PathLike, data: np.ndarray, affine: np.ndarray, description: str = "",
                        number: int = 1, prefix: str = "slice") -> Path:
     """Write a volume as a DICOM series (one file per slice, ``PREFIX_KKKK.dcm``; ``description`` and ``number``
@@ -137,7 +146,8 @@ def write_dicom_series(folder: str | os.PathLike, data: np.ndarray, affine: np.n
     image = numpy_to_sitk(values, affine, dtype=np.int16)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    uid = "1.2.826.0.1.3680043.2.1125." + str(abs(hash(f"{folder}|{description}|{number}")) % 10**12)
+    key = f"{folder}|{description}|{number}".encode()
+    uid = "1.2.826.0.1.3680043.2.1125." + str(int(hashlib.sha1(key).hexdigest(), 16) % 10**12)  # same every run
     for k in range(image.GetDepth()):
         sl = image[:, :, k]
         origin = image.TransformIndexToPhysicalPoint((0, 0, k))

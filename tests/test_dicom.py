@@ -97,3 +97,40 @@ def test_write_dicom_refuses_values_int16_cannot_hold(tmp_path, bad):
     with _raises(tmp_path / "dcm", "int16"):
         write_dicom_series(tmp_path / "dcm", data, np.eye(4))
     assert not list((tmp_path / "dcm").glob("*"))
+
+
+def test_dicom_calls_from_several_threads_run_one_at_a_time(tmp_path, monkeypatch):
+    """GDCM is not thread-safe and predict reads scans in two threads: loading series from four threads at once
+    gives what loading them one after another gives, with never two SimpleITK series reads running together."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import SimpleITK as sitk
+
+    folders = []
+    for k in range(4):
+        data = np.rint(_image(k))
+        folders.append(write_dicom_series(tmp_path / f"dcm{k}", data, _affine()))
+    expected = [load_dicom_series(f) for f in folders]
+    active, most, guard, real = [0], [0], threading.Lock(), sitk.ImageSeriesReader
+
+    class Watched(real):
+        def Execute(self, *args):
+            with guard:
+                active[0] += 1
+                most[0] = max(most[0], active[0])
+            time.sleep(0.05)  # lets another thread in, were calls not serialised
+            try:
+                return super().Execute(*args)
+            finally:
+                with guard:
+                    active[0] -= 1
+
+    monkeypatch.setattr(sitk, "ImageSeriesReader", Watched)
+    with ThreadPoolExecutor(4) as pool:
+        loaded = list(pool.map(load_dicom_series, folders * 2))
+    assert most[0] == 1
+    for (out, aff), (want, want_aff) in zip(loaded, expected * 2, strict=True):
+        np.testing.assert_array_equal(out, want)
+        np.testing.assert_array_equal(aff, want_aff)
