@@ -101,11 +101,10 @@ def main() -> None:
                 cases = scores[(a, s, k)]
                 rows.append([a, direction[k], s, len(cases), mean([d for d, _ in cases.values()]),
                              mean([f for _, f in cases.values()])])
-        for s in seeds:
-            pooled = [v for k in (0, 1) for v in scores[(a, s, k)].values()]
+        per_seed = [[v for k in (0, 1) for v in scores[(a, s, k)].values()] for s in seeds]  # pooled per seed
+        for s, pooled in zip(seeds, per_seed, strict=True):
             rows.append([a, "pooled", s, len(pooled), mean([d for d, _ in pooled]), mean([f for _, f in pooled])])
         if len(seeds) > 1:  # each seed's pooled mean, averaged over the seeds
-            per_seed = [[v for k in (0, 1) for v in scores[(a, s, k)].values()] for s in seeds]
             rows.append([f"**{a}**", "**pooled, mean of the seeds**", "all", sum(map(len, per_seed)),
                          mean([statistics.mean(d for d, _ in p) for p in per_seed]),
                          mean([statistics.mean(f for _, f in p) for p in per_seed])])
