@@ -7,14 +7,16 @@ new site's scans are. This plans the real data with ``plan --groups`` (subject â
 fold 0 trains on Lesjak and validates on MSLesSeg's 4 scans, fold 1 the reverse, with the 2 subjects of the other
 source in training in each case.
 
-Each arm of ``--arms`` is a set of plan overrides that names the scheme it tests, so that a change of the
-planner's defaults does not change what a cached arm means (``default``: the plan as ``mslpipe plan`` now writes it;
+Each arm of ``--arms`` is a set of plan overrides that names the scheme it tests, so that a change of the planner's
+defaults does not change what a cached arm means (``default``: the plan as ``mslpipe plan`` now writes it;
 ``zscore``: z-score normalisation with N4, the default before median/IQR; ``n4_off``: z-score without N4;
 ``median_iqr``: median/IQR normalisation with N4; ``bias_aug``: the plan as written plus the random bias-field
-augmentation on 30% of slices), trained once per plan seed (a seed changes the training's randomness; the folds
-are fixed by the sources). The final checkpoint of each fold segments its validation scans: volume Dice and
-lesion F1, one pass, threshold 0.5, no postprocessing, on the preprocessed grid. A rerun with the same
-``--work`` reuses trained folds. Writes its section of bench/RESULTS.md.
+augmentation on 30% of slices; ``strong_intensity``: median/IQR with N4 and brightness, contrast and gamma
+augmentation on 30% of slices each instead of 15%, contrast factors 0.65-1.5 instead of 0.75-1.25), trained once
+per plan seed (a seed changes the training's randomness; the folds are fixed by the sources). The final checkpoint
+of each fold segments its validation scans: volume Dice and lesion F1, one pass, threshold 0.5, no postprocessing,
+on the preprocessed grid. A rerun with the same ``--work`` reuses trained folds. Writes its section of
+bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ ARMS = {
     "n4_off": {"normalization.scheme": "brain_percentile_zscore", "normalization.n4_levels": 0},
     "median_iqr": {"normalization.scheme": "brain_percentile_median_iqr"},
     "bias_aug": {"augmentation.p_bias_field": 0.3},
+    # median/IQR with N4, and the intensity augmentations (brightness, contrast, gamma) on twice as many slices,
+    # contrast over a wider range: a different FLAIR sequence changes contrast more than the defaults draw
+    "strong_intensity": {"normalization.scheme": "brain_percentile_median_iqr", "augmentation.p_brightness": 0.3,
+                         "augmentation.p_contrast": 0.3, "augmentation.contrast_range": [0.65, 1.5],
+                         "augmentation.p_gamma": 0.3},
 }
 
 
