@@ -15,8 +15,8 @@ augmentation on 30% of slices; ``strong_intensity``: median/IQR with N4 and brig
 augmentation on 30% of slices each instead of 15%, contrast factors 0.65-1.5 instead of 0.75-1.25), trained once
 per plan seed (a seed changes the training's randomness; the folds are fixed by the sources). The final checkpoint
 of each fold segments its validation scans: volume Dice and lesion F1, one pass, threshold 0.5, no postprocessing,
-on the preprocessed grid. A rerun with the same ``--work`` reuses trained folds. Writes its section of
-bench/RESULTS.md.
+on the preprocessed grid (an arm ``NAME+tta``: arm NAME's models with test-time mirroring). A rerun with the same
+``--work`` reuses trained folds and scores. Writes its section of bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ ARMS = {
                          "augmentation.p_contrast": 0.3, "augmentation.contrast_range": [0.65, 1.5],
                          "augmentation.p_gamma": 0.3},
 }
+TTA = "+tta"  # an arm's name with this suffix: the same models, scored with test-time mirroring
 
 
 def trained_source_fold(work: Path, arm: str, seed: int, fold: int, epochs: int, iterations: int) -> Path:
@@ -66,14 +67,16 @@ def trained_source_fold(work: Path, arm: str, seed: int, fold: int, epochs: int,
 
 
 def score(work: Path, arm: str, seed: int, fold: int, args) -> dict[str, tuple[float, float]]:
-    """{case: (Dice, lesion F1)} of one fold's final model on its validation scans (cached beside it)."""
-    fold_dir = trained_source_fold(work, arm, seed, fold, args.epochs, args.iterations)
-    cache = fold_dir / "cross_source.json"
+    """{case: (Dice, lesion F1)} of one fold's final model on its validation scans (cached beside it). An arm named
+    ``NAME+tta`` scores arm NAME's models with test-time mirroring (``predict --tta``) instead of one pass."""
+    base, tta = arm.removesuffix(TTA), arm.endswith(TTA)
+    fold_dir = trained_source_fold(work, base, seed, fold, args.epochs, args.iterations)
+    cache = fold_dir / ("cross_source_tta.json" if tta else "cross_source.json")
     if cache.exists():
         return {k: tuple(v) for k, v in read_json(cache).items()}
-    dirs = seed_dirs(work / arm, seed)
+    dirs = seed_dirs(work / base, seed)
     out = score_checkpoint(dirs.preprocessed_dir("real"), fold_dir / "checkpoint_final.pt",
-                           read_json(fold_dir / "run.json")["val"])
+                           read_json(fold_dir / "run.json")["val"], tta=tta)
     cache.write_text(json.dumps(out))
     print(f"{arm} seed {seed} fold {fold}: " + ", ".join(f"{c} {d:.3f}/{f:.3f}" for c, (d, f) in out.items()),
           flush=True)
@@ -82,14 +85,15 @@ def score(work: Path, arm: str, seed: int, fold: int, args) -> dict[str, tuple[f
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arms", default="zscore,n4_off,median_iqr", help=f"comma-separated, of {', '.join(ARMS)}")
+    ap.add_argument("--arms", default="zscore,n4_off,median_iqr",
+                    help=f"comma-separated, of {', '.join(ARMS)}; NAME{TTA}: NAME's models scored with mirroring")
     ap.add_argument("--seeds", default="12345,7", help="comma-separated plan seeds [12345,7]")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--iterations", type=int, default=40)
     ap.add_argument("--work", type=Path, default=None, help="work folder; a rerun reuses trained folds")
     args = ap.parse_args()
     arms = [a for a in args.arms.split(",") if a]
-    unknown = sorted(set(arms) - set(ARMS))
+    unknown = sorted({a.removesuffix(TTA) for a in arms} - set(ARMS))
     if unknown:
         sys.exit(f"unknown arm(s) {unknown}: choose from {', '.join(ARMS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -123,8 +127,10 @@ def main() -> None:
                     per_scan.append([a, s, direction[k], case, f"{d:.3f}", f"{f:.3f}"])
     body = (f"Folds by source (`plan --groups`: {json.dumps(SOURCES)}); fold names read trained on → scored on. "
             f"CPU plan, {args.epochs} epochs × {args.iterations} iterations per fold, plan seeds {args.seeds}; each "
-            "fold's final checkpoint on its validation scans, one pass, threshold 0.5, no postprocessing. Arms: "
-            + "; ".join(f"`{a}` {ARMS[a] or 'the plan as written'}" for a in arms)
+            "fold's final checkpoint on its validation scans, one pass unless the arm says otherwise, threshold "
+            "0.5, no postprocessing. Arms: "
+            + "; ".join(f"`{a}` {ARMS[a.removesuffix(TTA)] or 'the plan as written'}"
+                        + (" scored with test-time mirroring (`--tta`)" if a.endswith(TTA) else "") for a in arms)
             + ". Mean volume Dice and lesion F1 over the scans.\n\n"
             + table(["arm", "direction", "seed", "scans", "Dice", "lesion F1"], rows)
             + "\n\nPer scan:\n\n" + table(["arm", "seed", "direction", "scan", "Dice", "lesion F1"], per_scan))
