@@ -86,13 +86,14 @@ def write_section(name: str, title: str, body: str, where: str | None = None) ->
     return RESULTS
 
 
-def score_checkpoint(pre_dir: Path, checkpoint: Path, cases: list[str], degrade=None,
+def score_checkpoint(pre_dir: Path, checkpoint: Path | list[Path], cases: list[str], degrade=None,
                      tta: bool = False) -> dict[str, tuple[float, float]]:
-    """{case: (volume Dice, lesion F1)} of one checkpoint on preprocessed scans (each passed through ``degrade``
-    first, if given), on the CPU, without postprocessing; ``tta``: averaged over the mirrored inputs."""
+    """{case: (volume Dice, lesion F1)} of one checkpoint (a list: their averaged probabilities, as ``predict``
+    ensembles folds) on preprocessed scans (each passed through ``degrade`` first, if given), on the CPU, without
+    postprocessing; ``tta``: averaged over the mirrored inputs."""
     from mslpipe import data_loading, inference, metrics
 
-    predictor = inference.load_predictor([checkpoint], device="cpu")
+    predictor = inference.load_predictor(checkpoint if isinstance(checkpoint, list) else [checkpoint], device="cpu")
     p, out = predictor.plan, {}
     for case in cases:
         image, seg, _ = data_loading.load_case_arrays(pre_dir, case)
