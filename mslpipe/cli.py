@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -24,6 +23,12 @@ Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 Arch = Annotated[str | None, typer.Option(help="Registered architecture (`mslpipe archs`); default: the plan's.")]
 
 
+def _progress_bar():
+    from mslpipe import tables
+
+    return tables.case_progress()
+
+
 def _dirs():
     from mslpipe.plans import Workdirs
 
@@ -32,23 +37,6 @@ def _dirs():
 
 def _echo(text: str) -> None:
     typer.echo(text)
-
-
-@contextlib.contextmanager
-def _progress_bar():
-    """A progress bar on standard error for a stage's cases, gone when done (nothing at all where it is no
-    terminal): yields ``update(stage, done, total, case)``."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    tasks: dict[str, Any] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
-        def update(stage: str, done: int, total: int, case: str) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total, description=f"{stage} {case}")
-        yield update
 
 
 def _version(value: bool) -> None:
@@ -214,15 +202,10 @@ def predict(
                                  save_probabilities=save_probabilities, overwrite=overwrite, compile=compile,
                                  report=lesion_report, onnx=onnx,
                                  progress=lambda done, total, case: update("predict", done, total, case))
-    _echo(f"wrote {len(report.written)}, skipped {len(report.skipped)} existing"
-          f"{' (use --overwrite)' if report.skipped else ''}, failed {len(report.failed)} → {output}")
-    timing = report.timing_summary(time.perf_counter() - STATE["start"],
-                                   imports_s=max(report.started - STATE["start"], 0.0))
-    if timing:
-        _echo(f"time: {timing}")
-    if report.warned:
-        _echo(f"{len(report.warned)} scan(s) unlike the training scans, segmented anyway (see the warnings): "
-              f"{', '.join(report.warned)}")
+    from mslpipe import tables
+
+    _echo(tables.predict_text(report, output, time.perf_counter() - STATE["start"],
+                              imports_s=max(report.started - STATE["start"], 0.0)))
     for _case, reason in report.failed:
         typer.echo(f"failed: {reason}", err=True)
     STATE["fast_exit"] = True  # every output is written and closed: the process may end without teardown
@@ -303,8 +286,7 @@ def compare(
             raise MslpipeError("--subject goes with -d NAME and no BASELINE FOLLOWUP files")
         pairs = workflow.compare_subject(dataset, subject, output, dirs=_dirs(), pred=pred, **thresholds)
         for p in pairs:
-            _echo(f"{p['baseline_case']} → {p['followup_case']}: {tables.counts_text(p['counts'])}, "
-                  f"volume {p['volume_change_ml']:+.3f} mL → {output / p['folder']}")
+            _echo(tables.pair_text(p, output))
         return
     if not scans or len(scans) != 2:
         raise MslpipeError("give two files, BASELINE FOLLOWUP, or -d NAME --subject S")
@@ -337,13 +319,12 @@ def export(
 ) -> None:
     """Export a trained network to ONNX (dynamic batch, height and width) for `predict --onnx`."""
     from mslpipe import export as export_mod
+    from mslpipe import tables
 
     if format != "onnx":
         raise MslpipeError(f"--format must be onnx, not {format!r}")
     meta = export_mod.run(output, dirs=_dirs(), dataset=dataset, arch=arch, fold=fold, checkpoint=checkpoint,
                           exporter=exporter, precision=precision, calibration=calibration)
-    from mslpipe import tables
-
     _echo(tables.export_text(meta, output))
 
 
@@ -363,18 +344,11 @@ def export_nnunet(
                                                      "(default: the plan's).")] = None,
 ) -> None:
     """Write a planned dataset in nnU-Net v2's raw format with mslpipe's subject-level folds."""
-    from mslpipe import nnunet_export
+    from mslpipe import nnunet_export, tables
 
     w = nnunet_export.run(dataset, _dirs(), output, label_policy=label_policy, plans=plans,
                           nnunet_plans=nnunet_plans, preprocessed_dir=preprocessed_dir)
-    _echo(f"exported {len(w['training'])} training and {len(w['test'])} test scans ({w['label_policy']} labels), "
-          f"{len(w['folds'])} folds in splits_final.json → {output}")
-    if "plans" in w:
-        _echo(f"wrote {w['plans']}: nnUNetv2_train DATASET 2d FOLD -p {nnunet_export.PLANS_NAME} "
-              f"(with mslpipe importable)")
-    else:
-        _echo("next: nnUNetv2_plan_and_preprocess -d NNN (nnunetv2 2.8 copies splits_final.json into "
-              "$nnUNet_preprocessed/DatasetNNN_NAME itself; older versions need it copied)")
+    _echo(tables.nnunet_export_text(w, output, nnunet_export.PLANS_NAME))
 
 
 @app.command()

@@ -1,13 +1,32 @@
-"""Plain text for the console: an evaluation summary's tables (:func:`mslpipe.evaluate.score_pairs`), and the
-lines of ``plan``, ``compare`` and ``export``.
+"""Plain text for the console: an evaluation summary's tables (:func:`mslpipe.evaluate.score_pairs`), the
+lines of ``plan``, ``predict``, ``compare``, ``export`` and ``export-nnunet``, and the stages' progress bar.
 
 Presentation only: it reads the summaries' dicts and imports nothing from the project.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from io import StringIO
+from typing import Any
+
+
+@contextlib.contextmanager
+def case_progress():
+    """A progress bar on standard error for a stage's cases, gone when done (nothing at all where it is no
+    terminal): yields ``update(stage, done, total, case)``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    tasks: dict[str, Any] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        def update(stage: str, done: int, total: int, case: str) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total, description=f"{stage} {case}")
+        yield update
 
 
 def name_list(items: Sequence[str], limit: int = 10) -> str:
@@ -159,4 +178,37 @@ def export_text(meta: dict, output) -> str:
         lines.append(f"int8 calibrated on {q['calibration']['slices']} slices of {q['calibration']['volumes']} "
                      f"scans; masks against fp32 on {q['check']['slices']} other slices: "
                      + (f"Dice {dice:.3f}" if dice is not None else "not measurable (almost no foreground)"))
+    return "\n".join(lines)
+
+
+def predict_text(report, output, total_s: float, imports_s: float) -> str:
+    """``predict``'s lines: what was written, skipped and failed; the timing line; scans unlike the training scans.
+    ``report`` is a :class:`mslpipe.predict.PredictReport`; ``total_s`` the whole command's seconds."""
+    lines = [f"wrote {len(report.written)}, skipped {len(report.skipped)} existing"
+             f"{' (use --overwrite)' if report.skipped else ''}, failed {len(report.failed)} → {output}"]
+    timing = report.timing_summary(total_s, imports_s=imports_s)
+    if timing:
+        lines.append(f"time: {timing}")
+    if report.warned:
+        lines.append(f"{len(report.warned)} scan(s) unlike the training scans, segmented anyway (see the warnings): "
+                     f"{', '.join(report.warned)}")
+    return "\n".join(lines)
+
+
+def pair_text(pair: dict, output) -> str:
+    """``compare --subject``'s line for one pair of consecutive time points."""
+    return (f"{pair['baseline_case']} → {pair['followup_case']}: {counts_text(pair['counts'])}, "
+            f"volume {pair['volume_change_ml']:+.3f} mL → {output / pair['folder']}")
+
+
+def nnunet_export_text(written: dict, output, plans_name: str) -> str:
+    """``export-nnunet``'s lines: what was written and the next nnU-Net command."""
+    w = written
+    lines = [f"exported {len(w['training'])} training and {len(w['test'])} test scans ({w['label_policy']} labels), "
+             f"{len(w['folds'])} folds in splits_final.json → {output}"]
+    if "plans" in w:
+        lines.append(f"wrote {w['plans']}: nnUNetv2_train DATASET 2d FOLD -p {plans_name} (with mslpipe importable)")
+    else:
+        lines.append("next: nnUNetv2_plan_and_preprocess -d NNN (nnunetv2 2.8 copies splits_final.json into "
+                     "$nnUNet_preprocessed/DatasetNNN_NAME itself; older versions need it copied)")
     return "\n".join(lines)
