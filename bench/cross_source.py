@@ -12,8 +12,9 @@ defaults does not change what a cached arm means (``default``: the plan as ``msl
 ``zscore``: z-score normalisation with N4, the default before median/IQR; ``n4_off``: z-score without N4;
 ``median_iqr``: median/IQR normalisation with N4; ``bias_aug``: the plan as written plus the random bias-field
 augmentation on 30% of slices; ``strong_intensity``: median/IQR with N4 and brightness, contrast and gamma
-augmentation on 30% of slices each instead of 15%, contrast factors 0.65-1.5 instead of 0.75-1.25), trained once
-per plan seed (a seed changes the training's randomness; the folds are fixed by the sources). The final checkpoint
+augmentation on 30% of slices each instead of 15%, contrast factors 0.65-1.5 instead of 0.75-1.25; ``low_res``:
+median/IQR with N4 and the simulated low resolution GPU plans have, on 25% of slices), trained once per plan seed
+(a seed changes the training's randomness; the folds are fixed by the sources). The final checkpoint
 of each fold segments its validation scans: volume Dice and lesion F1, one pass, threshold 0.5, no postprocessing,
 on the preprocessed grid. Suffixes score an arm's models differently: ``NAME+tta`` with test-time mirroring,
 ``NAME+ens`` as one ensemble per fold (every seed's model of the fold, probabilities averaged, as ``predict``
@@ -47,6 +48,8 @@ ARMS = {
     "strong_intensity": {"normalization.scheme": "brain_percentile_median_iqr", "augmentation.p_brightness": 0.3,
                          "augmentation.p_contrast": 0.3, "augmentation.contrast_range": [0.65, 1.5],
                          "augmentation.p_gamma": 0.3},
+    # median/IQR with N4, and nnU-Net's simulated low resolution on a quarter of the slices, as GPU plans have it
+    "low_res": {"normalization.scheme": "brain_percentile_median_iqr", "augmentation.p_low_res": 0.25},
 }
 SUFFIXES = ("tta", "ens")  # NAME+tta: test-time mirroring; NAME+ens: the seeds' models of a fold as one ensemble
 
