@@ -40,6 +40,9 @@ def machine() -> str:
     return f"CPU only: {cpu}, {os.cpu_count()} cores visible, {threads} torch threads (torch {tv})"
 
 
+DIRTY = "+uncommitted changes"  # the commit stamp's suffix for a checkout with changes no commit holds
+
+
 def commit() -> str:
     """HEAD's short hash (+ a flag for uncommitted changes); $MSLPIPE_COMMIT where there is no git (device copies)."""
     if os.environ.get("MSLPIPE_COMMIT"):
@@ -51,7 +54,7 @@ def commit() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
                                 ":(top,exclude)bench/RESULTS.md"], capture_output=True,
                                text=True, cwd=RESULTS.parent).stdout.strip()
-        return sha + ("+uncommitted changes" if dirty else "")
+        return sha + (DIRTY if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -68,9 +71,17 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_section(name: str, title: str, body: str, where: str | None = None) -> Path:
+def write_section(name: str, title: str, body: str, where: str | None = None) -> Path | None:
     """Replace (or append) the section ``name`` of RESULTS.md, atomically. ``where`` replaces this machine's
-    description in the stamp, for a table rendered from entries measured elsewhere."""
+    description in the stamp, for a table rendered from entries measured elsewhere.
+
+    Numbers from code that no commit holds cannot be traced, so a run that started with uncommitted changes
+    writes nothing (it says so on standard error and returns None) unless $MSLPIPE_ALLOW_DIRTY is set; the
+    scripts' work folders keep what they trained, so a rerun from a clean commit costs little."""
+    if COMMIT_AT_START.endswith(DIRTY) and not os.environ.get("MSLPIPE_ALLOW_DIRTY"):
+        print(f"bench/RESULTS.md: section {name!r} not written: the run started from {COMMIT_AT_START}; commit "
+              "(or run from a clean worktree) and rerun with the same --work", file=sys.stderr)
+        return None
     stamp = (f"_{where or machine()}; {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; "
              f"commit {COMMIT_AT_START}; `python bench/{Path(sys.argv[0]).name} {shlex.join(sys.argv[1:])}`_")
     section = f"<!-- BEGIN {name} -->\n## {title}\n\n{stamp}\n\n{body.strip()}\n<!-- END {name} -->\n"

@@ -182,3 +182,40 @@ def test_commit_stamp_flags_uncommitted_code_anywhere_but_not_results_md(tmp_pat
     assert stamp() == clean
     (repo / "mslpipe" / "code.py").write_text("x = 2\n")
     assert stamp() == clean + "+uncommitted changes"
+
+
+def test_write_section_refuses_numbers_from_uncommitted_code(tmp_path):
+    """A benchmark that started with uncommitted changes writes no section (its numbers could not be traced to a
+    commit) and says why on standard error; $MSLPIPE_ALLOW_DIRTY lets it write, stamped as such; a clean run writes."""
+    import os
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / "bench").mkdir(parents=True)
+    shutil.copy(BENCH / "results.py", repo / "bench" / "results.py")
+    (repo / "bench" / "RESULTS.md").write_text("# results\n")
+    (repo / "code.py").write_text("x = 1\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "."], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], cwd=repo, check=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("MSLPIPE_COMMIT", "MSLPIPE_ALLOW_DIRTY")}
+    script = "import results; print(results.write_section('t', 'T', 'numbers 1.0'))"
+
+    def run(**extra):
+        return subprocess.run([sys.executable, "-c", script], cwd=repo / "bench", env={**env, **extra},
+                              capture_output=True, text=True, check=True)
+
+    (repo / "code.py").write_text("x = 2\n")  # uncommitted
+    out = run()
+    assert out.stdout.strip() == "None"
+    assert "section 't' not written: the run started from" in out.stderr and "+uncommitted changes" in out.stderr
+    assert (repo / "bench" / "RESULTS.md").read_text() == "# results\n"
+    run(MSLPIPE_ALLOW_DIRTY="1")
+    text = (repo / "bench" / "RESULTS.md").read_text()
+    assert "<!-- BEGIN t -->" in text and "+uncommitted changes" in text and "numbers 1.0" in text
+    (repo / "code.py").write_text("x = 1\n")  # clean again: written, without the flag
+    assert run().stderr == ""
+    text = (repo / "bench" / "RESULTS.md").read_text()
+    assert text.count("<!-- BEGIN t -->") == 1 and "+uncommitted changes" not in text
