@@ -23,12 +23,6 @@ Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 Arch = Annotated[str | None, typer.Option(help="Registered architecture (`mslpipe archs`); default: the plan's.")]
 
 
-def _progress_bar():
-    from mslpipe import tables
-
-    return tables.case_progress()
-
-
 def _dirs():
     from mslpipe.plans import Workdirs
 
@@ -122,7 +116,7 @@ def plan_cmd(
     overrides = {"context_slices": context_slices, "foreground_sampling": foreground_sampling,
                  "normalization.scheme": normalization, "normalization.flatfield_mm": flatfield,
                  "normalization.n4_levels": n4, "augmentation.p_bias_field": bias_field}
-    with _progress_bar() as update:
+    with tables.case_progress() as update:
         result = plan_mod.run(dataset, _dirs(), input, device=device, arch=arch, seed=seed, n_folds=folds,
                               test_fraction=test_fraction, overrides=overrides, progress=update, groups=groups)
     _echo(tables.plan_text(dataset, result))
@@ -195,15 +189,14 @@ def predict(
 ) -> None:
     """Segment scans; writes OUT/<case>.nii.gz (uint8 0/1 on the input grid)."""
     from mslpipe import predict as predict_mod
+    from mslpipe import tables
 
-    with _progress_bar() as update:
+    with tables.case_progress() as update:
         report = predict_mod.run(input, output, dirs=_dirs(), dataset=dataset, arch=arch,
                                  folds=_parse_folds(folds), checkpoint=checkpoint, device=device, tta=tta,
                                  save_probabilities=save_probabilities, overwrite=overwrite, compile=compile,
                                  report=lesion_report, onnx=onnx,
                                  progress=lambda done, total, case: update("predict", done, total, case))
-    from mslpipe import tables
-
     _echo(tables.predict_text(report, output, time.perf_counter() - STATE["start"],
                               imports_s=max(report.started - STATE["start"], 0.0)))
     for _case, reason in report.failed:

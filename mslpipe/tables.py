@@ -203,11 +203,11 @@ def pair_text(pair: dict, output) -> str:
 
 def nnunet_export_text(written: dict, output, plans_name: str) -> str:
     """``export-nnunet``'s lines: what was written and the next nnU-Net command."""
-    w = written
-    lines = [f"exported {len(w['training'])} training and {len(w['test'])} test scans ({w['label_policy']} labels), "
-             f"{len(w['folds'])} folds in splits_final.json → {output}"]
-    if "plans" in w:
-        lines.append(f"wrote {w['plans']}: nnUNetv2_train DATASET 2d FOLD -p {plans_name} (with mslpipe importable)")
+    lines = [f"exported {len(written['training'])} training and {len(written['test'])} test scans "
+             f"({written['label_policy']} labels), {len(written['folds'])} folds in splits_final.json → {output}"]
+    if "plans" in written:
+        lines.append(f"wrote {written['plans']}: nnUNetv2_train DATASET 2d FOLD -p {plans_name} "
+                     "(with mslpipe importable)")
     else:
         lines.append("next: nnUNetv2_plan_and_preprocess -d NNN (nnunetv2 2.8 copies splits_final.json into "
                      "$nnUNet_preprocessed/DatasetNNN_NAME itself; older versions need it copied)")
