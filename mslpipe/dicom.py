@@ -20,7 +20,7 @@ from mslpipe.errors import MslpipeError
 from mslpipe.io import atomic_path, numpy_to_sitk, sitk_to_numpy
 
 # GDCM, which SimpleITK reads and writes DICOM with, is not safe to call from several threads at once (SimpleITK
-# issues 805 and 1466: crashes), and predict reads scans in two threads beside a GPU. One call at a time, then; the
+# issues 805 and 1466: crashes), and predict reads scans in several threads beside a GPU. One call at a time, then; the
 # lock is re-entrant because loading a series first finds it.
 _GDCM_LOCK = threading.RLock()
 

@@ -41,11 +41,14 @@ BACKGROUND_STEPS = ("read_s", "preprocess_s", "postprocess_s", "write_s")
 MAX_QUEUED_WRITES = 2  # finished cases held in memory while the writer catches up
 
 
-def reader_count(predictor) -> int:
-    """Scans read and preprocessed at once: 2 beside a GPU, whose network takes less time per scan than reading
-    and preprocessing it (they release the GIL for most of it, so two threads nearly halve it), 1 beside a CPU
-    network, which keeps the cores busy itself."""
-    return 2 if getattr(predictor, "device", "cpu") == "cuda" else 1
+def reader_count(predictor, cpus: int | None = None) -> int:
+    """Scans read and preprocessed at once. Beside a GPU, whose network takes less time per scan than reading and
+    preprocessing it: one per 4 CPU cores, from 2 to 4. They release the GIL for most of their time, and N4, the
+    longest part, runs on one core however many there are, so only more scans at once put more cores to work; each
+    holds a few copies of its volume. Beside a CPU network, 1: the network keeps the cores busy itself."""
+    if getattr(predictor, "device", "cpu") != "cuda":
+        return 1
+    return max(2, min(4, (cpus or os.cpu_count() or 1) // 4))
 
 
 @dataclass

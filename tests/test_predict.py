@@ -462,7 +462,8 @@ def test_readers_per_device():
         def __init__(self, device):
             self.device = device
 
-    assert predict.reader_count(Fake("cuda")) == 2 and predict.reader_count(Fake("cpu")) == 1
+    assert predict.reader_count(Fake("cuda"), cpus=2) == 2 and predict.reader_count(Fake("cpu"), cpus=16) == 1
+    assert predict.reader_count(Fake("cuda"), cpus=12) == 3 and predict.reader_count(Fake("cuda"), cpus=64) == 4
     assert predict.reader_count(object()) == 1  # an ONNX Runtime predictor runs on the CPU
 
 
