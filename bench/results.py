@@ -50,8 +50,9 @@ def commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=RESULTS.parent, check=True).stdout.strip()
-        # the whole checkout but RESULTS.md itself (which earlier runs rewrite), from its top
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+        # the whole checkout but RESULTS.md itself (which earlier runs rewrite), from its top; a new file that git
+        # does not ignore counts too (a benchmark script not yet committed is code no commit holds)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ":(top)",
                                 ":(top,exclude)bench/RESULTS.md"], capture_output=True,
                                text=True, cwd=RESULTS.parent).stdout.strip()
         return sha + (DIRTY if dirty else "")

@@ -155,7 +155,8 @@ def test_all_folds_are_pooled_per_scan_in_the_table_and_the_goals(real_data):
 
 def test_commit_stamp_flags_uncommitted_code_anywhere_but_not_results_md(tmp_path):
     """bench/results.py's commit stamp: a change to RESULTS.md (which earlier runs rewrite) is not flagged; a
-    change anywhere else in the checkout is, mslpipe/ included."""
+    change anywhere else in the checkout is, mslpipe/ included, and so is a new file git does not ignore (a
+    benchmark script not yet committed), but not an ignored one."""
     import os
     import shutil
     import subprocess
@@ -179,6 +180,17 @@ def test_commit_stamp_flags_uncommitted_code_anywhere_but_not_results_md(tmp_pat
     clean = stamp()
     assert clean and "uncommitted" not in clean
     (repo / "bench" / "RESULTS.md").write_text("# results\nrewritten\n")
+    assert stamp() == clean
+    (repo / ".gitignore").write_text("work/\n")
+    subprocess.run([*git, "add", ".gitignore"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "ignore"], cwd=repo, check=True)
+    clean = stamp()
+    (repo / "work").mkdir()
+    (repo / "work" / "cache.json").write_text("{}\n")
+    assert stamp() == clean
+    (repo / "bench" / "new_bench.py").write_text("x = 1\n")
+    assert stamp() == clean + "+uncommitted changes"
+    (repo / "bench" / "new_bench.py").unlink()
     assert stamp() == clean
     (repo / "mslpipe" / "code.py").write_text("x = 2\n")
     assert stamp() == clean + "+uncommitted changes"
