@@ -26,7 +26,7 @@ from mslpipe import report as lesion_report
 from mslpipe.datasets import Source, gather_sources
 from mslpipe.errors import MslpipeError
 from mslpipe.io import PROBABILITY_DIR, make_dir, read_json, save_nifti, write_json
-from mslpipe.plans import Workdirs, load_plan
+from mslpipe.plans import Plan, Workdirs, load_plan
 
 if TYPE_CHECKING:  # imported where used: the ONNX Runtime path (`--onnx`) must never import torch
     from mslpipe import inference, onnx_inference
@@ -111,9 +111,16 @@ def planned_channels_beside(checkpoint: list[Path]) -> list[str] | None:
     for path in checkpoint:
         if not Path(path).is_file():
             raise MslpipeError("checkpoint not found" if not Path(path).exists() else "checkpoint is not a file", path)
+    plan = plan_beside(checkpoint[0])
+    return None if plan is None else plan.channels
+
+
+def plan_beside(checkpoint: Path) -> Plan | None:
+    """The plan a training run wrote beside a checkpoint (``fold_K/plan.json``), read without torch; None when there
+    is none or it does not load (the checkpoint's own plan then decides)."""
     try:
-        return load_plan(Path(checkpoint[0]).parent / "plan.json").channels
-    except MslpipeError:  # no plan beside it, or one that does not load: the checkpoint's own plan decides
+        return load_plan(Path(checkpoint).parent / "plan.json")
+    except MslpipeError:
         return None
 
 
@@ -128,12 +135,41 @@ def postprocessing_for(dirs: Workdirs, dataset: str | None, arch: str) -> dict |
 
 
 # ---------------------------------------------------------------------------- the run
+def read_scan(src: Source, plan: Plan):
+    """Read a scan and preprocess it for the network: (channels, affine, prepared scan, seconds of each)."""
+    t0 = time.perf_counter()
+    channels, affine = src.read()
+    t1 = time.perf_counter()
+    prepared = preprocess.prepare_scan(channels, affine, plan, where=src.paths[0])
+    return channels, affine, prepared, {"read_s": t1 - t0, "preprocess_s": time.perf_counter() - t1}
+
+
+@dataclass
+class HeadStart:
+    """The first scan to segment, read and preprocessed while torch and the models load, by the plan beside the
+    first checkpoint; used when that plan is the models' own, which it is unless the files were mixed by hand."""
+    case: str
+    plan: Plan
+    future: Future
+
+
+def start_first_read(pool: ThreadPoolExecutor, sources: list[Source] | None, plan: Plan | None, out: Path,
+                     overwrite: bool) -> HeadStart | None:
+    todo = [s for s in sources or [] if overwrite or not (Path(out) / f"{s.case}.nii.gz").exists()]
+    if plan is None or not todo:
+        return None
+    return HeadStart(todo[0].case, plan, pool.submit(read_scan, todo[0], plan))
+
+
 def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredictor, sources: list[Source],
                     out: Path, *, tta: bool = False,
                     postprocessing: dict | None = None, save_probabilities: bool = False,
                     overwrite: bool = False, progress: Callable[[int, int, str], None] | None = None,
-                    report: bool = False) -> PredictReport:
+                    report: bool = False, head: HeadStart | None = None) -> PredictReport:
     """Segment every source into ``out``; read-ahead and writes overlap the computation.
+
+    ``head``: the first scan's reading, started before the models loaded (:func:`start_first_read`); used only
+    when it is the first scan to do and its plan is the predictor's.
 
     ``report``: also write each case's lesion table and QC images (:mod:`mslpipe.report`), report
     skipped cases that have none yet, and rebuild ``report.csv`` and ``report.html`` at the end.
@@ -155,11 +191,7 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
     pp = {**predictor.postprocessing, **(postprocessing or {})}
 
     def read(src: Source):  # beside the network: read and preprocess the next scan
-        t0 = time.perf_counter()
-        channels, affine = src.read()
-        t1 = time.perf_counter()
-        prepared = preprocess.prepare_scan(channels, affine, predictor.plan, where=src.paths[0])
-        return channels, affine, prepared, {"read_s": t1 - t0, "preprocess_s": time.perf_counter() - t1}
+        return read_scan(src, predictor.plan)
 
     def write(src: Source, prob: np.ndarray, prepared: preprocess.PreparedScan, affine: np.ndarray,
               image: np.ndarray, timings: dict[str, float]) -> None:  # beside the network: postprocess and write
@@ -194,7 +226,9 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
         pending: list[tuple[Source, Future]] = []
         backfill = [(src, writer.submit(report_skipped, src)) for src in sources if want_report
                     and src.case in result.skipped and not lesion_report.case_json_path(out, src.case).exists()]
-        ahead = deque(reader.submit(read, src) for src in todo[:readers])
+        usable = head is not None and bool(todo) and head.case == todo[0].case and head.plan == predictor.plan
+        ahead = deque(head.future if usable and k == 0 else reader.submit(read, src)
+                      for k, src in enumerate(todo[:readers]))
         for i, src in enumerate(todo):
             current = ahead.popleft()
             if i + readers < len(todo):
@@ -256,31 +290,37 @@ def run(inp: Path, out: Path, *, dirs: Workdirs, dataset: str | None = None, arc
         planned_channels = planned_channels_beside(checkpoint)
         if planned_channels is not None:
             sources = gather_sources(inp, planned_channels, dirs, dataset)
-    if onnx is not None:
-        from mslpipe import onnx_inference
+    early = ThreadPoolExecutor(max_workers=1)  # the first scan's reading, beside the models' loading
+    try:
+        head = None
+        if onnx is not None:
+            from mslpipe import onnx_inference
 
-        predictor = onnx_inference.load_onnx_predictor(onnx)
-    else:
-        if checkpoint:
-            paths = list(checkpoint)
+            predictor = onnx_inference.load_onnx_predictor(onnx)
         else:
-            if dataset is None:
-                raise MslpipeError("say which model to use: -d NAME (trained folds), --checkpoint PATH or "
-                                   "--onnx MODEL")
-            paths = find_checkpoints(dirs, dataset, arch, folds)
-        t_import = time.perf_counter()
-        from mslpipe import inference  # with torch, unless an earlier step imported it
+            if checkpoint:
+                paths = list(checkpoint)
+            else:
+                if dataset is None:
+                    raise MslpipeError("say which model to use: -d NAME (trained folds), --checkpoint PATH or "
+                                       "--onnx MODEL")
+                paths = find_checkpoints(dirs, dataset, arch, folds)
+            head = start_first_read(early, sources, plan_beside(paths[0]), out, overwrite)
+            t_import = time.perf_counter()
+            from mslpipe import inference  # with torch, unless an earlier step imported it
 
-        load_parts["torch import"] = time.perf_counter() - t_import
-        predictor = inference.load_predictor(paths, device=device, compile=compile, timings=load_parts)
-    load_s = time.perf_counter() - t0
-    if sources is None or predictor.plan.channels != planned_channels:  # the checkpoints' own plan decides
-        sources = gather_sources(inp, predictor.plan.channels, dirs, dataset)
-    pp = postprocessing_for(dirs, dataset, predictor.plan.architecture)
-    started = datetime.now(timezone.utc).isoformat(timespec="microseconds")
-    result = predict_sources(predictor, sources, Path(out), tta=tta, postprocessing=pp,
-                             save_probabilities=save_probabilities, overwrite=overwrite, progress=progress,
-                             report=report)
+            load_parts["torch import"] = time.perf_counter() - t_import
+            predictor = inference.load_predictor(paths, device=device, compile=compile, timings=load_parts)
+        load_s = time.perf_counter() - t0
+        if sources is None or predictor.plan.channels != planned_channels:  # the checkpoints' own plan decides
+            sources = gather_sources(inp, predictor.plan.channels, dirs, dataset)
+        pp = postprocessing_for(dirs, dataset, predictor.plan.architecture)
+        started = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+        result = predict_sources(predictor, sources, Path(out), tta=tta, postprocessing=pp,
+                                 save_probabilities=save_probabilities, overwrite=overwrite, progress=progress,
+                                 report=report, head=head)
+    finally:  # a read nobody waits for (the models failed to load) is not waited for either
+        early.shutdown(wait=False, cancel_futures=True)
     result.load_s, result.load_parts, result.started = load_s, load_parts, t0
     if result.written or result.failed:
         try:

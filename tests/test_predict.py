@@ -509,3 +509,62 @@ def test_each_run_leaves_a_provenance_record(model, scan, tmp_path):
     assert first["device"] == "cpu" and first["tta"] is False and first["plan_hash"]
     assert "min_lesion_mm3" in first["postprocessing"]
     assert second["tta"] is True and list(second["written"]) == ["a"] and list(second["failed"]) == ["b"]
+
+
+def test_the_first_scan_is_read_while_the_models_load(model, scan, tmp_path, monkeypatch):
+    """With the plan beside the checkpoint, the first scan's reading and preprocessing start before the models
+    load, and that work is used: each scan is read once, and the masks are what one scan at a time gives."""
+    import threading
+
+    data, affine = scan
+    inp = tmp_path / "in"
+    for name, arr in {"a": data, "b": data[::-1].copy()}.items():
+        save_nifti(inp / f"{name}.nii.gz", arr, affine, dtype=np.float32)
+    reads, first_read_started = [], threading.Event()
+    real_read, real_load = predict.read_scan, inference.load_predictor
+
+    def read(src, plan):
+        reads.append(src.case)
+        first_read_started.set()
+        return real_read(src, plan)
+
+    def load(*args, **kwargs):
+        assert first_read_started.wait(timeout=60), "the first scan was not being read while the models loaded"
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(predict, "read_scan", read)
+    monkeypatch.setattr(inference, "load_predictor", load)
+    report = predict.run(inp, tmp_path / "out", dirs=None, checkpoint=[model], device="cpu")
+    assert report.written == ["a", "b"] and not report.failed and sorted(reads) == ["a", "b"]
+    predictor = real_load([model], device="cpu")
+    for name, arr in {"a": data, "b": data[::-1].copy()}.items():
+        mask, _ = inference.predict_case(predictor, [arr], affine)
+        assert np.array_equal(load_image(tmp_path / "out" / f"{name}.nii.gz")[0], mask)
+
+
+def test_an_early_read_by_another_plan_is_not_used(model, scan, tmp_path, monkeypatch):
+    """A plan.json beside the checkpoint that is not the checkpoint's own plan (files mixed by hand): the early
+    read is dropped and the scan is preprocessed again by the checkpoint's plan; and a model that fails to load
+    is still one clear error."""
+    from mslpipe.plans import load_plan, save_plan
+
+    data, affine = scan
+    save_nifti(tmp_path / "in" / "a.nii.gz", data, affine, dtype=np.float32)
+    copy = tmp_path / "fold" / "checkpoint_final.pt"
+    copy.parent.mkdir()
+    shutil.copy(model, copy)
+    other = load_plan(model.parent / "plan.json")
+    other.crop_margin += 3
+    save_plan(other, copy.parent / "plan.json")
+    plans_read = []
+    real_read = predict.read_scan
+    monkeypatch.setattr(predict, "read_scan", lambda src, plan: plans_read.append(plan.crop_margin)
+                        or real_read(src, plan))
+    report = predict.run(tmp_path / "in", tmp_path / "out", dirs=None, checkpoint=[copy], device="cpu")
+    assert report.written == ["a"] and sorted(plans_read) == sorted([other.crop_margin, other.crop_margin - 3])
+    mask, _ = inference.predict_case(inference.load_predictor([model], device="cpu"), [data], affine)
+    assert np.array_equal(load_image(tmp_path / "out" / "a.nii.gz")[0], mask)
+    copy.write_bytes(b"not a checkpoint")
+    with pytest.raises(MslpipeError) as info:
+        predict.run(tmp_path / "in", tmp_path / "out2", dirs=None, checkpoint=[copy], device="cpu")
+    assert str(copy) in str(info.value)
