@@ -10,19 +10,19 @@ once per ``--flatfield`` value, ``normalization.flatfield_mm`` (:func:`mslpipe.i
 divides each scan's slow shading out before normalising, in training and in prediction alike), and once per
 ``--n4`` value, ``normalization.n4_levels`` (:func:`mslpipe.intensity.correct_bias_n4`, SimpleITK's N4 in the same
 place; ``LEVELS@MM`` also sets ``n4_grid_mm``, its fitting grid), everything else equal. Each fold's scores are kept
-beside its model (``robustness_bias.json``), so a rerun scores only new folds. Each fold's final model then segments
-its validation scans as acquired and shaded by fixed smooth fields applied to the **raw** scan before mslpipe's own
-preprocessing (so the normalisation sees the shading, as it would on a new scanner's scan):
+beside its model (``robustness_bias_v2.json``), so a rerun scores only new folds. Each fold's final model then
+segments its validation scans as acquired and shaded by fixed smooth fields applied to the **raw** scan before
+mslpipe's own preprocessing (so the normalisation sees the shading, as it would on a new scanner's scan):
 
 * ``ramp ±20%``: a left-to-right ramp from 0.8 to 1.2 across the brain's bounding box;
 * ``ramp ±40%``: the same from 0.6 to 1.4;
 * ``centre +20%``: brighter in the centre (1.2) than at the box's corners (0.8), a quadratic fall-off, as 3 T
   scanners' dielectric effect shades FLAIR.
 
-A field multiplies the signal above the scan's darkest brain intensity (its 0.5th brain percentile), which stands
-for no signal: the real scans do not all have a zero background. Volume Dice and lesion F1 of the final checkpoint,
-one pass, threshold 0.5, no postprocessing, against the expert mask on the preprocessed grid. Writes its section
-of bench/RESULTS.md.
+A field multiplies the signal inside the brain above the scan's darkest brain intensity (its 0.5th brain
+percentile), which stands for no signal: the real scans do not all have a zero background; outside the brain the
+scan is unchanged. Volume Dice and lesion F1 of the final checkpoint, one pass, threshold 0.5, no
+postprocessing, against the expert mask on the preprocessed grid. Writes its section of bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -65,18 +65,23 @@ FIELDS = {"as acquired": None, "ramp ±20%": ramp(0.2), "ramp ±40%": ramp(0.4),
 
 
 def shade(image: np.ndarray, field) -> np.ndarray:
-    """The raw scan times a smooth field, above its darkest brain intensity (never below 0.05 of the field)."""
+    """The raw scan times a smooth field inside its brain, above its darkest brain intensity (never below 0.05 of
+    the field). Outside the brain the scan is left as it is: a scanner's field shades tissue, and a skull-stripped
+    scan's background is what the stripping left. (Shading the background too, as this did before 2026-11-28 17:00
+    UTC, lifted a zero background by up to the darkest brain intensity where the field fell below 1, and the brain
+    mask then took in the whole volume: the ±40% ramp's scores on the MSLesSeg scans measured that, not N4.)"""
     if field is None:
         return image
     brain = brainmask.brain_mask(image)
     lo = float(np.percentile(image[brain], 0.5))
-    return ((image - lo) * np.clip(field(image, brain), 0.05, None) + lo).astype(np.float32)
+    shaded = (image - lo) * np.clip(field(image, brain), 0.05, None) + lo
+    return np.where(brain, shaded, image).astype(np.float32)
 
 
 def score_fold(fold_dir: Path, raw: dict[str, datasets.Case]) -> dict[str, dict[str, list[float]]]:
     """{case: {field: [volume Dice, lesion F1]}} of one fold's final model on its validation scans, kept in
-    ``fold_dir/robustness_bias.json`` so that a rerun with other arms does not score it again."""
-    cache = fold_dir / "robustness_bias.json"
+    ``fold_dir/robustness_bias_v2.json`` so that a rerun with other arms does not score it again."""
+    cache = fold_dir / "robustness_bias_v2.json"  # v2: shading inside the brain only (see shade)
     cached = read_json(cache) if cache.exists() else {}
     if cached and set(next(iter(cached.values()))) == set(FIELDS):
         return cached
@@ -104,7 +109,8 @@ def score_folds(args, work: Path, overrides: dict | None, raw: dict[str, dataset
             for name in FIELDS:
                 scores[name].append(tuple(by_field[name]))
             scans.append(f"{case} (seed {seed}, fold {fold})")
-    return {"scores": scores, "scans": scans, "net": load_plan(fold_dir / "plan.json").arch_kwargs}
+    plan = load_plan(fold_dir / "plan.json")
+    return {"scores": scores, "scans": scans, "net": plan.arch_kwargs, "scheme": plan.normalization["scheme"]}
 
 
 def parse_arms(text: str) -> list[tuple[float, float]]:
@@ -161,12 +167,13 @@ def main() -> None:
         if r is not base:
             higher = [sum(b[0] < o[0] for b, o in zip(base["scores"][k], r["scores"][k], strict=True)) for k in FIELDS]
             win_rows.append([arm, *(f"{h} of {n}" for h in higher)])
-    body = (f"CPU plan (leaky_unet {base['net']}), {args.epochs} epochs × {args.iterations} iterations per fold, folds "
+    body = (f"CPU plan (leaky_unet {base['net']}, normalisation {base['scheme']}), {args.epochs} epochs × "
+            f"{args.iterations} iterations per fold, folds "
             f"by subject (leave one subject out), plan seed(s) {args.seeds}; the arms differ only in "
             "`augmentation.p_bias_field` and `bias_field_coeff`, or in `normalization.flatfield_mm` or `n4_levels` "
             "(the first arm has none of them). Each fold's final model on its validation scans, as "
             "acquired and shaded by a fixed smooth field on the raw scan before preprocessing (see "
-            "`bench/robustness_bias.py`); one pass, "
+            "`bench/robustness_bias.py`; inside the brain only since 2026-11-28 17:00 UTC); one pass, "
             f"threshold 0.5, no postprocessing, against the expert mask. {n} scans: {', '.join(base['scans'])}.\n\n"
             "Cells: volume Dice / lesion F1, mean over the scans (in brackets the Dice change from the same models "
             "on the scans as acquired).\n\n"

@@ -231,3 +231,29 @@ def test_write_section_refuses_numbers_from_uncommitted_code(tmp_path):
     assert run().stderr == ""
     text = (repo / "bench" / "RESULTS.md").read_text()
     assert text.count("<!-- BEGIN t -->") == 1 and "+uncommitted changes" not in text
+
+
+def test_bench_shading_leaves_a_zero_background_and_the_brain_box_alone():
+    """bench/robustness_bias.py's shading of a raw scan: a ±40% ramp changes the brain's intensities but not a
+    skull-stripped scan's zero background, so mslpipe's brain mask and crop box stay those of the scan as acquired
+    (shading the background too lifted it above the mask's threshold, and the box became the whole volume)."""
+    import numpy as np
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        robustness_bias = importlib.import_module("robustness_bias")
+    finally:
+        sys.path.remove(str(BENCH))
+    from mslpipe import brainmask
+
+    rng = np.random.default_rng(0)
+    image = np.zeros((60, 64, 56), dtype=np.float32)
+    z, y, x = np.ogrid[:60, :64, :56]
+    brain = ((z - 30) / 22) ** 2 + ((y - 32) / 24) ** 2 + ((x - 28) / 20) ** 2 <= 1
+    image[brain] = rng.uniform(40, 250, brain.sum())  # darkest brain intensity well above the mask's threshold
+    shaded = robustness_bias.shade(image, robustness_bias.ramp(0.4))
+    assert np.all(shaded[~brain] == 0)
+    assert not np.allclose(shaded[brain], image[brain])
+    inside = shaded[brain] / np.maximum(image[brain], 1e-6)
+    assert inside.min() < 0.8 and inside.max() > 1.2  # the ramp is there
+    assert brainmask.bounding_box(brainmask.brain_mask(shaded), 0) == brainmask.bounding_box(brain, 0)
