@@ -31,7 +31,7 @@ DEFAULT_CONTEXT_SLICES = 1
 # nnU-Net's default share of samples that simulate a coarser scanner (down by a zoom in [0.5, 1], back up):
 # mslpipe will meet scans from scanners it never saw, many of them at coarser resolutions than ISBI's. GPU plans
 # only: their schedule is nnU-Net-like; in a CPU plan's few minutes it cost Dice on scans as acquired (the demo,
-# and one of two seeds in bench/RESULTS.md "Robustness to coarser scans").
+# and both seeds in bench/RESULTS.md "Robustness to coarser scans" as rerun at f3b944d).
 DEFAULT_P_LOW_RES = 0.25
 # N4 bias-field correction before normalising, 3 fitting levels: scans from other scanners may come without it.
 # Chosen by a rule set before the run (bench/RESULTS.md "N4 bias-field correction"): over 12 real scan runs it cost
