@@ -35,15 +35,21 @@ def seconds(repeats: int, fn, *args) -> float:
     return statistics.median(times)
 
 
-def field_percentiles(channel: np.ndarray, affine: np.ndarray, plan: Plan) -> tuple[float, float]:
-    """The 1st and 99th percentiles over the brain of the field N4 divides out of the scan as acquired (on the
-    cropped brain, as ``preprocess_volume`` runs it; the scans here are at the plan's voxel size)."""
+def cropped_brain(channel: np.ndarray, affine: np.ndarray, plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The scan reoriented and cropped to its brain box, the brain mask in that box and the voxel spacing: what
+    ``preprocess_volume`` hands N4 (the scans here are at the plan's voxel size)."""
     ornt = preprocess.canonical_ornt(affine)
     canon = preprocess.to_canonical(channel, ornt)
     brain = brainmask.brain_mask(canon)
     sl = tuple(slice(a, b) for a, b in brainmask.bounding_box(brain, plan.crop_margin))
     spacing = np.linalg.norm(affine[:3, :3], axis=0)[np.argsort(ornt[:, 0])]
-    image, mask = canon[sl], brain[sl]
+    return canon[sl], brain[sl], spacing
+
+
+def field_percentiles(channel: np.ndarray, affine: np.ndarray, plan: Plan) -> tuple[float, float]:
+    """The 1st and 99th percentiles over the brain of the field N4 divides out of the scan as acquired (on the
+    cropped brain, as ``preprocess_volume`` runs it)."""
+    image, mask, spacing = cropped_brain(channel, affine, plan)
     lo = float(np.percentile(image[mask], 0.5))
     corrected = correct_bias_n4(image, mask, spacing, levels=int(plan.normalization["n4_levels"]))
     field = (image[mask] - lo) / np.maximum(corrected[mask] - lo, 1e-6)

@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from robustness_bias import ramp, shade  # noqa: E402
+from n4_cost import cropped_brain  # noqa: E402
+from robustness_bias import ramp, shade, shaded_scores  # noqa: E402
 
-from mslpipe import brainmask, datasets, inference, metrics, preprocess  # noqa: E402
+from mslpipe import datasets, inference, preprocess  # noqa: E402
 from mslpipe.intensity import correct_bias_n4  # noqa: E402
 from mslpipe.io import read_json  # noqa: E402
 from mslpipe.plans import Plan, load_plan  # noqa: E402
@@ -46,12 +47,7 @@ def with_grid(plan: Plan, grid: float) -> Plan:
 def n4_field(channel: np.ndarray, affine: np.ndarray, plan: Plan, grid: float) -> tuple[float, np.ndarray]:
     """N4's seconds on the cropped brain (as ``preprocess_volume`` runs it; the scans are at the plan's voxel size)
     and the field it divides out, at the brain's voxels with signal."""
-    ornt = preprocess.canonical_ornt(affine)
-    canon = preprocess.to_canonical(channel, ornt)
-    brain = brainmask.brain_mask(canon)
-    sl = tuple(slice(a, b) for a, b in brainmask.bounding_box(brain, plan.crop_margin))
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)[np.argsort(ornt[:, 0])]
-    image, mask = canon[sl], brain[sl]
+    image, mask, spacing = cropped_brain(channel, affine, plan)
     t0 = time.perf_counter()
     corrected = correct_bias_n4(image, mask, spacing, levels=int(plan.normalization["n4_levels"]), shrink_mm=grid)
     seconds = time.perf_counter() - t0
@@ -82,20 +78,13 @@ def field_rows(plan: Plan, grids: tuple[float, float], repeats: int) -> tuple[li
     return rows, secs
 
 
-def score(fold_dir: Path, raw: dict[str, datasets.Case], grid: float) -> dict[str, dict[str, tuple[float, float]]]:
+def score(fold_dir: Path, raw: dict[str, datasets.Case], grid: float) -> dict[str, dict[str, list[float]]]:
     """{case: {shading: (Dice, lesion F1)}} of a fold's final model on its validation scans preprocessed with N4 on
     ``grid``."""
     predictor = inference.load_predictor([fold_dir / "checkpoint_final.pt"], device="cpu")
     plan, out = with_grid(predictor.plan, grid), {}
     for case in read_json(fold_dir / "run.json")["val"]:
-        channels, affine, masks = preprocess.load_case(raw[case])
-        out[case] = {}
-        for name, field in FIELDS.items():
-            image, label, _ = preprocess.preprocess_volume([shade(c, field) for c in channels], affine, plan, masks)
-            prob = inference.predict_volume(predictor.models, image, divisor=predictor.divisor, device="cpu",
-                                            batch_size=plan.inference_batch_size, context=plan.context_slices)
-            pred, ref = prob >= 0.5, label >= 0.5
-            out[case][name] = (float(metrics.dice(pred, ref)), float(metrics.lesion_f1(pred, ref)))
+        out[case] = shaded_scores(predictor, plan, raw[case], FIELDS)
         print(f"{fold_dir} grid {grid:g}: {case} {out[case]}", flush=True)
     return out
 

@@ -78,6 +78,20 @@ def shade(image: np.ndarray, field) -> np.ndarray:
     return np.where(brain, shaded, image).astype(np.float32)
 
 
+def shaded_scores(predictor, plan, case: datasets.Case, fields: dict) -> dict[str, list[float]]:
+    """{field name: [volume Dice, lesion F1]} of ``predictor``'s models on one case shaded by each field (None: as
+    acquired) and preprocessed by ``plan``; one pass on the CPU, threshold 0.5, no postprocessing."""
+    channels, affine, masks = preprocess.load_case(case)
+    out = {}
+    for name, field in fields.items():
+        image, label, _ = preprocess.preprocess_volume([shade(c, field) for c in channels], affine, plan, masks)
+        prob = inference.predict_volume(predictor.models, image, divisor=predictor.divisor, device="cpu",
+                                        batch_size=plan.inference_batch_size, context=plan.context_slices)
+        pred, ref = prob >= 0.5, label >= 0.5
+        out[name] = [float(metrics.dice(pred, ref)), float(metrics.lesion_f1(pred, ref))]
+    return out
+
+
 def score_fold(fold_dir: Path, raw: dict[str, datasets.Case]) -> dict[str, dict[str, list[float]]]:
     """{case: {field: [volume Dice, lesion F1]}} of one fold's final model on its validation scans, kept in
     ``fold_dir/robustness_bias_v2.json`` so that a rerun with other arms does not score it again."""
@@ -86,16 +100,9 @@ def score_fold(fold_dir: Path, raw: dict[str, datasets.Case]) -> dict[str, dict[
     if cached and set(next(iter(cached.values()))) == set(FIELDS):
         return cached
     predictor = inference.load_predictor([fold_dir / "checkpoint_final.pt"], device="cpu")
-    p, out = predictor.plan, {}
+    out = {}
     for case in read_json(fold_dir / "run.json")["val"]:
-        channels, affine, masks = preprocess.load_case(raw[case])
-        out[case] = {}
-        for name, field in FIELDS.items():
-            image, label, _ = preprocess.preprocess_volume([shade(c, field) for c in channels], affine, p, masks)
-            prob = inference.predict_volume(predictor.models, image, divisor=predictor.divisor, device="cpu",
-                                            batch_size=p.inference_batch_size, context=p.context_slices)
-            pred, ref = prob >= 0.5, label >= 0.5
-            out[case][name] = [float(metrics.dice(pred, ref)), float(metrics.lesion_f1(pred, ref))]
+        out[case] = shaded_scores(predictor, predictor.plan, raw[case], FIELDS)
         print(f"{fold_dir}: {case} " + ", ".join(f"{k} {v[0]:.3f}" for k, v in out[case].items()), flush=True)
     write_json(cache, out)
     return out
