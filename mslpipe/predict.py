@@ -153,9 +153,14 @@ class HeadStart:
     future: Future
 
 
+def to_segment(src: Source, out: Path, overwrite: bool) -> bool:
+    """Whether ``predict`` segments this source: always with ``overwrite``, else when its mask is not yet there."""
+    return overwrite or not (Path(out) / f"{src.case}.nii.gz").exists()
+
+
 def start_first_read(pool: ThreadPoolExecutor, sources: list[Source] | None, plan: Plan | None, out: Path,
                      overwrite: bool) -> HeadStart | None:
-    todo = [s for s in sources or [] if overwrite or not (Path(out) / f"{s.case}.nii.gz").exists()]
+    todo = [s for s in sources or [] if to_segment(s, out, overwrite)]
     if plan is None or not todo:
         return None
     return HeadStart(todo[0].case, plan, pool.submit(read_scan, todo[0], plan))
@@ -179,10 +184,10 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
     made_by = what_segments(predictor, tta)
     todo = []
     for src in sources:
-        if (out / f"{src.case}.nii.gz").exists() and not overwrite:
-            result.skipped.append(src.case)
-        else:
+        if to_segment(src, out, overwrite):
             todo.append(src)
+        else:
+            result.skipped.append(src.case)
     names = [s.case for s in todo]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
