@@ -128,11 +128,21 @@ def load_dicom_series(folder: str | os.PathLike, files: list[str] | None = None)
     return sitk_to_numpy(image, folder)
 
 
+def _uid(key: str) -> str:
+    """A DICOM UID from ``key``, the same every run: our root, then 12 digits of the key's SHA-1."""
+    return "1.2.826.0.1.3680043.2.1125." + str(int(hashlib.sha1(key.encode()).hexdigest(), 16) % 10**12)
+
+
 @_gdcm_guard()
 def write_dicom_series(folder: str | os.PathLike, data: np.ndarray, affine: np.ndarray, description: str = "",
                        number: int = 1, prefix: str = "slice") -> Path:
     """Write a volume as a DICOM series (one file per slice, ``PREFIX_KKKK.dcm``; ``description`` and ``number``
-    in its SeriesDescription and SeriesNumber): used by tests and for demos."""
+    in its SeriesDescription and SeriesNumber): used by tests and for demos.
+
+    Every UID is set here, derived from the folder's path, so writing again gives the same UIDs (only the study
+    date and time are the writing's): series written into one parent folder share a study, a series' slices share
+    a frame of reference, each slice has its own instance UID. GDCM, left to itself, gave every slice a random study
+    of its own."""
     import SimpleITK as sitk
 
     folder = Path(folder)
@@ -146,12 +156,15 @@ def write_dicom_series(folder: str | os.PathLike, data: np.ndarray, affine: np.n
     image = numpy_to_sitk(values, affine, dtype=np.int16)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    key = f"{folder}|{description}|{number}".encode()
-    uid = "1.2.826.0.1.3680043.2.1125." + str(int(hashlib.sha1(key).hexdigest(), 16) % 10**12)  # same every run
+    series = f"{folder}|{description}|{number}"
+    study, frame = _uid(f"{folder.parent}|study"), _uid(f"{series}|frame")
     for k in range(image.GetDepth()):
         sl = image[:, :, k]
         origin = image.TransformIndexToPhysicalPoint((0, 0, k))
-        sl.SetMetaData("0020|000e", uid)  # series instance uid
+        sl.SetMetaData("0020|000d", study)  # study instance uid
+        sl.SetMetaData("0020|000e", _uid(series))  # series instance uid
+        sl.SetMetaData("0008|0018", _uid(f"{series}|{prefix}|{k}"))  # sop instance uid
+        sl.SetMetaData("0020|0052", frame)  # frame of reference uid
         sl.SetMetaData("0008|0060", "MR")
         sl.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in origin))
         sl.SetMetaData("0020|0037", "\\".join(f"{v:.6f}" for v in direction[:, :2].T.ravel()))

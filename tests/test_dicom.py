@@ -134,3 +134,34 @@ def test_dicom_calls_from_several_threads_run_one_at_a_time(tmp_path, monkeypatc
     for (out, aff), (want, want_aff) in zip(loaded, expected * 2, strict=True):
         np.testing.assert_array_equal(out, want)
         np.testing.assert_array_equal(aff, want_aff)
+
+
+def _uids(folder):
+    import SimpleITK as sitk
+
+    tags = ("0020|000d", "0020|000e", "0008|0018", "0020|0052")  # study, series, instance, frame of reference
+    rows = []
+    for name in sorted(folder.glob("*.dcm")):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(name))
+        reader.ReadImageInformation()
+        rows.append(tuple(reader.GetMetaData(t) if reader.HasMetaDataKey(t) else None for t in tags))
+    return rows
+
+
+def test_a_written_series_is_one_study_with_uids_the_same_every_run(tmp_path):
+    """Every slice of a series carries the same study, series and frame-of-reference UIDs and its own instance
+    UID; series written side by side share the study; writing again gives the same UIDs. (GDCM alone gave each
+    slice a random study of its own.)"""
+    data, aff = np.rint(_image()), _affine(diag=(1.0, 1.0, 2.0))
+    flair = _uids(write_dicom_series(tmp_path / "visit" / "flair", data, aff, "AX FLAIR", 3))
+    t1 = _uids(write_dicom_series(tmp_path / "visit" / "t1", data, aff, "SAG T1", 2))
+    assert len(flair) == SHAPE[2] and all(None not in row for row in flair)
+    assert len({row[0] for row in flair + t1}) == 1  # one study
+    assert len({row[1] for row in flair}) == 1 and {row[1] for row in flair} != {row[1] for row in t1}
+    assert len({row[3] for row in flair}) == 1
+    assert len({row[2] for row in flair + t1}) == 2 * SHAPE[2]  # an instance UID per slice
+    again = _uids(write_dicom_series(tmp_path / "visit" / "flair", data, aff, "AX FLAIR", 3))
+    assert again == flair
+    other = _uids(write_dicom_series(tmp_path / "elsewhere" / "flair", data, aff, "AX FLAIR", 3))
+    assert other[0][0] != flair[0][0] and other[0][1] != flair[0][1]
