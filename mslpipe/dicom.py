@@ -157,12 +157,12 @@ def write_dicom_series(folder: str | os.PathLike, data: np.ndarray, affine: np.n
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     series = f"{folder}|{description}|{number}"
-    study, frame = _uid(f"{folder.parent}|study"), _uid(f"{series}|frame")
+    study, series_uid, frame = _uid(f"{folder.parent}|study"), _uid(series), _uid(f"{series}|frame")
     for k in range(image.GetDepth()):
         sl = image[:, :, k]
         origin = image.TransformIndexToPhysicalPoint((0, 0, k))
         sl.SetMetaData("0020|000d", study)  # study instance uid
-        sl.SetMetaData("0020|000e", _uid(series))  # series instance uid
+        sl.SetMetaData("0020|000e", series_uid)  # series instance uid
         sl.SetMetaData("0008|0018", _uid(f"{series}|{prefix}|{k}"))  # sop instance uid
         sl.SetMetaData("0020|0052", frame)  # frame of reference uid
         sl.SetMetaData("0008|0060", "MR")
