@@ -137,8 +137,10 @@ def trained_fold(dirs, seed: int, fold: int, epochs: int, iterations: int, overr
     from mslpipe import plan, train
 
     if not (dirs.plan_dir("real") / "splits.json").exists():
+        overrides = dict(overrides or {})
+        axis = overrides.pop("slice_axis", 2)  # plan's own argument: the patch follows it
         plan.run("real", dirs, input_path=real_data_path(), device="cpu", test_fraction=0, seed=seed,
-                 overrides=overrides)
+                 overrides=overrides, slice_axis=axis)
     fold_dir = dirs.fold_dir("real", "leaky_unet", fold)
     if not (fold_dir / "checkpoint_final.pt").exists():
         train.run("real", dirs, fold, epochs=epochs, iterations=iterations, device="cpu", show_progress=False,

@@ -108,6 +108,9 @@ def plan_cmd(
     bias_field: Annotated[float | None, typer.Option(
         help="Share of training slices shaded by a random smooth bias field, for scans without bias-field "
              "correction (default: 0, off; see the README's Numbers).")] = None,
+    slice_axis: Annotated[int, typer.Option(
+        min=0, max=2, help="Axis the network slices along, in the scan's RAS order: 2 axial (default), 1 coronal, "
+                           "0 sagittal.")] = 2,
 ) -> None:
     """Verify the data, fingerprint it, write plans and subject-level splits, preprocess."""
     from mslpipe import plan as plan_mod
@@ -118,7 +121,8 @@ def plan_cmd(
                  "normalization.n4_levels": n4, "augmentation.p_bias_field": bias_field}
     with tables.case_progress() as update:
         result = plan_mod.run(dataset, _dirs(), input, device=device, arch=arch, seed=seed, n_folds=folds,
-                              test_fraction=test_fraction, overrides=overrides, progress=update, groups=groups)
+                              test_fraction=test_fraction, overrides=overrides, progress=update, groups=groups,
+                              slice_axis=slice_axis)
     _echo(tables.plan_text(dataset, result))
 
 

@@ -145,10 +145,13 @@ def resolve_device(device: str) -> str:
 
 
 def make_plan(fingerprint: dict, name: str, device: str, arch: str = "leaky_unet",
-              channels: list[str] | None = None, seed: int = 12345) -> Plan:
-    """Derive the plan from the fingerprint and the target device."""
+              channels: list[str] | None = None, seed: int = 12345, slice_axis: int = 2) -> Plan:
+    """Derive the plan from the fingerprint and the target device. ``slice_axis``: the RAS axis the network
+    slices along (2 axial, the default; 1 coronal; 0 sagittal); the patch fits the brain across the other two."""
+    if slice_axis not in (0, 1, 2):
+        raise MslpipeError(f"slice axis must be 0 (sagittal), 1 (coronal) or 2 (axial), not {slice_axis}")
     plan = Plan(dataset=name, channels=list(channels or ["flair"]), n_raters=fingerprint["n_raters"],
-                architecture=arch, target_device=device, seed=seed)
+                architecture=arch, target_device=device, seed=seed, slice_axis=slice_axis)
     plan.label_policy = "mean" if plan.n_raters > 1 else "mask1"
     plan.context_slices = DEFAULT_CONTEXT_SLICES
     plan.normalization = {**plan.normalization, "scheme": DEFAULT_NORMALIZATION, "n4_levels": DEFAULT_N4_LEVELS}
@@ -249,10 +252,13 @@ def cases_of(subjects: list[str], fingerprint: dict) -> list[str]:
 def run(name: str, dirs: Workdirs, input_path: Path | None = None, device: str = "auto",
         arch: str = "leaky_unet", seed: int = 12345, n_folds: int = 5, test_fraction: float = 0.1,
         overrides: dict | None = None, progress: Callable[[str, int, int, str], None] | None = None,
-        groups: Path | None = None) -> dict:
+        groups: Path | None = None, slice_axis: int = 2) -> dict:
     """Run the whole `plan` stage; return the paths written and a few facts for the console. ``progress`` is
     told (stage, cases done, cases in all, case id) after each case of the "verify" and "preprocess" stages.
-    ``groups``: a JSON file of subject → group for leave-one-group-out folds (:func:`make_splits`)."""
+    ``groups``: a JSON file of subject → group for leave-one-group-out folds (:func:`make_splits`).
+    ``slice_axis`` is :func:`make_plan`'s (the patch size follows from it, so it is not one of the ``overrides``)."""
+    if overrides and overrides.get("slice_axis") is not None:
+        raise MslpipeError("give the slice axis as plan's slice_axis, not as an override: the patch follows it")
     group_of = read_groups(groups) if groups is not None else None
     root = Path(input_path) if input_path else dirs.raw / name
     cases = discover(root)
@@ -267,7 +273,7 @@ def run(name: str, dirs: Workdirs, input_path: Path | None = None, device: str =
     fingerprint["dataset"] = name
     fingerprint["source"] = str(root.resolve())
     device = resolve_device(device)
-    plan = make_plan(fingerprint, name, device, arch=arch, seed=seed)
+    plan = make_plan(fingerprint, name, device, arch=arch, seed=seed, slice_axis=slice_axis)
     if overrides:
         from mslpipe.plans import apply_overrides
 
