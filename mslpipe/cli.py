@@ -109,7 +109,7 @@ def plan_cmd(
         help="Share of training slices shaded by a random smooth bias field, for scans without bias-field "
              "correction (default: 0, off; see the README's Numbers).")] = None,
     slice_axis: Annotated[int, typer.Option(
-        min=0, max=2, help="Axis the network slices along, in the scan's RAS order: 2 axial (default), 1 coronal, "
+        help="Axis the network slices along, in the scan's RAS order: 2 axial (default), 1 coronal, "
                            "0 sagittal.")] = 2,
 ) -> None:
     """Verify the data, fingerprint it, write plans and subject-level splits, preprocess."""

@@ -150,12 +150,16 @@ def normalisation_text(norm: dict) -> str:
     return ", ".join(steps)
 
 
+SLICE_AXES = {0: "sagittal", 1: "coronal", 2: "axial"}  # a plan's slice_axis, in the scan's RAS order
+
+
 def plan_text(dataset: str, result: dict) -> str:
     """``plan``'s lines: the plan, the splits, any warning on them, and the next command."""
     p, s, fp = result["plan"], result["splits"], result["fingerprint"]
     lines = [f"plan {p.hash} for {dataset}: {fp['n_cases']} scans, {fp['n_subjects']} subjects; {p.architecture} "
-             f"{p.arch_kwargs or '(full width)'} on {p.target_device}, {p.input_channels} input slice(s), patch "
-             f"{p.patch_size[0]}×{p.patch_size[1]}, batch {p.batch_size}",
+             f"{p.arch_kwargs or '(full width)'} on {p.target_device}, {p.input_channels} "
+             f"{SLICE_AXES[p.slice_axis]} input slice(s), patch {p.patch_size[0]}×{p.patch_size[1]}, "
+             f"batch {p.batch_size}",
              f"splits: test {s['test']}, {len(s['folds'])} folds"
              + (f" (one group left out in each: {', '.join(f['group'] for f in s['folds'])})"
                 if s["folds"] and "group" in s["folds"][0] else "")

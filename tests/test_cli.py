@@ -96,11 +96,16 @@ def _plan_with(tmp_path, synth_root, option: str, bad: str, reason: str, good: l
 
 def test_plan_context_slices_option(tmp_path, synth_root):
     written, stdout = _plan_with(tmp_path, synth_root, "--context-slices", "7", "context_slices", ["2"])
-    assert written["context_slices"] == 2 and "5 input slice(s)" in stdout
+    assert written["context_slices"] == 2 and "5 axial input slice(s)" in stdout
     lines = stdout.splitlines()
     assert lines[0].startswith(f"plan {written['hash']} for syn:") and lines[1].startswith("splits: test")
     assert lines[-1] == "next: mslpipe train -d syn --fold 0"
 
+
+
+def test_plan_slice_axis_option(tmp_path, synth_root):
+    written, stdout = _plan_with(tmp_path, synth_root, "--slice-axis", "3", "slice axis", ["1"])
+    assert written["slice_axis"] == 1 and "3 coronal input slice(s)" in stdout
 
 def test_plan_foreground_sampling_option(tmp_path, synth_root):
     written, _ = _plan_with(tmp_path, synth_root, "--foreground-sampling", "voxel", "foreground_sampling",

@@ -132,6 +132,48 @@ def test_plans_json(synth_planned):
     assert all(ps >= s + 2 * p.crop_margin for ps, s in zip(p.patch_size, in_plane, strict=True))
 
 
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_a_plan_slices_along_the_axis_it_is_given(synth_planned, axis):
+    """``slice_axis`` (``plan --slice-axis``): the patch covers the median brain box plus margins across the other
+    two axes, whichever axis the slices are cut along; an axis outside 0..2 is refused."""
+    fingerprint = read_json(synth_planned[0].plan_dir("syn") / "fingerprint.json")
+    p = plan.make_plan(fingerprint, "syn", "cpu", slice_axis=axis)
+    divisor = architectures.required_divisor(p.architecture, **p.arch_kwargs)
+    in_plane = [s for i, s in enumerate(fingerprint["median"]["brain_bbox_size"]) if i != axis]
+    assert p.slice_axis == axis
+    assert all(s + 2 * p.crop_margin <= ps < s + 2 * p.crop_margin + divisor and ps % divisor == 0
+               for ps, s in zip(p.patch_size, in_plane, strict=True))
+    with pytest.raises(MslpipeError, match="slice axis"):
+        plan.make_plan(fingerprint, "syn", "cpu", slice_axis=3)
+
+
+def test_the_slice_axis_is_not_an_override(tmp_path, tiny_root):
+    """An override would keep the axial patch: plan.run refuses ``slice_axis`` there, before writing anything."""
+    d = _workdirs(tmp_path)
+    with pytest.raises(MslpipeError, match="slice_axis"):
+        plan.run("tiny", d, input_path=tiny_root, device="cpu", overrides={"slice_axis": 0})
+    assert not _files(tmp_path)
+
+
+def test_a_sagittal_plan_preprocesses_the_same_voxels_sliced_the_other_way(tmp_path, tiny_root):
+    """The same scan planned axial and sagittal: the same normalised voxels and labels, cut along the other axis
+    (axial slice z, row x, column y is sagittal slice x, row y, column z)."""
+    arrays = {}
+    for axis in (2, 0):
+        d = _workdirs(tmp_path / str(axis))
+        result = plan.run("tiny", d, input_path=tiny_root, device="cpu", slice_axis=axis, n_folds=2,
+                          test_fraction=0, overrides={"normalization.n4_levels": 0})
+        assert result["plan"].slice_axis == axis
+        case = result["fingerprint"]["cases"][0]["case"]
+        pre = d.preprocessed_dir("tiny")
+        arrays[axis] = (np.load(pre / f"{case}.npy"), np.load(pre / f"{case}_seg.npy"),
+                        read_json(pre / f"{case}.json")["slice_axis"])
+    (axial, axial_seg, a), (sagittal, sagittal_seg, s) = arrays[2], arrays[0]
+    assert (a, s) == (2, 0) and axial_seg.any()
+    np.testing.assert_array_equal(sagittal, np.transpose(axial, (2, 1, 3, 0)))
+    np.testing.assert_array_equal(sagittal_seg, np.transpose(axial_seg, (1, 2, 0)))
+
 def _check_splits_by_subject(splits: dict, subjects: set[str], case_subject: dict[str, str]) -> None:
     test = set(splits["test"])
     rest = subjects - test

@@ -61,6 +61,48 @@ def test_orientation_does_not_change_the_segmentation(model, scan, tmp_path):
     assert np.array_equal(m1, m2[::-1, :, ::-1])
 
 
+
+@pytest.fixture(scope="module")
+def sagittal(tmp_path_factory, synth_root):
+    """The synthetic data planned to be sliced sagittally (``plan --slice-axis 0``), fold 0 trained briefly."""
+    from conftest import TINY_OVERRIDES
+
+    from mslpipe import plan, train
+    from mslpipe.plans import Workdirs
+
+    base = tmp_path_factory.mktemp("sagittal")
+    d = Workdirs.resolve(base / "raw", base / "plans", base / "pre", base / "results")
+    plan.run("syn", d, input_path=synth_root, device="cpu", slice_axis=0,
+             overrides={**TINY_OVERRIDES, "normalization.n4_levels": 0})
+    result = train.run("syn", d, 0, epochs=1, iterations=2, device="cpu", show_progress=False)
+    return d, result["fold_dir"] / "checkpoint_final.pt"
+
+
+def test_a_sagittal_model_segments_on_the_scans_own_grid(sagittal, scan, tmp_path):
+    """A model sliced along another axis: predict's probabilities on the scan's grid are the network's on the
+    plan's preprocessed (sagittal) slices mapped back; flipped storage gives the same mask; geometry kept."""
+    from mslpipe import data_loading
+    from mslpipe.preprocess import restore
+
+    d, checkpoint = sagittal
+    predictor = inference.load_predictor([checkpoint], device="cpu")
+    assert predictor.plan.slice_axis == 0
+    data, affine = scan
+    mask, prob = inference.predict_case(predictor, [data], affine)
+    image, _, props = data_loading.load_case_arrays(d.preprocessed_dir("syn"), "training01_01")
+    assert props["slice_axis"] == 0 and image.shape[0] == props["crop_box"][0][1] - props["crop_box"][0][0]
+    np.testing.assert_allclose(prob, restore(predictor.run_volume(image), props), atol=1e-5)
+    flipped = data[::-1, :, ::-1].copy()
+    aff2 = affine @ np.array([[-1, 0, 0, data.shape[0] - 1], [0, 1, 0, 0], [0, 0, -1, data.shape[2] - 1],
+                              [0, 0, 0, 1]])
+    assert np.array_equal(mask, inference.predict_case(predictor, [flipped], aff2)[0][::-1, :, ::-1])
+    inp = tmp_path / "in"
+    save_nifti(inp / "scan.nii.gz", data, _oblique_affine(), dtype=np.float32)
+    report = predict.run(inp, tmp_path / "out", dirs=None, checkpoint=[checkpoint], device="cpu")
+    out, out_affine = load_image(tmp_path / "out" / "scan.nii.gz")
+    assert report.written == ["scan"] and out.shape == data.shape
+    assert np.allclose(out_affine, _oblique_affine(), atol=1e-5)
+
 def test_dicom_series_input(model, scan, tmp_path):
     data, affine = scan
     write_dicom_series(tmp_path / "dicom" / "patientA_flair", np.round(data), affine)
