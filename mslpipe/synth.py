@@ -23,12 +23,10 @@ from scipy import ndimage as ndi
 
 from mslpipe.errors import MslpipeError
 from mslpipe.io import save_nifti, write_json
+from mslpipe.synth_anatomy import BG, WM, Anatomy, ellipsoid, frame, make_anatomy, render_image, smoothstep_profile
 
 log = logging.getLogger(__name__)
 
-# Labels of the anatomy and their FLAIR-like intensities relative to white matter.
-_BG, _WM, _GM, _DGM, _VENT, _SULC = range(6)
-_INTENSITY = np.array([0.0, 1.0, 1.25, 1.12, 0.18, 0.3], dtype=np.float32)
 _LESION_CONTRAST = (0.5, 0.8)  # lesion core brightness: +50..80 % of white matter
 _EDGE = 1.25  # voxels: a lesion's soft edge reaches this far beyond its mask border (inward too)
 _MIN_SHAPE = 16
@@ -51,7 +49,7 @@ class _Lesion:
         return 1.0 + self.edge / float(np.min(self.radii))
 
     def box(self, shape, reach: float | None = None):
-        return _ellipsoid(shape, self.centre, self.radii, self.axes, self.support if reach is None else reach)
+        return ellipsoid(shape, self.centre, self.radii, self.axes, self.support if reach is None else reach)
 
     def truth(self) -> dict:
         return {
@@ -66,128 +64,8 @@ class _Lesion:
         }
 
 
-@dataclass
-class _Anatomy:
-    labels: np.ndarray  # uint8, one of the _BG.. labels per voxel
-    centre: np.ndarray
-    radii: np.ndarray
-    ventricles: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # (centre, radii, axes)
-    affine: np.ndarray
-    rmean: float  # mean brain radius, voxels: sizes scale with it
-
-
-# ---------------------------------------------------------------------------- geometry helpers
-def _frame(first: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Orthonormal rows, the first along ``first``, the others at a random angle around it."""
-    a = first / np.linalg.norm(first)
-    b = np.cross(a, rng.standard_normal(3))
-    b /= np.linalg.norm(b)
-    return np.stack([a, b, np.cross(a, b)])
-
-
-def _axis(values: np.ndarray, k: int) -> np.ndarray:
-    """``values`` as a 3D array along axis ``k``, for broadcasting."""
-    return values.reshape([-1 if j == k else 1 for j in range(3)])
-
-
-def _surface_field(p, dist, wavenumber: float, rng: np.random.Generator, n_waves: int = 10):
-    """A smooth random field of unit variance that depends only on the direction of ``p``."""
-    field = np.zeros_like(dist)
-    for _ in range(n_waves):
-        k = _frame(rng.standard_normal(3), rng)[0] * wavenumber * rng.uniform(0.8, 1.25)
-        field += np.sin((k[0] * p[0] + k[1] * p[1] + k[2] * p[2]) / dist + rng.uniform(0, 2 * np.pi))
-    return field / np.float32(np.sqrt(n_waves / 2))
-
-
-def _ellipsoid(shape, centre, radii, axes, reach: float):
-    """Normalised ellipsoid distance (1 on the surface) in the box reaching ``reach`` × the
-    longest radius. Returns (slices, d, clipped) or None when the box is outside the volume."""
-    half = reach * float(np.max(radii)) + 1.0
-    lo = np.maximum(np.floor(centre - half).astype(int), 0)
-    hi = np.minimum(np.ceil(centre + half).astype(int) + 1, shape)
-    if np.any(hi <= lo):
-        return None
-    clipped = bool(np.any(centre - half < 0) or np.any(centre + half + 1 > np.asarray(shape)))
-    rel = [_axis(np.arange(lo[k], hi[k], dtype=np.float32) - np.float32(centre[k]), k) for k in range(3)]
-    d2 = np.zeros(tuple(hi - lo), dtype=np.float32)
-    for k in range(3):
-        ax = axes[k].astype(np.float32)
-        d2 += ((rel[0] * ax[0] + rel[1] * ax[1] + rel[2] * ax[2]) / np.float32(radii[k])) ** 2
-    return tuple(slice(a, b) for a, b in zip(lo, hi, strict=True)), np.sqrt(d2), clipped
-
-
-def _smoothstep_profile(d: np.ndarray, support: float) -> np.ndarray:
-    """1 in the core, exactly 0.5 at d = 1, 0 from d = ``support`` on: a lesion's soft edge."""
-    t = np.clip((support - d) / np.float32(2 * (support - 1.0)), 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
-
-
-# ---------------------------------------------------------------------------- anatomy
-def _anatomy(shape: tuple[int, int, int], rng: np.random.Generator) -> _Anatomy:
-    shp = np.asarray(shape, dtype=float)
-    centre = (shp - 1) / 2 + rng.uniform(-0.03, 0.03, 3) * shp
-    radii = shp * 0.40 * rng.uniform(0.9, 1.0, 3)
-    rmean = float(radii.mean())
-    coords = [_axis(np.arange(n, dtype=np.float32) - np.float32(c), k)
-              for k, (n, c) in enumerate(zip(shape, centre, strict=True))]
-    r = np.sqrt(sum((c / np.float32(rad)) ** 2 for c, rad in zip(coords, radii, strict=True)))
-    labels = np.where(r < 1.0, _WM, _BG).astype(np.uint8)
-
-    # Folded cortex: a grey ribbon under the surface, folded in along sulci. Sulci are the zero
-    # set of a random field over the surface direction (so they run radially), with a thin CSF
-    # line in the middle, each as deep as a second random field says.
-    thick = max(1.0, 0.045 * rmean)
-    fold = max(1.5, 0.16 * rmean)
-    shell = (r < 1.0) & (r > 1.0 - (thick + fold + 1.0) / radii.min())
-    idx = np.nonzero(shell)
-    p = [coords[k].ravel()[idx[k]] for k in range(3)]
-    dist = np.maximum(np.sqrt(p[0] ** 2 + p[1] ** 2 + p[2] ** 2), 1e-3)
-    rr = np.maximum(r[idx], 1e-3)
-    depth = dist * (1.0 - rr) / rr
-    wavenumber = 2 * np.pi / 0.3  # per radian over the surface: a fold every ~17 degrees
-    line = np.abs(_surface_field(p, dist, wavenumber, rng)) * dist / (0.8 * wavenumber)  # ~ mm to a sulcus
-    sulcus_depth = fold * np.clip(0.6 + 0.5 * _surface_field(p, dist, wavenumber / 2, rng), 0.2, 1.0)
-    tissue = np.full(dist.shape, _WM, dtype=np.uint8)
-    tissue[(depth < thick) | ((line < thick + 0.5) & (depth < sulcus_depth + thick))] = _GM
-    tissue[(line < 0.5) & (depth < sulcus_depth)] = _SULC
-    labels[idx] = tissue
-
-    # Interhemispheric fissure: grey matter sheet with CSF in the middle, above the ventricles.
-    x = coords[0]
-    y_rel, z_rel = coords[1] / np.float32(radii[1]), coords[2] / np.float32(radii[2])
-    zone = (r < 1.0) & (r > 0.45) & ((z_rel > 0.05) | (np.abs(y_rel) > 0.55))
-    labels[zone & (np.abs(x) < thick + 0.5)] = _GM
-    labels[zone & (np.abs(x) < 0.5)] = _SULC
-
-    # Deep grey matter (basal ganglia / thalami), then the lateral ventricles: two tilted,
-    # AP-elongated ellipsoids that make the butterfly seen on coronal slices.
-    for side in (-1, 1):
-        c = centre + np.array([side * 0.24, 0.02, -0.14]) * radii
-        res = _ellipsoid(shape, c, np.array([0.12, 0.22, 0.15]) * radii, np.eye(3), 1.0)
-        if res is not None:
-            sl, d, _ = res
-            labels[sl][(d <= 1.0) & (labels[sl] != _BG)] = _DGM
-    size = rng.uniform(0.8, 1.3)
-    ventricles = []
-    for side in (-1, 1):
-        c = centre + np.array([side * 0.09, -0.04, 0.06]) * radii
-        vr = np.array([0.4 * radii[1], 0.2 * radii[2], 0.09 * radii[0]]) * size
-        vr = np.maximum(vr, [2.0, 1.5, 1.0])
-        sin, cos = np.sin(side * 0.6), np.cos(side * 0.6)  # tops lean outward
-        axes = np.array([[0.0, 1.0, 0.0], [sin, 0.0, cos], [cos, 0.0, -sin]])
-        res = _ellipsoid(shape, c, vr, axes, 1.0)
-        if res is not None:
-            sl, d, _ = res
-            labels[sl][d <= 1.0] = _VENT
-        ventricles.append((c, vr, axes))
-
-    affine = np.diag([-1.0, 1.0, 1.0, 1.0])
-    affine[:3, 3] = [centre[0], -centre[1], -centre[2]] + rng.uniform(-10, 10, 3)
-    return _Anatomy(labels, centre, radii, ventricles, affine, rmean)
-
-
 # ---------------------------------------------------------------------------- lesions
-def _fits(anat: _Anatomy, lesion: _Lesion, occupied: np.ndarray | None = None, gap: float = 0.0) -> bool:
+def _fits(anat: Anatomy, lesion: _Lesion, occupied: np.ndarray | None = None, gap: float = 0.0) -> bool:
     """The lesion's whole bright support lies in white matter, it has a few voxels, and (with
     ``occupied``) its support stays about ``gap`` voxels away from the lesions already there."""
     clearance = lesion.support + gap / float(np.min(lesion.radii))
@@ -195,7 +73,7 @@ def _fits(anat: _Anatomy, lesion: _Lesion, occupied: np.ndarray | None = None, g
     if res is None or res[2]:
         return False
     sl, d, _ = res
-    if int((d <= 1.0).sum()) < 3 or not (anat.labels[sl][d < lesion.support] == _WM).all():
+    if int((d <= 1.0).sum()) < 3 or not (anat.labels[sl][d < lesion.support] == WM).all():
         return False
     return occupied is None or not occupied[sl][d < clearance].any()
 
@@ -205,7 +83,7 @@ def _mark(occupied: np.ndarray, lesion: _Lesion) -> None:
     occupied[sl] |= d < lesion.support
 
 
-def _propose(anat: _Anatomy, rng: np.random.Generator, lid: int, status: str, size: float = 1.0) -> _Lesion:
+def _propose(anat: Anatomy, rng: np.random.Generator, lid: int, status: str, size: float = 1.0) -> _Lesion:
     amin = 1.5
     amax = amin + (max(3.0, 0.25 * anat.rmean) - amin) * size
     a = float(np.exp(rng.uniform(np.log(amin), np.log(amax))))
@@ -221,9 +99,9 @@ def _propose(anat: _Anatomy, rng: np.random.Generator, lid: int, status: str, si
         normal = vaxes.T @ (u / vr)
         normal /= np.linalg.norm(normal)
         centre = wall + normal * (a * (1.0 + edge / radii.min()) + rng.uniform(0.5, 2.0))
-        return _Lesion(lid, centre, radii, _frame(normal, rng), contrast, edge, "periventricular", status)
+        return _Lesion(lid, centre, radii, frame(normal, rng), contrast, edge, "periventricular", status)
     centre = anat.centre + anat.radii * rng.uniform(-0.75, 0.75, 3)
-    return _Lesion(lid, centre, radii, _frame(rng.standard_normal(3), rng), contrast, edge, "deep", status)
+    return _Lesion(lid, centre, radii, frame(rng.standard_normal(3), rng), contrast, edge, "deep", status)
 
 
 def _place(anat, rng, lid, status, occupied, gap=1.0, tries=80) -> _Lesion | None:
@@ -235,7 +113,7 @@ def _place(anat, rng, lid, status, occupied, gap=1.0, tries=80) -> _Lesion | Non
     return None
 
 
-def _baseline(anat: _Anatomy, rng: np.random.Generator, n: int) -> list[_Lesion]:
+def _baseline(anat: Anatomy, rng: np.random.Generator, n: int) -> list[_Lesion]:
     occupied = np.zeros(anat.labels.shape, dtype=bool)
     lesions: list[_Lesion] = []
     while len(lesions) < n:
@@ -299,7 +177,7 @@ def _render_lesions(shape, lesions: list[_Lesion]) -> tuple[np.ndarray, np.ndarr
     mask = np.zeros(shape, dtype=bool)
     for lesion in lesions:
         sl, d, _ = lesion.box(shape)
-        profile = _smoothstep_profile(d, lesion.support)
+        profile = smoothstep_profile(d, lesion.support)
         np.maximum(boost[sl], np.float32(lesion.contrast) * profile, out=boost[sl])
         mask[sl] |= d <= 1.0
     return boost, mask
@@ -343,36 +221,11 @@ def _one_side(candidates: np.ndarray, toward: np.ndarray, limit: int) -> np.ndar
     return picked
 
 
-def _bias_field(shape, rng: np.random.Generator) -> np.ndarray:
-    """Smooth multiplicative field: exp of a random quadratic, about ±25 % over the brain."""
-    u = [_axis(np.linspace(-1, 1, n, dtype=np.float32), k) for k, n in enumerate(shape)]
-    terms = [u[0], u[1], u[2], u[0] * u[1], u[0] * u[2], u[1] * u[2], u[0] ** 2, u[1] ** 2, u[2] ** 2]
-    coef = rng.normal(0.0, 0.12, len(terms)).astype(np.float32)
-    log_field = np.broadcast_to(sum(c * t for c, t in zip(coef, terms, strict=True)), shape)
-    log_field = log_field - np.float32(log_field.mean())
-    return np.exp(np.clip(log_field, -0.4, 0.4))
-
-
-def _render_image(anat: _Anatomy, boost: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
-    lut = _INTENSITY.copy()
-    lut[_GM] *= np.float32(rng.uniform(0.95, 1.05))  # per-scan grey/white contrast
-    brain = anat.labels != _BG
-    tissue = ndi.gaussian_filter(lut[anat.labels], sigma=0.6)  # partial volume at tissue borders
-    noise_sd = float(rng.uniform(0.03, 0.05))
-    scale = float(rng.uniform(50.0, 400.0))
-    image = tissue * (1.0 + boost) * _bias_field(anat.labels.shape, rng)
-    image += np.float32(noise_sd) * rng.standard_normal(image.shape, dtype=np.float32)
-    image *= np.float32(scale)
-    np.maximum(image, 0.0, out=image)
-    image[~brain] = 0.0
-    return image, {"scale": round(scale, 4), "noise_sd": round(noise_sd * scale, 4)}
-
-
 # ---------------------------------------------------------------------------- the data set
 def _subject_truth(out: Path, s: int, timepoints: int, shape, seed: int, raters: int, written: list[Path]):
     rng = np.random.default_rng([seed, s])
-    anat = _anatomy(shape, rng)
-    brain = anat.labels != _BG
+    anat = make_anatomy(shape, rng)
+    brain = anat.labels != BG
     name = f"training{s:02d}"
     lesions = _baseline(anat, rng, int(rng.integers(4, max(5, 11 - 2 * (timepoints - 1)))))
     next_id = len(lesions) + 1
@@ -383,7 +236,7 @@ def _subject_truth(out: Path, s: int, timepoints: int, shape, seed: int, raters:
             next_id = max([next_id - 1, *(les.id for les in lesions)]) + 1
         scan_rng = np.random.default_rng([seed, s, t])
         boost, mask1 = _render_lesions(shape, lesions)
-        image, acquisition = _render_image(anat, boost, scan_rng)
+        image, acquisition = render_image(anat, boost, scan_rng)
         stem = f"{name}_{t:02d}"
         image_path = out / "training" / name / "preprocessed" / f"{stem}_flair_pp.nii.gz"
         save_nifti(image_path, image, anat.affine, dtype=np.float32)

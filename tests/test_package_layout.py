@@ -11,7 +11,7 @@ import mslpipe
 PACKAGE = Path(mslpipe.__file__).parent
 # imports nothing from the project above it (architectures/ counts as one module here)
 BOTTOM = {"errors", "io", "dicom", "plans", "metrics", "postprocess", "tables", "budget", "checkpoints",
-          "architectures", "intensity", "brainmask"}
+          "architectures", "intensity", "brainmask", "synth_anatomy"}
 
 
 def module_name(path: Path) -> str:
