@@ -110,7 +110,7 @@ def plan_cmd(
              "correction (default: 0, off; see the README's Numbers).")] = None,
     slice_axis: Annotated[int, typer.Option(
         help="Axis the network slices along, in the scan's RAS order: 2 axial (default), 1 coronal, "
-                           "0 sagittal.")] = 2,
+             "0 sagittal.")] = 2,
 ) -> None:
     """Verify the data, fingerprint it, write plans and subject-level splits, preprocess."""
     from mslpipe import plan as plan_mod

@@ -144,12 +144,16 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def check_slice_axis(axis: int) -> None:
+    if axis not in (0, 1, 2):
+        raise MslpipeError(f"slice axis must be 0 (sagittal), 1 (coronal) or 2 (axial), not {axis}")
+
+
 def make_plan(fingerprint: dict, name: str, device: str, arch: str = "leaky_unet",
               channels: list[str] | None = None, seed: int = 12345, slice_axis: int = 2) -> Plan:
     """Derive the plan from the fingerprint and the target device. ``slice_axis``: the RAS axis the network
     slices along (2 axial, the default; 1 coronal; 0 sagittal); the patch fits the brain across the other two."""
-    if slice_axis not in (0, 1, 2):
-        raise MslpipeError(f"slice axis must be 0 (sagittal), 1 (coronal) or 2 (axial), not {slice_axis}")
+    check_slice_axis(slice_axis)
     plan = Plan(dataset=name, channels=list(channels or ["flair"]), n_raters=fingerprint["n_raters"],
                 architecture=arch, target_device=device, seed=seed, slice_axis=slice_axis)
     plan.label_policy = "mean" if plan.n_raters > 1 else "mask1"
@@ -259,6 +263,7 @@ def run(name: str, dirs: Workdirs, input_path: Path | None = None, device: str =
     ``slice_axis`` is :func:`make_plan`'s (the patch size follows from it, so it is not one of the ``overrides``)."""
     if overrides and overrides.get("slice_axis") is not None:
         raise MslpipeError("give the slice axis as plan's slice_axis, not as an override: the patch follows it")
+    check_slice_axis(slice_axis)  # before the data is read: verifying a large dataset takes minutes
     group_of = read_groups(groups) if groups is not None else None
     root = Path(input_path) if input_path else dirs.raw / name
     cases = discover(root)

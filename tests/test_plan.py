@@ -153,6 +153,8 @@ def test_the_slice_axis_is_not_an_override(tmp_path, tiny_root):
     d = _workdirs(tmp_path)
     with pytest.raises(MslpipeError, match="slice_axis"):
         plan.run("tiny", d, input_path=tiny_root, device="cpu", overrides={"slice_axis": 0})
+    with pytest.raises(MslpipeError, match="slice axis must be"):  # said before the data is looked at
+        plan.run("tiny", d, input_path=tmp_path / "no such folder", device="cpu", slice_axis=-1)
     assert not _files(tmp_path)
 
 
