@@ -23,6 +23,10 @@ LABEL_POLICIES = ("mean", "union", "intersection", "mask1")
 # need tens of GB of activations, and bigger batches gain nothing on a few cores.
 CPU_INFERENCE_BATCH = 16
 NORMALIZATION_SCHEMES = ("brain_percentile_zscore", "brain_percentile_median_iqr")
+# BCE + soft Dice. "bce_dice": Dice over the whole batch (what plans written before the choice mean);
+# "bce_dice_per_slice": Dice per slice, then averaged, so a slice with a small lesion counts as much as one with a
+# large one (bench/RESULTS.md "Dice per slice").
+LOSSES = ("bce_dice", "bce_dice_per_slice")
 FOREGROUND_SAMPLING = ("slice", "lesion")
 
 
@@ -106,7 +110,7 @@ class Plan:
                                  "weight_decay": 3e-5}
     )
     lr_schedule: dict[str, Any] = field(default_factory=lambda: {"name": "poly", "exponent": 0.9})
-    loss: str = "bce_dice"
+    loss: str = "bce_dice"  # one of LOSSES
     # Initial foreground probability of the output layer (bias = logit(prior)): with lesions under
     # 1% of voxels, starting from p = 0.5 everywhere wastes the first epochs unlearning background.
     output_prior: float = 0.01
@@ -250,6 +254,7 @@ class Plan:
         need(self.batch_size >= 1 and self.epochs >= 1 and self.iterations_per_epoch >= 1,
              "batch_size, epochs and iterations_per_epoch must be positive")
         need(0.0 <= self.oversample_foreground <= 1.0, "oversample_foreground must lie in [0, 1]")
+        need(self.loss in LOSSES, f"loss must be one of {LOSSES}")
         need(self.foreground_sampling in FOREGROUND_SAMPLING,
              f"foreground_sampling must be one of {FOREGROUND_SAMPLING}")
         need(0.0 <= self.ema_half_life <= 1.0, "ema_half_life must lie in [0, 1] (a fraction of the run)")

@@ -122,7 +122,7 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
         _start_fold_dir(r, resume=resume, compile=compile, minutes=minutes)
 
     _build_network(r)
-    loss_fn = make_loss()
+    loss_fn = make_loss(r.plan)
     start_epoch, best, rows = _restore(r) if resume else (0, -1.0, [])
     train_model = wrap_ddp(r.model, device, world)
     step = make_step(r.model, torch.compile(train_model) if compile else train_model, r.opt, loss_fn, device, r.ema)

@@ -20,12 +20,14 @@ from mslpipe.plans import Plan
 
 
 # ---------------------------------------------------------------------------- optimisation
-def make_loss():
-    """The training loss: binary cross-entropy on logits plus soft Dice, both over the whole batch."""
+def make_loss(plan: Plan | None = None):
+    """The training loss: binary cross-entropy on logits plus soft Dice, the Dice over the whole batch (the plan's
+    ``loss`` "bce_dice", the default) or per slice, then averaged ("bce_dice_per_slice")."""
     from monai.losses import DiceCELoss
 
-    # BCE (with logits: the sigmoid lives in the loss) + soft Dice over the whole batch.
-    return DiceCELoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    # BCE (with logits: the sigmoid lives in the loss) + soft Dice.
+    per_slice = plan is not None and plan.loss == "bce_dice_per_slice"
+    return DiceCELoss(sigmoid=True, batch=not per_slice, smooth_nr=1e-5, smooth_dr=1e-5)
 
 
 def make_optimizer(model, plan: Plan):
