@@ -171,6 +171,15 @@ def test_invalid_low_res_or_bias_field_augmentation_is_refused(tmp_path, change)
     _check_error(info, path, "invalid plan", next(iter(change)))
 
 
+
+def test_an_unknown_loss_is_refused(tmp_path):
+    """``loss`` names one of LOSSES: a typo is refused, not trained with the default."""
+    path = _saved(tmp_path)
+    _edit(path, loss="dice_bce", hash="")
+    with pytest.raises(MslpipeError) as info:
+        load_plan(path)
+    _check_error(info, path, "invalid plan", "loss must be one of")
+
 def test_hash_ignores_mslpipe_version(tmp_path):
     plan = _plan().finalised()
     other = Plan.from_dict({**plan.to_dict(), "mslpipe_version": "9.9.9"})

@@ -275,3 +275,23 @@ def test_ddp_with_a_time_budget(planned, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     fold = d.fold_dir("syn", "leaky_unet", 2)
     assert len(_rows(fold / "log.csv")) == 1 and (fold / "checkpoint_final.pt").exists()
+
+
+def test_the_plans_loss_sets_where_the_dice_is_taken():
+    """``bce_dice`` takes one soft Dice over the batch; ``bce_dice_per_slice`` one per slice, then their mean: on a
+    batch of a large and a small lesion, missing the small one costs far more per slice."""
+    from mslpipe.plans import Plan
+    from mslpipe.train_parts import make_loss
+
+    target = torch.zeros(2, 1, 16, 16)
+    target[0, 0, 2:14, 2:14] = 1  # 144 voxels
+    target[1, 0, 7:9, 7:9] = 1  # 4 voxels
+    found = target.clone()
+    found[1] = 0
+    logits = torch.where(found.bool(), 20.0, -20.0)  # finds the large lesion, misses the small one
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    batch = float(make_loss(Plan(dataset="x"))(logits, target) - bce)
+    per_slice = float(make_loss(Plan(dataset="x", loss="bce_dice_per_slice"))(logits, target) - bce)
+    assert batch == pytest.approx(1 - 2 * 144 / (144 * 2 + 4), abs=1e-3)  # one Dice over all 148 voxels
+    assert per_slice == pytest.approx(0.5, abs=1e-3)  # slice 0 perfect, slice 1 missed
+    assert float(make_loss()(logits, target) - bce) == pytest.approx(batch)  # no plan: the default
