@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lesion_sizes import score_folds, share, size_class  # noqa: E402
+from lesion_sizes import found_and_false_rows, score_arms  # noqa: E402
 
 from results import fold_arguments, real_data_work, table, write_section  # noqa: E402
 
@@ -30,16 +30,9 @@ def main() -> None:
     fold_arguments(ap, several_seeds=True)
     args = ap.parse_args()
     work = real_data_work(args.work, "mslpipe-sampling-")
-    runs = {arm: score_folds(args, work if overrides is None else work / "lesion_sampling", overrides)
-            for arm, overrides in ARMS.items()}
+    runs = score_arms(args, work, ARMS, "lesion_sampling")
     first = next(iter(runs.values()))
-    size_rows = []
-    for k, b in enumerate(first["sizes"]):
-        size_rows.append([size_class(b), b["n_ref_lesions"],
-                          *(f"{r['sizes'][k]['n_detected_ref_lesions']} ({share(r['sizes'][k]['ltpr'])})"
-                            for r in runs.values()),
-                          *(f"{r['sizes'][k]['n_fp_pred_lesions']} of {r['sizes'][k]['n_pred_lesions']}"
-                            for r in runs.values())])
+    size_rows = found_and_false_rows(runs)
     totals = ["all", sum(b["n_ref_lesions"] for b in first["sizes"]),
               *(str(sum(b["n_detected_ref_lesions"] for b in r["sizes"])) for r in runs.values()),
               *(f"{sum(b['n_fp_pred_lesions'] for b in r['sizes'])} of {sum(b['n_pred_lesions'] for b in r['sizes'])}"

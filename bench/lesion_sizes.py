@@ -74,6 +74,23 @@ def score_folds(args, work: Path, overrides: dict | None = None) -> dict:
             "overlap": overlap, "net": load_plan(fold_dir / "plan.json").arch_kwargs}
 
 
+def score_arms(args, work: Path, arms: dict[str, dict | None], folder: str) -> dict[str, dict]:
+    """:func:`score_folds` per arm: the arm without plan overrides (``None``) from ``work`` itself (the default
+    runs, `bench/lesion_sizes.py`'s), the others from ``work / folder``."""
+    return {arm: score_folds(args, work if overrides is None else work / folder, overrides)
+            for arm, overrides in arms.items()}
+
+
+def found_and_false_rows(runs: dict[str, dict]) -> list[list]:
+    """One row per lesion-volume class: the class, its reference lesions, then per arm the lesions found (share),
+    then per arm the predicted lesions that are false (of all predicted)."""
+    first = next(iter(runs.values()))
+    return [[size_class(b), b["n_ref_lesions"],
+             *(f"{r['sizes'][k]['n_detected_ref_lesions']} ({share(r['sizes'][k]['ltpr'])})" for r in runs.values()),
+             *(f"{r['sizes'][k]['n_fp_pred_lesions']} of {r['sizes'][k]['n_pred_lesions']}" for r in runs.values())]
+            for k, b in enumerate(first["sizes"])]
+
+
 def size_class(b: dict) -> str:
     return f"≥ {b['from_mm3']:g}" if b["to_mm3"] is None else f"{b['from_mm3']:g}–{b['to_mm3']:g}"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lesion_sizes import score_folds, share, size_class  # noqa: E402
+from lesion_sizes import found_and_false_rows, score_arms  # noqa: E402
 
 from results import fold_arguments, real_data_work, table, write_section  # noqa: E402
 
@@ -31,14 +31,9 @@ def main() -> None:
     fold_arguments(ap, several_seeds=True)
     args = ap.parse_args()
     work = real_data_work(args.work, "mslpipe-loss-")
-    runs = {arm: score_folds(args, work if overrides is None else work / "loss_per_slice", overrides)
-            for arm, overrides in ARMS.items()}
+    runs = score_arms(args, work, ARMS, "loss_per_slice")
     first, second = runs.values()
-    by_size = [[r["sizes"][k] for r in runs.values()] for k in range(len(first["sizes"]))]
-    size_rows = [[size_class(b), b["n_ref_lesions"],
-                  *(f"{c['n_detected_ref_lesions']} ({share(c['ltpr'])})" for c in by_size[k]),
-                  *(f"{c['n_fp_pred_lesions']} of {c['n_pred_lesions']}" for c in by_size[k])]
-                 for k, b in enumerate(first["sizes"])]
+    size_rows = found_and_false_rows(runs)
     pooled = {arm: np.mean(r["overlap"], axis=0) for arm, r in runs.items()}
     ahead = sum(b[0] > a[0] for a, b in zip(first["overlap"], second["overlap"], strict=True))
     scan_rows = [[scan, *(f"{r['overlap'][i][0]:.3f} / {r['overlap'][i][1]:.3f}" for r in runs.values()),

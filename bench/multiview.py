@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mslpipe import data_loading, inference, metrics  # noqa: E402
 from mslpipe.io import read_json  # noqa: E402
 from mslpipe.preprocess import restore  # noqa: E402
-from results import fold_arguments, real_data_work, table, trained_folds, write_section  # noqa: E402
+from results import fold_arguments, real_data_work, seed_dirs, table, trained_folds, write_section  # noqa: E402
 
 VIEWS = {2: "axial", 1: "coronal", 0: "sagittal"}
 
@@ -55,10 +55,10 @@ def out_of_fold(args, work: Path, seed: int, axis: int, cache: Path) -> dict[str
     return out
 
 
-def reference(args, work: Path, seed: int) -> dict[str, np.ndarray]:
-    """{case: expert mask on the scan's own grid}, from the axial plan's preprocessed labels."""
-    dirs = next(trained_folds(argparse.Namespace(**{**vars(args), "seeds": str(seed), "folds": "0"}), work))[2]
-    pre = dirs.preprocessed_dir("real")
+def reference(work: Path, seed: int) -> dict[str, np.ndarray]:
+    """{case: expert mask on the scan's own grid}, from the preprocessed labels of the plan seed's runs in ``work``
+    (planned by :func:`out_of_fold`)."""
+    pre = seed_dirs(work, seed).preprocessed_dir("real")
     refs = {}
     for props_file in sorted(pre.glob("*.json")):
         case = props_file.stem
@@ -91,7 +91,7 @@ def main() -> None:
     views = {(seed, axis): out_of_fold(args, axial_work if axis == 2 else work / VIEWS[axis], seed, axis, cache)
              for seed in seeds for axis in VIEWS}
     axial_all = [views[seed, 2] for seed in seeds] + [out_of_fold(args, axial_work, s, 2, cache) for s in extra]
-    refs = reference(args, axial_work, seeds[0])
+    refs = reference(axial_work, seeds[0])
     arms = [*VIEWS.values(), "three views", f"axial, {len(axial_all)} seeds"]
     rows, pooled, wins = [], {arm: [] for arm in arms}, 0
     for seed in seeds:

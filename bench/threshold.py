@@ -40,10 +40,11 @@ def main() -> None:
     work = real_data_work(args.work, "mslpipe-threshold-")
     axial_work = args.axial_work or work / "axial"
     seeds = [int(s) for s in args.seeds.split(",")]
-    refs = reference(args, axial_work, seeds[0])
+    oof = {seed: out_of_fold(args, axial_work, seed, 2, work / "probabilities") for seed in seeds}
+    refs = reference(axial_work, seeds[0])  # planned by out_of_fold
     rows, pooled, ahead = [], {"0.5": [], "chosen": []}, 0
     for seed in seeds:
-        probs = out_of_fold(args, axial_work, seed, 2, work / "probabilities")
+        probs = oof[seed]
         scores = {case: {t: both(p, refs[case], t) for t in THRESHOLDS} for case, p in probs.items()}
         for subject in sorted({case.split("_")[0] for case in probs}):
             others = [c for c in probs if not c.startswith(subject + "_")]

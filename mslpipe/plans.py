@@ -25,7 +25,7 @@ CPU_INFERENCE_BATCH = 16
 NORMALIZATION_SCHEMES = ("brain_percentile_zscore", "brain_percentile_median_iqr")
 # BCE + soft Dice. "bce_dice": Dice over the whole batch (what plans written before the choice mean);
 # "bce_dice_per_slice": Dice per slice, then averaged, so a slice with a small lesion counts as much as one with a
-# large one (bench/RESULTS.md "Dice per slice").
+# large one (bench/RESULTS.md "Dice per slice against over the batch": no better on the real data).
 LOSSES = ("bce_dice", "bce_dice_per_slice")
 FOREGROUND_SAMPLING = ("slice", "lesion")
 
