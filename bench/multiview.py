@@ -32,15 +32,18 @@ from results import fold_arguments, real_data_work, seed_dirs, table, trained_fo
 VIEWS = {2: "axial", 1: "coronal", 0: "sagittal"}
 
 
-def out_of_fold(args, work: Path, seed: int, axis: int, cache: Path) -> dict[str, np.ndarray]:
+def out_of_fold(args, work: Path, seed: int, axis: int, cache: Path, overrides: dict | None = None,
+                tag: str = "") -> dict[str, np.ndarray]:
     """{case: lesion probability on the scan's own grid} from the out-of-fold models of one seed and view, cached
-    as float16 in ``cache``; the folds trained (or reused) in ``work``."""
+    as float16 in ``cache`` (file names start with ``tag``); the folds trained (or reused) in ``work``, with the
+    plan ``overrides`` besides the view's slice axis."""
     one = argparse.Namespace(**{**vars(args), "seeds": str(seed)})
+    overrides = {**({} if axis == 2 else {"slice_axis": axis}), **(overrides or {})} or None
     out = {}
-    for _, _, dirs, fold_dir in trained_folds(one, work, None if axis == 2 else {"slice_axis": axis}):
+    for _, _, dirs, fold_dir in trained_folds(one, work, overrides):
         predictor = None
         for case in read_json(fold_dir / "run.json")["val"]:
-            path = cache / f"{VIEWS[axis]}_seed{seed}_{case}.npy"
+            path = cache / f"{tag}{VIEWS[axis]}_seed{seed}_{case}.npy"
             if not path.exists():
                 if predictor is None:
                     predictor = inference.load_predictor([fold_dir / "checkpoint_final.pt"], device="cpu")
@@ -65,6 +68,13 @@ def reference(work: Path, seed: int) -> dict[str, np.ndarray]:
         _, seg, props = data_loading.load_case_arrays(pre, case)
         refs[case] = restore(seg, props) >= 0.5
     return refs
+
+
+def scan_spacing(work: Path, seed: int) -> dict[str, tuple[float, ...]]:
+    """{case: voxel size in mm on the scan's own grid (the grid :func:`reference` and :func:`out_of_fold` map to)}."""
+    pre = seed_dirs(work, seed).preprocessed_dir("real")
+    return {f.stem: tuple(float(v) for v in np.linalg.norm(np.asarray(read_json(f)["affine"])[:3, :3], axis=0))
+            for f in sorted(pre.glob("*.json"))}
 
 
 def scores(prob: np.ndarray, ref: np.ndarray) -> tuple[float, float]:

@@ -321,7 +321,15 @@ def select_min_lesion_size(pairs: Iterable, candidates_mm3: Sequence[float] = (0
     if not pairs:
         raise MslpipeError("no cases to tune the minimum lesion size on")
     connectivity_structure(connectivity)
-    cases = [_load_case(p, spacing_from) for p in pairs]
+    return choose_min_lesion_size([_load_case(p, spacing_from) for p in pairs], candidates_mm3, connectivity)
+
+
+def choose_min_lesion_size(cases: Sequence[tuple[np.ndarray, list[np.ndarray], tuple]],
+                           candidates_mm3: Sequence[float] = (0, 3, 5, 10, 20), connectivity: int = 26) -> dict:
+    """:func:`select_min_lesion_size` on cases in memory: ``(prediction, [rater masks], spacing)`` each."""
+    if not cases:
+        raise MslpipeError("no cases to tune the minimum lesion size on")
+    connectivity_structure(connectivity)
     for c in candidates_mm3:
         if not math.isfinite(float(c)) or float(c) < 0:
             raise MslpipeError(f"minimum lesion size candidates must be >= 0 mm³, got {c!r}")

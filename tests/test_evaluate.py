@@ -10,6 +10,7 @@ import pytest
 from mslpipe.errors import MslpipeError
 from mslpipe.evaluate import (
     CasePair,
+    choose_min_lesion_size,
     match_folders,
     run_folders,
     score_pairs,
@@ -238,6 +239,21 @@ def test_select_min_lesion_size_keeps_zero_when_removal_hurts(tmp_path):
     assert result["min_lesion_mm3"] == 0
     assert [c["min_lesion_mm3"] for c in result["candidates"]] == [0, 3, 10]
     assert "keeping 0" in result["chosen_because"]
+
+
+def test_choose_min_lesion_size_in_memory_weighs_the_voxel_size():
+    """The in-memory form (what the nested benchmark calls) reads each case's own voxel size: the same 1-voxel
+    specks are 1 mm³ at 1 mm and 8 mm³ at 2 mm, so at 2 mm 3 mm³ no longer removes them."""
+    ref = lesions(A, (slice(5, 8), slice(5, 8), slice(2, 5)))
+    pred = ref.copy()
+    pred[0, 9, 0] = pred[9, 0, 5] = 1
+    at_1mm = choose_min_lesion_size([(pred, [ref], (1.0, 1.0, 1.0))], candidates_mm3=(3,))
+    at_2mm = choose_min_lesion_size([(pred, [ref], (2.0, 2.0, 2.0))], candidates_mm3=(3,))
+    assert at_1mm["min_lesion_mm3"] == 3 and at_2mm["min_lesion_mm3"] == 0
+    with pytest.raises(MslpipeError, match="no cases"):
+        choose_min_lesion_size([])
+    with pytest.raises(MslpipeError, match="connectivity"):
+        choose_min_lesion_size([(pred, [ref], (1.0, 1.0, 1.0))], connectivity=5)
 
 
 def _isbi_tree(root, masks):
