@@ -131,16 +131,66 @@ def seed_dirs(base: Path, seed: int):
     return Workdirs.resolve(base / "raw", base / "plans", base / "pre", base / "results")
 
 
-def trained_fold(dirs, seed: int, fold: int, epochs: int, iterations: int, overrides: dict | None = None) -> Path:
-    """Fold ``fold`` of the real data planned for the CPU (leave one subject out, with ``overrides``) and trained,
-    unless already there (a rerun reuses it, whatever commit trained it)."""
-    from mslpipe import plan, train
+def plan_fields(path: Path) -> dict:
+    """A plans.json as {dotted name: value} (``normalization.scheme``, ...), tuples as lists."""
+    from mslpipe.io import read_json
 
-    if not (dirs.plan_dir("real") / "splits.json").exists():
+    def walk(d: dict, prefix: str = ""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from walk(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    return dict(walk(read_json(path)))
+
+
+def _same(a, b) -> bool:
+    """Plan values alike: equal (tuples as lists), or both off (absent, 0, None, False: an option that was off
+    before it had a field, as plans planned before N4 have no ``n4_levels``)."""
+    def norm(v):
+        return list(v) if isinstance(v, tuple) else v
+    return norm(a) == norm(b) or (not a and not b)
+
+
+def plan_drift(base: Path, other: Path, keys=()) -> list[str]:
+    """The fields in which plans.json ``other`` differs from ``base``, but for ``keys`` (an arm's own overrides)
+    and the hash: what makes two arms differ in more than the benchmark says, as when an arm's folds reused from
+    an older run were planned under older defaults."""
+    a, b = plan_fields(base), plan_fields(other)
+    skip = {"hash", *keys}
+    return [f"{k}: {a.get(k, 'absent')} against {b.get(k, 'absent')}" for k in sorted(set(a) | set(b))
+            if k not in skip and not _same(a.get(k), b.get(k))]
+
+
+def planned(dirs, seed: int, overrides: dict | None = None) -> Path:
+    """The plans.json of the real data planned for the CPU in ``dirs`` (leave one subject out, with ``overrides``),
+    planned unless already there (a rerun reuses it, whatever commit planned it, but only when it holds
+    ``overrides``: otherwise this stops with the differences)."""
+    from mslpipe import plan
+
+    plans = dirs.plan_dir("real") / "plans.json"
+    if (dirs.plan_dir("real") / "splits.json").exists():
+        held = plan_fields(plans)
+        wrong = [f"{k}: {held.get(k, 'absent')} in the plan, {v} asked" for k, v in (overrides or {}).items()
+                 if not _same(held.get(k), v)]
+        if wrong:
+            sys.exit(f"{plans} was planned otherwise than asked ({'; '.join(wrong)}): another work folder, "
+                     "or remove it to plan afresh")
+    else:
         overrides = dict(overrides or {})
         axis = overrides.pop("slice_axis", 2)  # plan's own argument: the patch follows it
         plan.run("real", dirs, input_path=real_data_path(), device="cpu", test_fraction=0, seed=seed,
                  overrides=overrides, slice_axis=axis)
+    return plans
+
+
+def trained_fold(dirs, seed: int, fold: int, epochs: int, iterations: int, overrides: dict | None = None) -> Path:
+    """Fold ``fold`` of the real data :func:`planned` (with ``overrides``) and trained, unless already there (a
+    rerun reuses it, whatever commit trained it)."""
+    from mslpipe import train
+
+    planned(dirs, seed, overrides)
     fold_dir = dirs.fold_dir("real", "leaky_unet", fold)
     if not (fold_dir / "checkpoint_final.pt").exists():
         train.run("real", dirs, fold, epochs=epochs, iterations=iterations, device="cpu", show_progress=False,

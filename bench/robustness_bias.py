@@ -37,7 +37,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mslpipe import brainmask, datasets, inference, metrics, preprocess  # noqa: E402
 from mslpipe.io import read_json, write_json  # noqa: E402
 from mslpipe.plans import load_plan  # noqa: E402
-from results import fold_arguments, real_data_path, real_data_work, table, trained_folds, write_section  # noqa: E402
+from results import (  # noqa: E402
+    fold_arguments,
+    plan_drift,
+    planned,
+    real_data_path,
+    real_data_work,
+    seed_dirs,
+    table,
+    trained_folds,
+    write_section,
+)
 
 
 def _box_coordinates(image: np.ndarray, brain: np.ndarray) -> list[np.ndarray]:
@@ -146,22 +156,32 @@ def main() -> None:
     work = real_data_work(args.work, "mslpipe-bias-")
     raw = {c.id: c for c in datasets.discover(real_data_path())}
     off = {"normalization.n4_levels": 0}  # the plan's default corrects with N4 since 2026-11-28
-    runs = {"without": score_folds(args, work, off, raw)}
+    base = score_folds(args, work, off, raw)
+    # every arm normalises as the first arm's folds do (they may predate a change of the planner's default)
+    pin = {"normalization.scheme": base["scheme"]}
+    arms: dict[str, tuple[str, dict]] = {}
     for p, c in parse_arms(args.arms):
         on = {**off, "augmentation.p_bias_field": p, "augmentation.bias_field_coeff": (0.0, c)}
-        runs[f"p_bias_field {p:g}, coefficients up to {c:g}"] = score_folds(args, work / f"bias_field_p{p:g}_c{c:g}",
-                                                                           on, raw)
+        arms[f"p_bias_field {p:g}, coefficients up to {c:g}"] = (f"bias_field_p{p:g}_c{c:g}", on)
     for mm in (float(v) for v in args.flatfield.split(",") if v):
-        flat = {"normalization.flatfield_mm": mm}
-        runs[f"flat field {mm:g} mm"] = score_folds(args, work / f"flatfield_{mm:g}", flat, raw)
+        arms[f"flat field {mm:g} mm"] = (f"flatfield_{mm:g}", {"normalization.flatfield_mm": mm})
     for item in (v for v in args.n4.split(",") if v):
         levels, _, grid = item.partition("@")
         n4, label, folder = {"normalization.n4_levels": int(levels)}, f"N4, {int(levels)} levels", f"n4_{int(levels)}"
         if grid:
             n4["normalization.n4_grid_mm"] = float(grid)
             label, folder = f"{label}, {float(grid):g} mm grid", f"{folder}_grid{float(grid):g}"
-        runs[label] = score_folds(args, work / folder, n4, raw)
-    base = runs["without"]
+        arms[label] = (folder, n4)
+    for seed in (int(s) for s in args.seeds.split(",")):  # before any training: arms differ only as named
+        first = seed_dirs(work, seed).plan_dir("real") / "plans.json"
+        for label, (folder, overrides) in arms.items():
+            drift = plan_drift(first, planned(seed_dirs(work / folder, seed), seed, {**overrides, **pin}), overrides)
+            if drift:
+                sys.exit(f"the arm {label!r} (seed {seed}) differs from the first in more than its own settings: "
+                         + "; ".join(drift))
+    runs = {"without": base}
+    for label, (folder, overrides) in arms.items():
+        runs[label] = score_folds(args, work / folder, {**overrides, **pin}, raw)
     n = len(base["scans"])
     rows, win_rows = [], []
     for arm, r in runs.items():

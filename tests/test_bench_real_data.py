@@ -257,3 +257,41 @@ def test_bench_shading_leaves_a_zero_background_and_the_brain_box_alone():
     inside = shaded[brain] / np.maximum(image[brain], 1e-6)
     assert inside.min() < 0.8 and inside.max() > 1.2  # the ramp is there
     assert brainmask.bounding_box(brainmask.brain_mask(shaded), 0) == brainmask.bounding_box(brain, 0)
+
+
+def test_bench_arms_may_differ_only_as_named(tmp_path):
+    """bench/results.py: an arm's plan that differs from the first arm's in more than its own overrides (as when one
+    arm's folds were planned under an older default normalisation) is named field by field, an option absent from an
+    older plan counts as off; reusing a planned folder whose plan does not hold the overrides asked stops, naming
+    the plan file and the field, before any training."""
+    import json
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        results = importlib.import_module("results")
+    finally:
+        sys.path.remove(str(BENCH))
+    from mslpipe.plans import Workdirs
+
+    def write(folder, plan):
+        dirs = Workdirs.resolve(folder / "raw", folder / "plans", folder / "pre", folder / "results")
+        dirs.plan_dir("real").mkdir(parents=True)
+        (dirs.plan_dir("real") / "plans.json").write_text(json.dumps(plan))
+        (dirs.plan_dir("real") / "splits.json").write_text("{}")
+        return dirs
+
+    old = {"hash": "a", "normalization": {"scheme": "brain_percentile_zscore"},
+           "augmentation": {"p_bias_field": 0.0, "bias_field_coeff": [0.0, 0.1]}}
+    new = {"hash": "b", "normalization": {"scheme": "brain_percentile_median_iqr", "n4_levels": 0},
+           "augmentation": {"p_bias_field": 0.3, "bias_field_coeff": [0.0, 0.1]}}
+    base, arm = write(tmp_path / "base", old), write(tmp_path / "arm", new)
+    base_plans, arm_plans = (d.plan_dir("real") / "plans.json" for d in (base, arm))
+    drift = results.plan_drift(base_plans, arm_plans, {"augmentation.p_bias_field": 0.3})
+    assert drift == ["normalization.scheme: brain_percentile_zscore against brain_percentile_median_iqr"]
+    assert results.plan_drift(base_plans, arm_plans, ["augmentation.p_bias_field", "normalization.scheme"]) == []
+    # reuse: held overrides pass (a tuple asked equals the plan's list; absent equals 0), others stop
+    assert results.planned(base, 1, {"augmentation.bias_field_coeff": (0.0, 0.1),
+                                     "normalization.n4_levels": 0}) == base_plans
+    with pytest.raises(SystemExit, match="normalization.scheme: brain_percentile_median_iqr in the plan") as info:
+        results.planned(arm, 1, {"normalization.scheme": "brain_percentile_zscore"})
+    assert str(arm_plans) in str(info.value)
