@@ -207,3 +207,47 @@ def test_other_input_slices_train_predict_and_export(synth_root, tmp_path, conte
     _, p_torch = inference.predict_case(inference.load_predictor([checkpoint], device="cpu"), [channels], affine)
     _, p_onnx = onnx_inference.predict_case(onnx_inference.load_onnx_predictor(out), [channels], affine)
     assert np.max(np.abs(p_onnx - p_torch)) < 1e-4
+
+
+def test_export_by_dataset_names_a_missing_or_ambiguous_fold(trained, tmp_path):
+    """`export -d NAME`: an untrained fold, several trained folds without --fold, no trained fold and no model at
+    all are each refused in one error naming the folder; nothing is written."""
+    d, result = trained
+    out = tmp_path / "m.onnx"
+    with pytest.raises(MslpipeError, match="fold 3 not trained") as info:
+        export.run(out, dirs=d, dataset="syn", fold=3)
+    assert str(result["fold_dir"].parent / "fold_3") in str(info.value)
+    with pytest.raises(MslpipeError, match="say which model"):
+        export.run(out, dirs=d)
+    with pytest.raises(MslpipeError, match="no trained folds of nnunet2d"):
+        export.run(out, dirs=d, dataset="syn", arch="nnunet2d")
+    second = result["fold_dir"].parent / "fold_1"
+    second.mkdir()
+    try:
+        shutil.copy(result["fold_dir"] / "checkpoint_final.pt", second / "checkpoint_final.pt")
+        with pytest.raises(MslpipeError, match="2 trained folds of leaky_unet: say which with --fold K"):
+            export.run(out, dirs=d, dataset="syn")
+    finally:
+        shutil.rmtree(second)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_wrong_onnx_description_is_one_clear_error(exported, tmp_path):
+    """The description beside an ONNX model: another tool's JSON, a newer format, a missing entry, or a plan whose
+    input channels the model does not take are each refused naming the file."""
+    import json
+
+    out, _, _ = exported
+    meta = json.loads(onnx_inference.sidecar_path(out).read_text())
+    model = tmp_path / "m.onnx"
+    shutil.copy(out, model)
+    plan_channels = meta["plan"]["context_slices"]
+    cases = {"format is not": {**meta, "format": "other"},
+             "is newer than this mslpipe's": {**meta, "format_version": meta["format_version"] + 1},
+             "description has no 'divisor'": {k: v for k, v in meta.items() if k != "divisor"},
+             "ONNX model takes": {**meta, "plan": {**meta["plan"], "context_slices": plan_channels + 1, "hash": ""}}}
+    for words, bad in cases.items():
+        onnx_inference.sidecar_path(model).write_text(json.dumps(bad))
+        with pytest.raises(MslpipeError, match=words) as info:
+            onnx_inference.load_onnx_predictor(model)
+        assert "m.onnx" in str(info.value) and "\n" not in str(info.value)
