@@ -6,6 +6,7 @@ typed by hand and a rerun updates its own table in place.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 import platform
@@ -153,6 +154,18 @@ def _same(a, b) -> bool:
     return norm(a) == norm(b) or (not a and not b)
 
 
+def _dotted(overrides: dict) -> dict:
+    """Plan overrides as dotted names: a whole section given as a dict (or dataclass) becomes one name per key."""
+    out = {}
+    for k, v in overrides.items():
+        v = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+        if isinstance(v, dict):
+            out.update({f"{k}.{name}": value for name, value in _dotted(v).items()})
+        else:
+            out[k] = v
+    return out
+
+
 def plan_drift(base: Path, other: Path, keys=()) -> list[str]:
     """The fields in which plans.json ``other`` differs from ``base``, but for ``keys`` (an arm's own overrides)
     and the hash: what makes two arms differ in more than the benchmark says, as when an arm's folds reused from
@@ -172,7 +185,7 @@ def planned(dirs, seed: int, overrides: dict | None = None) -> Path:
     plans = dirs.plan_dir("real") / "plans.json"
     if (dirs.plan_dir("real") / "splits.json").exists():
         held = plan_fields(plans)
-        wrong = [f"{k}: {held.get(k, 'absent')} in the plan, {v} asked" for k, v in (overrides or {}).items()
+        wrong = [f"{k}: {held.get(k, 'absent')} in the plan, {v} asked" for k, v in _dotted(overrides or {}).items()
                  if not _same(held.get(k), v)]
         if wrong:
             sys.exit(f"{plans} was planned otherwise than asked ({'; '.join(wrong)}): another work folder, "

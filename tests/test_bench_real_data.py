@@ -292,6 +292,10 @@ def test_bench_arms_may_differ_only_as_named(tmp_path):
     # reuse: held overrides pass (a tuple asked equals the plan's list; absent equals 0), others stop
     assert results.planned(base, 1, {"augmentation.bias_field_coeff": (0.0, 0.1),
                                      "normalization.n4_levels": 0}) == base_plans
+    # a whole section given as a dict (bench/normalisation.py's way) is checked key by key
+    assert results.planned(base, 1, {"normalization": {"scheme": "brain_percentile_zscore"}}) == base_plans
+    with pytest.raises(SystemExit, match="normalization.scheme"):
+        results.planned(base, 1, {"normalization": {"scheme": "brain_percentile_median_iqr"}})
     with pytest.raises(SystemExit, match="normalization.scheme: brain_percentile_median_iqr in the plan") as info:
         results.planned(arm, 1, {"normalization.scheme": "brain_percentile_zscore"})
     assert str(arm_plans) in str(info.value)
