@@ -31,9 +31,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mslpipe import plan, train  # noqa: E402
-from mslpipe.io import read_json  # noqa: E402
-from results import real_data_path, real_data_work, score_checkpoint, seed_dirs, table, write_section  # noqa: E402
+from mslpipe.io import read_json, write_json  # noqa: E402
+from results import real_data_work, score_checkpoint, seed_dirs, table, trained_fold, write_section  # noqa: E402
 
 # the sources, as ../shared/data/real-ms-isbi/README.md names them
 SOURCES = {"training01": "Lesjak", "training02": "Lesjak", "training03": "MSLesSeg", "training04": "MSLesSeg"}
@@ -65,18 +64,10 @@ def parse_arm(arm: str) -> tuple[str, set[str]]:
 def trained_source_fold(work: Path, arm: str, seed: int, fold: int, epochs: int, iterations: int) -> Path:
     """Fold ``fold`` of the real data planned with one source left out per fold (arm ``arm``'s overrides), trained
     unless already there."""
-    dirs = seed_dirs(work / arm, seed)
-    if not (dirs.plan_dir("real") / "splits.json").exists():
-        groups = work / "sources.json"
-        work.mkdir(parents=True, exist_ok=True)
-        groups.write_text(json.dumps(SOURCES))
-        plan.run("real", dirs, input_path=real_data_path(), device="cpu", test_fraction=0, seed=seed,
-                 overrides=ARMS[arm], groups=groups)
-    fold_dir = dirs.fold_dir("real", "leaky_unet", fold)
-    if not (fold_dir / "checkpoint_final.pt").exists():
-        train.run("real", dirs, fold, epochs=epochs, iterations=iterations, device="cpu", show_progress=False,
-                  resume=(fold_dir / "checkpoint_latest.pt").exists())
-    return fold_dir
+    groups = work / "sources.json"
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(groups, SOURCES)
+    return trained_fold(seed_dirs(work / arm, seed), seed, fold, epochs, iterations, ARMS[arm], groups)
 
 
 def score(work: Path, arm: str, seeds: list[int], fold: int, args) -> dict[str, tuple[float, float]]:
@@ -93,7 +84,7 @@ def score(work: Path, arm: str, seeds: list[int], fold: int, args) -> dict[str, 
     out = score_checkpoint(seed_dirs(work / base, seeds[0]).preprocessed_dir("real"),
                            [d / "checkpoint_final.pt" for d in fold_dirs], read_json(fold_dirs[0] / "run.json")["val"],
                            tta="tta" in suffixes)
-    cache.write_text(json.dumps(out))
+    write_json(cache, out)
     print(f"{arm} seed(s) {seeds} fold {fold}: " + ", ".join(f"{c} {d:.3f}/{f:.3f}" for c, (d, f) in out.items()),
           flush=True)
     return out

@@ -176,10 +176,10 @@ def plan_drift(base: Path, other: Path, keys=()) -> list[str]:
             if k not in skip and not _same(a.get(k), b.get(k))]
 
 
-def planned(dirs, seed: int, overrides: dict | None = None) -> Path:
-    """The plans.json of the real data planned for the CPU in ``dirs`` (leave one subject out, with ``overrides``),
-    planned unless already there (a rerun reuses it, whatever commit planned it, but only when it holds
-    ``overrides``: otherwise this stops with the differences)."""
+def planned(dirs, seed: int, overrides: dict | None = None, groups: Path | None = None) -> Path:
+    """The plans.json of the real data planned for the CPU in ``dirs`` (leave one subject out, or one group of
+    ``groups`` out as `plan --groups`, with ``overrides``), planned unless already there (a rerun reuses it,
+    whatever commit planned it, but only when it holds ``overrides``: otherwise this stops with the differences)."""
     from mslpipe import plan
 
     plans = dirs.plan_dir("real") / "plans.json"
@@ -194,16 +194,17 @@ def planned(dirs, seed: int, overrides: dict | None = None) -> Path:
         overrides = dict(overrides or {})
         axis = overrides.pop("slice_axis", 2)  # plan's own argument: the patch follows it
         plan.run("real", dirs, input_path=real_data_path(), device="cpu", test_fraction=0, seed=seed,
-                 overrides=overrides, slice_axis=axis)
+                 overrides=overrides, slice_axis=axis, groups=groups)
     return plans
 
 
-def trained_fold(dirs, seed: int, fold: int, epochs: int, iterations: int, overrides: dict | None = None) -> Path:
-    """Fold ``fold`` of the real data :func:`planned` (with ``overrides``) and trained, unless already there (a
-    rerun reuses it, whatever commit trained it)."""
+def trained_fold(dirs, seed: int, fold: int, epochs: int, iterations: int, overrides: dict | None = None,
+                 groups: Path | None = None) -> Path:
+    """Fold ``fold`` of the real data :func:`planned` (with ``overrides`` and ``groups``) and trained, unless
+    already there (a rerun reuses it, whatever commit trained it)."""
     from mslpipe import train
 
-    planned(dirs, seed, overrides)
+    planned(dirs, seed, overrides, groups)
     fold_dir = dirs.fold_dir("real", "leaky_unet", fold)
     if not (fold_dir / "checkpoint_final.pt").exists():
         train.run("real", dirs, fold, epochs=epochs, iterations=iterations, device="cpu", show_progress=False,
