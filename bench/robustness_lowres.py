@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mslpipe import plan, train  # noqa: E402
 from mslpipe.io import read_json  # noqa: E402
 from mslpipe.plans import Augmentation, Workdirs, load_plan  # noqa: E402
-from results import real_data_path, score_checkpoint, table, write_section  # noqa: E402
+from results import real_data_path, score_checkpoint, table, trained_fold, write_section  # noqa: E402
 
 REAL = real_data_path()
 
@@ -57,13 +57,8 @@ DEGRADE = {"as acquired": lambda x: x, "in-plane 2 mm": inplane_2mm, "axial 3 mm
 
 def run_variant(work: Path, p_low_res: float, seed: int, epochs: int, iterations: int) -> dict:
     dirs = Workdirs.resolve(work / "raw", work / "plans", work / "pre", work / "results")
-    if not (dirs.plan_dir("real") / "splits.json").exists():
-        plan.run("real", dirs, input_path=REAL, device="cpu", test_fraction=0, seed=seed,
-                 overrides={"augmentation": dataclasses.replace(Augmentation(), p_low_res=p_low_res)})
-    fold_dir = dirs.fold_dir("real", "leaky_unet", 0)
-    if not (fold_dir / "checkpoint_final.pt").exists():
-        train.run("real", dirs, 0, epochs=epochs, iterations=iterations, device="cpu", show_progress=False,
-                  resume=(fold_dir / "checkpoint_latest.pt").exists())
+    fold_dir = trained_fold(dirs, seed, 0, epochs, iterations,
+                            {"augmentation": dataclasses.replace(Augmentation(), p_low_res=p_low_res)})
     plan_dir = dirs.plan_dir("real")
     val = train.fold_cases(read_json(plan_dir / "splits.json"), read_json(plan_dir / "fingerprint.json"), 0).val
     scores = {name: tuple(float(v) for v in np.mean(list(score_checkpoint(
