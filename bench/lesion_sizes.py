@@ -26,8 +26,8 @@ from mslpipe.io import read_json  # noqa: E402
 from mslpipe.plans import load_plan  # noqa: E402
 from mslpipe.postprocess import lesion_table  # noqa: E402
 from results import (  # noqa: E402
+    check_arm,
     fold_arguments,
-    plan_drift,
     planned,
     real_data_work,
     seed_dirs,
@@ -86,15 +86,12 @@ def score_folds(args, work: Path, overrides: dict | None = None) -> dict:
 def score_arms(args, work: Path, arms: dict[str, dict | None], folder: str) -> dict[str, dict]:
     """:func:`score_folds` per arm: the arm without plan overrides (``None``) from ``work`` itself (the default
     runs, `bench/lesion_sizes.py`'s), the others from ``work / folder``; before any training, every arm's plan
-    is checked to differ from the default runs' in its own overrides only (:func:`results.plan_drift`)."""
+    is checked to differ from the default runs' in its own overrides only (:func:`results.check_arm`)."""
     for seed in (int(s) for s in args.seeds.split(",")):
         first = planned(seed_dirs(work, seed), seed)
         for arm, overrides in arms.items():
-            drift = [] if overrides is None else plan_drift(first, planned(seed_dirs(work / folder, seed), seed,
-                                                                           overrides), overrides)
-            if drift:
-                sys.exit(f"the arm {arm!r} (seed {seed}) differs from the default runs in more than its own "
-                         f"settings: {'; '.join(drift)}")
+            if overrides is not None:
+                check_arm(first, seed_dirs(work / folder, seed), seed, overrides, overrides, arm)
     return {arm: score_folds(args, work if overrides is None else work / folder, overrides)
             for arm, overrides in arms.items()}
 

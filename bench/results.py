@@ -132,20 +132,6 @@ def seed_dirs(base: Path, seed: int):
     return Workdirs.resolve(base / "raw", base / "plans", base / "pre", base / "results")
 
 
-def plan_fields(path: Path) -> dict:
-    """A plans.json as {dotted name: value} (``normalization.scheme``, ...), tuples as lists."""
-    from mslpipe.io import read_json
-
-    def walk(d: dict, prefix: str = ""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from walk(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}", v
-
-    return dict(walk(read_json(path)))
-
-
 def _same(a, b) -> bool:
     """Plan values alike: equal (tuples as lists), or both off (absent, 0, None, False: an option that was off
     before it had a field, as plans planned before N4 have no ``n4_levels``)."""
@@ -164,6 +150,13 @@ def _dotted(overrides: dict) -> dict:
         else:
             out[k] = v
     return out
+
+
+def plan_fields(path: Path) -> dict:
+    """A plans.json as {dotted name: value} (``normalization.scheme``, ...)."""
+    from mslpipe.io import read_json
+
+    return _dotted(read_json(path))
 
 
 def plan_drift(base: Path, other: Path, keys=()) -> list[str]:
@@ -196,6 +189,16 @@ def planned(dirs, seed: int, overrides: dict | None = None, groups: Path | None 
         plan.run("real", dirs, input_path=real_data_path(), device="cpu", test_fraction=0, seed=seed,
                  overrides=overrides, slice_axis=axis, groups=groups)
     return plans
+
+
+def check_arm(first: Path, dirs, seed: int, overrides: dict, own, label: str) -> None:
+    """Plan (or reuse) an arm in ``dirs`` with ``overrides`` (:func:`planned`), and stop, naming the fields, unless
+    its plan differs from plans.json ``first`` in the arm's ``own`` settings only (:func:`plan_drift`): called for
+    every arm before any training."""
+    drift = plan_drift(first, planned(dirs, seed, overrides), own)
+    if drift:
+        sys.exit(f"the arm {label!r} (seed {seed}) differs from the first in more than its own settings: "
+                 + "; ".join(drift))
 
 
 def trained_fold(dirs, seed: int, fold: int, epochs: int, iterations: int, overrides: dict | None = None,

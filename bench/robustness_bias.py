@@ -38,8 +38,8 @@ from mslpipe import brainmask, datasets, inference, metrics, preprocess  # noqa:
 from mslpipe.io import read_json, write_json  # noqa: E402
 from mslpipe.plans import load_plan  # noqa: E402
 from results import (  # noqa: E402
+    check_arm,
     fold_arguments,
-    plan_drift,
     planned,
     real_data_path,
     real_data_work,
@@ -173,12 +173,9 @@ def main() -> None:
             label, folder = f"{label}, {float(grid):g} mm grid", f"{folder}_grid{float(grid):g}"
         arms[label] = (folder, n4)
     for seed in (int(s) for s in args.seeds.split(",")):  # before any training: arms differ only as named
-        first = seed_dirs(work, seed).plan_dir("real") / "plans.json"
+        first = planned(seed_dirs(work, seed), seed, off)
         for label, (folder, overrides) in arms.items():
-            drift = plan_drift(first, planned(seed_dirs(work / folder, seed), seed, {**overrides, **pin}), overrides)
-            if drift:
-                sys.exit(f"the arm {label!r} (seed {seed}) differs from the first in more than its own settings: "
-                         + "; ".join(drift))
+            check_arm(first, seed_dirs(work / folder, seed), seed, {**overrides, **pin}, overrides, label)
     runs = {"without": base}
     for label, (folder, overrides) in arms.items():
         runs[label] = score_folds(args, work / folder, {**overrides, **pin}, raw)
