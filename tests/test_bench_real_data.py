@@ -299,3 +299,31 @@ def test_bench_arms_may_differ_only_as_named(tmp_path):
     with pytest.raises(SystemExit, match="normalization.scheme: brain_percentile_median_iqr in the plan") as info:
         results.planned(arm, 1, {"normalization.scheme": "brain_percentile_zscore"})
     assert str(arm_plans) in str(info.value)
+
+
+def test_lesion_probability_filter_and_its_nested_choice():
+    """bench/lesion_probability.py: a whole lesion goes when its mean (or highest) probability is under P; the
+    choice over the grid follows `evaluate`'s criterion (no setting that lowers Dice or lesion F1 below no removal,
+    then the best (Dice + F1)/2, ties to the smaller size and the lower P)."""
+    import numpy as np
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        lesion_probability = importlib.import_module("lesion_probability")
+    finally:
+        sys.path.remove(str(BENCH))
+
+    prob = np.zeros((20, 20, 20), dtype=np.float32)
+    ref = np.zeros(prob.shape, dtype=bool)
+    prob[2:6, 2:6, 2:6], ref[2:6, 2:6, 2:6] = 0.95, True  # a sure, true lesion of 64 mm³
+    prob[12:15, 12:15, 12:15] = 0.55  # an unsure, false one of 27 mm³
+    prob[13, 13, 13] = 0.9  # its peak: kept by a filter on the highest probability up to 0.9
+    s = lesion_probability.setting_scores(prob, ref, (1.0, 1.0, 1.0))
+    assert s["mean", 0, 0] == (pytest.approx(2 * 64 / (64 + 91)), pytest.approx(2 / 3))
+    assert s["mean", 0, 0.6] == (1.0, 1.0)  # the unsure lesion gone by its mean
+    assert s["max", 0, 0.8] == s["mean", 0, 0]  # its peak keeps it
+    assert s["mean", 20, 0] == s["mean", 0, 0] and s["mean", 3, 0.8] == (1.0, 1.0)
+    assert lesion_probability.choose([s], "mean") == (0, 0.6)  # the smallest setting reaching the best
+    # a grid where every filter loses Dice or lesion F1: no removal
+    lost = {key: ((0.5, 0.5) if key[1:] == (0, 0) else (0.9, 0.4)) for key in s}
+    assert lesion_probability.choose([lost], "mean") == (0, 0)
