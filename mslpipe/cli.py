@@ -155,7 +155,9 @@ def train(
                                iterations=iterations, device=device, compile=compile, resume=resume,
                                num_workers=workers, ema_half_life=ema_half_life, minutes=minutes)
         if result["rank"] == 0:
-            _echo(f"fold {k}: {result['epochs']} epochs, last validation Dice {result['val_dice']} → "
+            again = result.get("val_dice_recalibrated")
+            final = "" if again is None else f" ({again:.5f} with BatchNorm statistics estimated again)"
+            _echo(f"fold {k}: {result['epochs']} epochs, last validation Dice {result['val_dice']}{final} → "
                   f"{result['fold_dir']}")
 
 

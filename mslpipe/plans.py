@@ -123,6 +123,11 @@ class Plan:
     # weights (BatchNorm statistics included) whose half-life is this fraction of the run's iterations
     # (0.05 of 10 epochs: half an epoch). 0 = the last weights, as plans written before it mean.
     ema_half_life: float = 0.0
+    # After the last epoch, the final weights' BatchNorm statistics are estimated again over this many training
+    # batches (train mode, no gradient, a plain average: "precise BN"), instead of the running averages, which
+    # mix the statistics of weights that kept changing and of small batches. 0 = the running averages, as plans
+    # written before it mean.
+    bn_recalibration_batches: int = 0
     augmentation: Augmentation = field(default_factory=Augmentation)
     postprocessing: dict[str, Any] = field(
         default_factory=lambda: {"threshold": 0.5, "min_lesion_mm3": 0.0, "connectivity": 26}
@@ -155,6 +160,8 @@ class Plan:
             d.pop("ema_half_life", None)
         if d.get("foreground_sampling") == "slice":  # likewise
             d.pop("foreground_sampling", None)
+        if not d.get("bn_recalibration_batches"):  # likewise
+            d.pop("bn_recalibration_batches", None)
         if not d["augmentation"].get("p_low_res"):  # likewise
             d["augmentation"] = {k: v for k, v in d["augmentation"].items() if k not in ("p_low_res", "low_res_zoom")}
         if not d["augmentation"].get("p_bias_field"):  # likewise
@@ -258,6 +265,8 @@ class Plan:
         need(self.foreground_sampling in FOREGROUND_SAMPLING,
              f"foreground_sampling must be one of {FOREGROUND_SAMPLING}")
         need(0.0 <= self.ema_half_life <= 1.0, "ema_half_life must lie in [0, 1] (a fraction of the run)")
+        need(isinstance(self.bn_recalibration_batches, int) and not isinstance(self.bn_recalibration_batches, bool)
+             and self.bn_recalibration_batches >= 0, "bn_recalibration_batches must be a whole number >= 0")
         aug = self.augmentation
         need(0.0 <= aug.p_low_res <= 1.0, "augmentation p_low_res must lie in [0, 1]")
         need(len(aug.low_res_zoom) == 2 and 0.0 < min(aug.low_res_zoom) <= max(aug.low_res_zoom) <= 1.0,

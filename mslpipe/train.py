@@ -35,6 +35,7 @@ from mslpipe.train_parts import (
     plot_curve,
     poly_lr,
     read_log,
+    recalibrate_batchnorm,
     wrap_ddp,
     write_log,
 )
@@ -131,11 +132,11 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
     loader = data_loading.make_train_loader(pre_dir, data.train, plan, batches=plan.iterations_per_epoch,
                                             seed=plan.seed + rank, device_hint=device, start_epoch=start_epoch)
     epoch = _train_epochs(r, train_model, step, loader, loss_fn, start_epoch, best, rows, show_progress)
-    if rank == 0:
-        _save_final(r, epoch)
+    final_dice = _save_final(r, epoch, loss_fn) if rank == 0 else None
     close_dist(world)
     final = rows[-1] if rows else {}
-    return {"fold_dir": out, "epochs": epoch, "val_dice": final.get("val_dice"), "rows": rows, "rank": rank}
+    return {"fold_dir": out, "epochs": epoch, "val_dice": final.get("val_dice"), "rows": rows, "rank": rank,
+            "val_dice_recalibrated": final_dice}
 
 
 @dataclass
@@ -326,12 +327,27 @@ def _save_epoch(r: _Run, epoch: int, best: float, improved: bool) -> None:
     checkpoints.save(r.checkpoint("latest"), state)
 
 
-def _save_final(r: _Run, epochs: int) -> None:
-    """Save the scored weights as checkpoint_final.pt, and their out-of-fold predictions when the fold has any."""
+def _save_final(r: _Run, epochs: int, loss_fn) -> float | None:
+    """Save the scored weights as checkpoint_final.pt, and their out-of-fold predictions when the fold has any.
+    With the plan's ``bn_recalibration_batches``, their BatchNorm statistics are first estimated again on that
+    many batches of the epoch that would come next (:func:`recalibrate_batchnorm`), and the validation Dice of the
+    weights so saved is returned (None without recalibration or validation cases)."""
+    final_dice = None
+    if r.plan.bn_recalibration_batches:
+        loader = data_loading.make_train_loader(r.pre_dir, r.data.train, r.plan,
+                                                batches=r.plan.bn_recalibration_batches, seed=r.plan.seed,
+                                                device_hint=r.device, start_epoch=epochs)
+        used = recalibrate_batchnorm(r.scored, loader, r.device, r.layout)
+        if used and r.data.val:
+            _, dices = validate(r.scored, r.data.val, r.pre_dir, r.plan, r.device, r.divisor, loss_fn)
+            final_dice = float(np.mean(list(dices.values())))
+            log.info("BatchNorm statistics estimated again on %d training batches: validation Dice %.4f (%s)",
+                     used, final_dice, " ".join(f"{c}={d:.4f}" for c, d in dices.items()))
     r.scored.eval()
     checkpoints.save(r.checkpoint("final"), {"model": r.scored.state_dict(), "meta": r.meta(epoch=epochs - 1)})
     if r.data.val:
         export_validation(r.scored, r.data.val, r.pre_dir, r.plan, r.device, r.divisor, r.out / "validation")
+    return final_dice
 
 
 def _load_resume(latest: Path, previous: Path) -> dict | None:

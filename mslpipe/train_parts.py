@@ -1,5 +1,6 @@
 """The parts that `mslpipe train` puts together, none of which needs a dataset (benchmarks time them alone):
-loss, optimiser, output prior, weights' moving average, optimisation step and learning-rate schedule; the
+loss, optimiser, output prior, weights' moving average, BatchNorm statistics estimated again for the final weights,
+optimisation step and learning-rate schedule; the
 process group under ``torchrun``; a run's epoch log (``log.csv``) and learning curve (``curve.png``).
 
 From the project it imports only floor-1 modules; torch, MONAI and matplotlib load when used.
@@ -74,6 +75,31 @@ def make_ema(model, plan: Plan):
     half_life_steps = max(plan.ema_half_life * plan.epochs * plan.iterations_per_epoch, 1.0)
     decay = 0.5 ** (1.0 / half_life_steps)
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def recalibrate_batchnorm(model, loader, device: str, layout) -> int:
+    """Estimate ``model``'s BatchNorm statistics again for its current weights ("precise BN"): its running
+    averages reset, then one pass over ``loader``'s training batches in train mode without gradients, each
+    layer's statistics the plain average over the batches (torch's ``update_bn``). The running averages kept
+    during training mix the statistics of weights that kept changing, and with small batches they are noisy.
+    Images go to ``device`` in ``layout`` (see :func:`batch_to_device`), under bf16 autocast on CUDA as in
+    training. Returns the batches used (0 when the model has no BatchNorm, which is then left as it is)."""
+    import torch
+    from torch.optim.swa_utils import update_bn
+
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return 0
+    used = 0
+
+    def images():
+        nonlocal used
+        for batch in loader:
+            used += 1
+            yield batch["image"].to(device, non_blocking=True).contiguous(memory_format=layout)
+
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+        update_bn(images(), model)
+    return used
 
 
 def make_step(model, step_model, opt, loss_fn, device: str, ema=None):

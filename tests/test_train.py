@@ -295,3 +295,69 @@ def test_the_plans_loss_sets_where_the_dice_is_taken():
     assert batch == pytest.approx(1 - 2 * 144 / (144 * 2 + 4), abs=1e-3)  # one Dice over all 148 voxels
     assert per_slice == pytest.approx(0.5, abs=1e-3)  # slice 0 perfect, slice 1 missed
     assert float(make_loss()(logits, target) - bce) == pytest.approx(batch)  # no plan: the default
+
+
+def test_recalibrate_batchnorm_averages_the_final_weights_statistics():
+    """recalibrate_batchnorm: each BatchNorm layer's statistics become the plain average over the batches given,
+    for the weights as they are (not a running average that remembers older batches); the model's mode is kept;
+    a network without BatchNorm is left alone."""
+    from mslpipe.train_parts import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 2, 1, bias=False)
+    model = torch.nn.Sequential(conv, torch.nn.BatchNorm2d(2)).eval()
+    model[1].running_mean.fill_(100.0)  # stale statistics
+    batches = [{"image": torch.randn(3, 1, 4, 5) + i, "label": torch.zeros(3, 1, 4, 5)} for i in range(4)]
+    used = recalibrate_batchnorm(model, batches, "cpu", torch.contiguous_format)
+    assert used == 4 and not model.training
+    with torch.no_grad():
+        outs = [conv(b["image"]) for b in batches]
+    expected_mean = torch.stack([o.mean(dim=(0, 2, 3)) for o in outs]).mean(0)
+    expected_var = torch.stack([o.transpose(0, 1).reshape(2, -1).var(dim=1) for o in outs]).mean(0)
+    assert torch.allclose(model[1].running_mean, expected_mean, atol=1e-5)
+    assert torch.allclose(model[1].running_var, expected_var, atol=1e-5)
+    assert int(model[1].num_batches_tracked) == 4
+    assert model[1].momentum == 0.1  # put back
+
+    plain = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1))
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    assert recalibrate_batchnorm(plain, batches, "cpu", torch.contiguous_format) == 0
+    assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())
+
+
+def test_a_run_with_bn_recalibration_saves_the_final_weights_new_statistics(planned, tmp_path):
+    """With the plan's bn_recalibration_batches the final checkpoint holds the last weights with BatchNorm
+    statistics estimated again on that many batches (the latest checkpoint keeps the running averages), its
+    out-of-fold predictions come from them, and the run reports their validation Dice."""
+    d = _copy_planned(planned, tmp_path)
+    plan_path = d.plan_dir("syn") / "plans.json"
+    plan = json.loads(plan_path.read_text())
+    plan.update(bn_recalibration_batches=3, hash="")
+    plan_path.write_text(json.dumps(plan))
+    result = train.run("syn", d, 1, epochs=2, iterations=2, device="cpu", show_progress=False)
+    fold = d.fold_dir("syn", "leaky_unet", 1)
+    final = torch.load(fold / "checkpoint_final.pt", weights_only=True)["model"]
+    latest = torch.load(fold / "checkpoint_latest.pt", weights_only=True)["model"]
+    tracked = [k for k in final if k.endswith("num_batches_tracked")]
+    assert tracked and all(int(final[k]) == 3 for k in tracked)
+    assert all(torch.equal(final[k], latest[k]) for k in final if k.endswith(".weight"))
+    assert any(not torch.allclose(final[k], latest[k]) for k in final if k.endswith("running_mean"))
+    assert 0.0 <= result["val_dice_recalibrated"] <= 1.0
+    assert sorted(p.name for p in (fold / "validation").iterdir())  # exported after the recalibration
+
+    off = train.run("syn", _copy_planned(planned, tmp_path / "off"), 1, epochs=2, iterations=2, device="cpu",
+                    show_progress=False)
+    assert off["val_dice_recalibrated"] is None
+
+
+def test_bn_recalibration_batches_must_be_a_whole_number_and_off_keeps_old_hashes():
+    from mslpipe.plans import Plan
+
+    with pytest.raises(MslpipeError, match="bn_recalibration_batches"):
+        Plan(dataset="x", bn_recalibration_batches=-1).validate()
+    with pytest.raises(MslpipeError, match="bn_recalibration_batches"):
+        Plan(dataset="x", bn_recalibration_batches=2.5).validate()
+    old = Plan(dataset="x").to_dict()
+    old.pop("bn_recalibration_batches")  # a plan written before the field
+    assert Plan.from_dict(old).compute_hash() == Plan(dataset="x").compute_hash()
+    assert Plan(dataset="x", bn_recalibration_batches=50).compute_hash() != Plan(dataset="x").compute_hash()
