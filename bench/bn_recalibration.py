@@ -4,7 +4,7 @@ The study's network normalises with BatchNorm, whose statistics at inference are
 training: they mix the statistics of weights that kept changing, from batches of a few slices (6 in a CPU plan).
 On the real data a fold's validation Dice swung by tenths from one epoch to the next at the smallest learning
 rates. `train` can estimate the statistics again after the last epoch (the plan's ``bn_recalibration_batches``:
-one pass over that many batches of the epoch that would come next, train mode, no gradient, a plain average;
+one pass over that many batches of the epochs that would come next, train mode, no gradient, a plain average;
 :func:`mslpipe.train_parts.recalibrate_batchnorm`). This does exactly that to each fold's final weights, with the
 loader train would build, and scores both on the fold's validation scans.
 
@@ -29,7 +29,7 @@ from multiview import out_of_fold, reference, scores  # noqa: E402
 from mslpipe import architectures, data_loading, inference  # noqa: E402
 from mslpipe.io import read_json  # noqa: E402
 from mslpipe.preprocess import restore  # noqa: E402
-from mslpipe.train_parts import recalibrate_batchnorm  # noqa: E402
+from mslpipe.train_parts import next_batches, recalibrate_batchnorm  # noqa: E402
 from results import fold_arguments, real_data_work, table, trained_folds, write_section  # noqa: E402
 
 STORED = {"bn_recalibration_batches": 0}  # the folds trained without it, whatever the plan's default
@@ -48,9 +48,12 @@ def recalibrated(args, work: Path, seed: int, cache: Path, batches: int) -> tupl
             predictor = inference.load_predictor([fold_dir / "checkpoint_final.pt"], device="cpu")
             model, plan, pre = predictor.models[0], predictor.plan, dirs.preprocessed_dir("real")
             t0 = time.perf_counter()  # what train adds: the loader's start and the pass
+            # the run's own loader as it stands after the last epoch: its next passes
             loader = data_loading.make_train_loader(pre, read_json(fold_dir / "run.json")["train"], plan,
-                                                    batches=batches, seed=plan.seed, start_epoch=plan.epochs)
-            recalibrate_batchnorm(model, loader, "cpu", architectures.memory_format(model, "cpu"))
+                                                    batches=plan.iterations_per_epoch, seed=plan.seed,
+                                                    start_epoch=plan.epochs)
+            recalibrate_batchnorm(model, next_batches(loader, batches), "cpu",
+                                  architectures.memory_format(model, "cpu"))
             model.eval()
             took = time.perf_counter() - t0
             cache.mkdir(parents=True, exist_ok=True)
@@ -96,15 +99,15 @@ def main() -> None:
             f"one subject out), plan seeds {args.seeds}. Each fold's final weights on its validation scans, one pass, "
             "on the scan's own grid, threshold 0.5, no postprocessing: with the BatchNorm statistics stored by "
             f"training (running averages) and with statistics estimated again on {args.batches} training batches of "
-            "the epoch that would come next, augmented as in training (what `train` does with the plan's "
-            "`bn_recalibration_batches`; see `bench/bn_recalibration.py`). Cells: volume Dice / lesion F1 against the "
-            "expert mask.\n\n"
+            "the epochs that would come next (the run's loader continued), augmented as in training (what `train` "
+            "does with the plan's `bn_recalibration_batches`; see `bench/bn_recalibration.py`). Cells: volume Dice / "
+            "lesion F1 against the expert mask.\n\n"
             + table(["scan", "seed", "stored statistics", "estimated again", "Dice change", "lesion F1 change"], rows)
             + f"\n\nPooled over {len(rows)} scan runs, volume Dice / lesion F1: stored {mean['stored'][0]:.3f} / "
             f"{mean['stored'][1]:.3f}, estimated again {mean['again'][0]:.3f} / {mean['again'][1]:.3f}. Estimated "
             f"again ahead in Dice on {ahead} of {len(rows)}, behind on {behind}. The estimate took "
             f"{np.median(secs):.0f} s per fold (median; {min(secs):.0f}-{max(secs):.0f} s) on this CPU, the "
-            "loader's augmentation included.")
+            "loader's start and augmentation included.")
     print(body)
     write_section("bn_recalibration", "BatchNorm statistics estimated again for the final weights (CPU plan, real "
                   "data)", body)

@@ -4,7 +4,9 @@ The rule is nnU-Net's budget trainer's in ``bench/nnunet/trainers``, so that a c
 systems gives both the same minutes by the same rule: whole epochs (validation included) run while the
 next one, at the mean length of the last three, still fits into the budget; at least one runs. The poly
 learning-rate schedule spans the epochs the budget is expected to hold, re-estimated after every epoch,
-so the rate decays towards zero at the end of the budget as it would at the end of a fixed run.
+so the rate decays towards zero at the end of the budget as it would at the end of a fixed run. What runs
+after the last epoch on the budget's time (the BatchNorm statistics estimated again, a share ``after`` of an
+epoch) is kept free: an epoch runs only when it and that still fit.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from dataclasses import dataclass, field
 
 @dataclass
 class EpochBudget:
-    """``seconds`` of training, at most ``cap`` epochs. ``spent`` and ``epoch_s`` carry a resumed run's past."""
+    """``seconds`` of training, at most ``cap`` epochs, ``after`` epochs' worth of work kept free for after the
+    last one. ``spent`` and ``epoch_s`` carry a resumed run's past."""
 
     seconds: float
     cap: int = 1000
     spent: float = 0.0
     epoch_s: list[float] = field(default_factory=list)
+    after: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.seconds > 0:
@@ -33,9 +37,10 @@ class EpochBudget:
         if not self.epoch_s:
             return self.cap  # nothing timed yet: the cap, as nnU-Net's 1000 epochs
         recent = sum(self.epoch_s[-3:]) / len(self.epoch_s[-3:])
-        if self.spent + recent > self.seconds:
+        free = self.seconds - self.spent - self.after * recent
+        if recent > free:
             return min(done, self.cap)
-        return min(self.cap, done + max(1, int((self.seconds - self.spent) // max(recent, 1e-6))))
+        return min(self.cap, done + max(1, int(free // max(recent, 1e-6))))
 
     def add(self, seconds: float) -> None:
         """One more epoch took ``seconds``."""
@@ -43,4 +48,5 @@ class EpochBudget:
         self.spent += float(seconds)
 
     def state(self) -> dict:
-        return {"seconds": self.seconds, "cap": self.cap, "spent": self.spent, "epoch_s": list(self.epoch_s)}
+        return {"seconds": self.seconds, "cap": self.cap, "spent": self.spent, "epoch_s": list(self.epoch_s),
+                "after": self.after}

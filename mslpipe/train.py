@@ -23,6 +23,7 @@ from mslpipe.io import read_json, save_nifti, write_json
 from mslpipe.plans import Plan, Workdirs, apply_overrides, load_plan
 from mslpipe.preprocess import restore
 from mslpipe.train_parts import (
+    RECALIBRATION_STEP_SHARE,
     batch_to_device,
     close_dist,
     from_rank0,
@@ -32,6 +33,7 @@ from mslpipe.train_parts import (
     make_loss,
     make_optimizer,
     make_step,
+    next_batches,
     plot_curve,
     poly_lr,
     read_log,
@@ -114,6 +116,8 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
     budget = _epoch_budget(minutes, epochs)
     plan, divisor = _effective_plan(base, budget, arch=arch, epochs=epochs, lr=lr, batch_size=batch_size,
                                     iterations=iterations, num_workers=num_workers, ema_half_life=ema_half_life)
+    if budget is not None:  # the BatchNorm pass after the last epoch runs on the budget's time
+        budget.after = RECALIBRATION_STEP_SHARE * plan.bn_recalibration_batches / plan.iterations_per_epoch
     data = fold_cases(splits, fingerprint, fold)
     pre_dir = dirs.preprocessed_dir(name)
     out = dirs.fold_dir(name, plan.architecture, fold)
@@ -132,7 +136,7 @@ def run(name: str, dirs: Workdirs, fold: int | str, *, arch: str | None = None, 
     loader = data_loading.make_train_loader(pre_dir, data.train, plan, batches=plan.iterations_per_epoch,
                                             seed=plan.seed + rank, device_hint=device, start_epoch=start_epoch)
     epoch = _train_epochs(r, train_model, step, loader, loss_fn, start_epoch, best, rows, show_progress)
-    final_dice = _save_final(r, epoch, loss_fn) if rank == 0 else None
+    final_dice = _save_final(r, epoch, loss_fn, loader) if rank == 0 else None
     close_dist(world)
     final = rows[-1] if rows else {}
     return {"fold_dir": out, "epochs": epoch, "val_dice": final.get("val_dice"), "rows": rows, "rank": rank,
@@ -327,17 +331,15 @@ def _save_epoch(r: _Run, epoch: int, best: float, improved: bool) -> None:
     checkpoints.save(r.checkpoint("latest"), state)
 
 
-def _save_final(r: _Run, epochs: int, loss_fn) -> float | None:
+def _save_final(r: _Run, epochs: int, loss_fn, loader) -> float | None:
     """Save the scored weights as checkpoint_final.pt, and their out-of-fold predictions when the fold has any.
     With the plan's ``bn_recalibration_batches``, their BatchNorm statistics are first estimated again on that
-    many batches of the epoch that would come next (:func:`recalibrate_batchnorm`), and the validation Dice of the
-    weights so saved is returned (None without recalibration or validation cases)."""
+    many batches of the training ``loader``'s next epochs (:func:`recalibrate_batchnorm`), and the validation Dice
+    of the weights so saved is returned (None without recalibration or validation cases)."""
     final_dice = None
     if r.plan.bn_recalibration_batches:
-        loader = data_loading.make_train_loader(r.pre_dir, r.data.train, r.plan,
-                                                batches=r.plan.bn_recalibration_batches, seed=r.plan.seed,
-                                                device_hint=r.device, start_epoch=epochs)
-        used = recalibrate_batchnorm(r.scored, loader, r.device, r.layout)
+        batches = next_batches(loader, r.plan.bn_recalibration_batches)
+        used = recalibrate_batchnorm(r.scored, batches, r.device, r.layout)
         if used and r.data.val:
             _, dices = validate(r.scored, r.data.val, r.pre_dir, r.plan, r.device, r.divisor, loss_fn)
             final_dice = float(np.mean(list(dices.values())))

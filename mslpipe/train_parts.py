@@ -1,7 +1,7 @@
 """The parts that `mslpipe train` puts together, none of which needs a dataset (benchmarks time them alone):
 loss, optimiser, output prior, weights' moving average, BatchNorm statistics estimated again for the final weights,
-optimisation step and learning-rate schedule; the
-process group under ``torchrun``; a run's epoch log (``log.csv``) and learning curve (``curve.png``).
+optimisation step and learning-rate schedule; the process group under ``torchrun``; a run's epoch log
+(``log.csv``) and learning curve (``curve.png``).
 
 From the project it imports only floor-1 modules; torch, MONAI and matplotlib load when used.
 """
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import csv
 import io as _io
+import itertools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +77,20 @@ def make_ema(model, plan: Plan):
     half_life_steps = max(plan.ema_half_life * plan.epochs * plan.iterations_per_epoch, 1.0)
     decay = 0.5 ** (1.0 / half_life_steps)
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+# A batch of the BatchNorm pass (forward only, no gradient) against a training step, for the time a budget keeps
+# free for it: about 0.2 s against 0.4 s on 2 CPU cores (bench/RESULTS.md "BatchNorm statistics estimated again").
+RECALIBRATION_STEP_SHARE = 0.5
+
+
+def next_batches(loader, n: int) -> Iterator:
+    """The first ``n`` batches of ``loader``'s next passes (epochs), over as many passes as it takes."""
+    def passes():
+        while True:
+            yield from loader
+
+    return itertools.islice(passes(), n)
 
 
 def recalibrate_batchnorm(model, loader, device: str, layout) -> int:

@@ -16,7 +16,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-ms-isbi"
 TINY_SHAPE = (40, 44, 32)
 TINY_ARCH = {"base_channels": 4, "max_channels": 32, "depth": 3}
-TINY_OVERRIDES = {"arch_kwargs": TINY_ARCH, "batch_size": 8, "num_workers": 0, "inference_batch_size": 32}
+TINY_OVERRIDES = {"arch_kwargs": TINY_ARCH, "batch_size": 8, "num_workers": 0, "inference_batch_size": 32,
+                  "bn_recalibration_batches": 2}  # the BatchNorm pass runs, on few batches
 
 
 @pytest.fixture

@@ -45,4 +45,17 @@ def test_a_budget_must_be_positive():
     with pytest.raises(ValueError, match="cap"):
         EpochBudget(10, cap=0)
     state = EpochBudget(60, cap=4, spent=10.0, epoch_s=[10.0]).state()
-    assert state == {"seconds": 60, "cap": 4, "spent": 10.0, "epoch_s": [10.0]}
+    assert state == {"seconds": 60, "cap": 4, "spent": 10.0, "epoch_s": [10.0], "after": 0.0}
+
+
+def test_work_after_the_last_epoch_is_kept_free_in_the_budget():
+    """``after``: a share of an epoch that runs after the last one (the BatchNorm pass) counts against the budget,
+    so an epoch that would fit alone but not with it does not start."""
+    b, kept = EpochBudget(100), EpochBudget(100, after=0.5)
+    for budget in (b, kept):
+        for _ in range(8):
+            budget.add(10.0)
+    assert b.total(8) == 10  # 20 s left: two more epochs of 10 s
+    assert kept.total(8) == 9  # 20 s left, 5 s of them kept free: one more
+    kept.add(10.0)
+    assert kept.total(9) == 9  # 10 s left, 5 kept free: the next epoch would not fit

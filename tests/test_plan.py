@@ -15,7 +15,7 @@ from scipy import ndimage
 from mslpipe import architectures, brainmask, plan
 from mslpipe.errors import MslpipeError
 from mslpipe.io import load_image, read_json, save_nifti
-from mslpipe.plans import Workdirs, load_plan
+from mslpipe.plans import Plan, Workdirs, load_plan
 from mslpipe.synth import make_dataset
 
 TINY = (24, 28, 20)
@@ -93,6 +93,18 @@ def test_gpu_plans_simulate_low_resolution(synth_planned):
     gpu = plan.make_plan(fingerprint, "syn", "cuda")
     assert gpu.augmentation.p_low_res == plan.DEFAULT_P_LOW_RES == 0.25
     assert plan.make_plan(fingerprint, "syn", "cpu").augmentation.p_low_res == 0.0
+
+
+def test_plans_estimate_batchnorm_statistics_again_by_default(synth_planned):
+    """Every new plan, GPU or CPU, estimates the final weights' BatchNorm statistics again
+    (``bn_recalibration_batches``); a plan without the field (written before) keeps the running averages."""
+    fingerprint = read_json(synth_planned[0].plan_dir("syn") / "fingerprint.json")
+    for device in ("cuda", "cpu"):
+        made = plan.make_plan(fingerprint, "syn", device)
+        assert made.bn_recalibration_batches == plan.DEFAULT_BN_RECALIBRATION_BATCHES == 50
+    old = plan.make_plan(fingerprint, "syn", "cpu").to_dict()
+    del old["bn_recalibration_batches"]
+    assert Plan.from_dict(old).bn_recalibration_batches == 0
 
 
 def test_plans_correct_the_bias_field_with_n4_by_default(synth_planned):

@@ -177,8 +177,9 @@ def test_ema_decay_follows_the_half_life():
 
 
 def test_ema_run_saves_the_average_and_resumes_exactly(planned, tmp_path):
-    """With ema_half_life the final checkpoint holds the moving average (not the last weights), the latest
-    checkpoint both; a run resumed from an earlier epoch ends with the same average as an uninterrupted one."""
+    """With ema_half_life the final checkpoint holds the moving average (not the last weights), with its BatchNorm
+    statistics estimated again (the plan's bn_recalibration_batches), the latest checkpoint both; a run resumed from
+    an earlier epoch ends with the same average as an uninterrupted one."""
     kw = {"epochs": 3, "iterations": 3, "device": "cpu", "show_progress": False, "ema_half_life": 0.2}
     ref = _copy_planned(planned, tmp_path / "ref")
     train.run("syn", ref, 1, **kw)
@@ -187,7 +188,9 @@ def test_ema_run_saves_the_average_and_resumes_exactly(planned, tmp_path):
     latest = torch.load(fold / "checkpoint_latest.pt", weights_only=True)
     averaged = {k[len("module."):]: v for k, v in latest["ema"].items() if k.startswith("module.")}
     assert averaged.keys() == final.keys() == latest["model"].keys()
-    assert all(torch.equal(averaged[k], final[k]) for k in final)
+    statistics = ("running_mean", "running_var", "num_batches_tracked")
+    assert all(torch.equal(averaged[k], final[k]) for k in final if not k.endswith(statistics))
+    assert all(int(final[k]) == 2 for k in final if k.endswith("num_batches_tracked"))  # conftest's 2 batches
     weights = [k for k, v in final.items() if v.is_floating_point()]
     assert any(not torch.allclose(final[k], latest["model"][k]) for k in weights)
     assert int(latest["ema"]["n_averaged"]) == 9
@@ -345,9 +348,13 @@ def test_a_run_with_bn_recalibration_saves_the_final_weights_new_statistics(plan
     assert 0.0 <= result["val_dice_recalibrated"] <= 1.0
     assert sorted(p.name for p in (fold / "validation").iterdir())  # exported after the recalibration
 
-    off = train.run("syn", _copy_planned(planned, tmp_path / "off"), 1, epochs=2, iterations=2, device="cpu",
-                    show_progress=False)
-    assert off["val_dice_recalibrated"] is None
+    plan.update(bn_recalibration_batches=0, hash="")
+    off = _copy_planned(planned, tmp_path / "off")
+    (off.plan_dir("syn") / "plans.json").write_text(json.dumps(plan))
+    assert train.run("syn", off, 1, epochs=2, iterations=2, device="cpu", show_progress=False)[
+        "val_dice_recalibrated"] is None
+    final = torch.load(off.fold_dir("syn", "leaky_unet", 1) / "checkpoint_final.pt", weights_only=True)["model"]
+    assert all(int(final[k]) == 4 for k in tracked)  # the running averages of 2 × 2 training steps
 
 
 def test_bn_recalibration_batches_must_be_a_whole_number_and_off_keeps_old_hashes():
