@@ -54,7 +54,7 @@ def test_plans_written_before_context_slices_keep_their_hash(tmp_path):
     import hashlib
 
     old = _plan().finalised().to_dict()
-    del old["foreground_sampling"]  # added later than all of these
+    del old["foreground_sampling"], old["bn_recalibration_batches"]  # added later than all of these
     del old["context_slices"], old["ema_half_life"], old["brain_ml_range"]
     for key in ("p_low_res", "low_res_zoom", "p_bias_field", "bias_field_coeff"):  # added later still
         del old["augmentation"][key]
@@ -75,7 +75,7 @@ def test_plans_written_before_low_res_augmentation_keep_their_hash(tmp_path):
     import hashlib
 
     old = _plan().finalised().to_dict()
-    del old["foreground_sampling"]  # added later than all of these
+    del old["foreground_sampling"], old["bn_recalibration_batches"]  # added later than all of these
     del old["ema_half_life"], old["brain_ml_range"]  # added later still
     for key in ("p_low_res", "low_res_zoom", "p_bias_field", "bias_field_coeff"):
         del old["augmentation"][key]
@@ -94,7 +94,7 @@ def test_plans_written_before_weight_averaging_keep_their_hash(tmp_path):
     import hashlib
 
     old = _plan().finalised().to_dict()
-    del old["foreground_sampling"]  # added later than all of these
+    del old["foreground_sampling"], old["bn_recalibration_batches"]  # added later than all of these
     del old["ema_half_life"], old["brain_ml_range"]
     body = {k: v for k, v in old.items() if k not in ("hash", "mslpipe_version", "context_slices")}
     body["augmentation"] = {k: v for k, v in body["augmentation"].items()
