@@ -80,7 +80,8 @@ def make_ema(model, plan: Plan):
 
 
 # A batch of the BatchNorm pass (forward only, no gradient) against a training step, for the time a budget keeps
-# free for it: about 0.2 s against 0.4 s on 2 CPU cores (bench/RESULTS.md "BatchNorm statistics estimated again").
+# free for it, with a margin: on 2 CPU cores 0.16 s (bench/RESULTS.md "BatchNorm statistics estimated again": 8 s for
+# 50 batches) against 0.40 s ("Training throughput (cpu)": 14.9 slices/s in batches of 6).
 RECALIBRATION_STEP_SHARE = 0.5
 
 
