@@ -327,3 +327,31 @@ def test_lesion_probability_filter_and_its_nested_choice():
     # a grid where every filter loses Dice or lesion F1: no removal
     lost = {key: ((0.5, 0.5) if key[1:] == (0, 0) else (0.9, 0.4)) for key in s}
     assert lesion_probability.choose([lost], "mean") == (0, 0)
+
+
+def test_bn_adaptation_takes_the_statistics_of_the_scan_itself():
+    """bench/bn_adaptation.py: the adapted copy's BatchNorm statistics are the average over the scan's own slices
+    (with their neighbours as channels); the trained model is left as it was."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        bn_adaptation = importlib.import_module("bn_adaptation")
+    finally:
+        sys.path.remove(str(BENCH))
+
+    conv = torch.nn.Conv2d(3, 2, 1, bias=False)
+    model = torch.nn.Sequential(conv, torch.nn.BatchNorm2d(2)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    image = np.random.default_rng(0).normal(5.0, 2.0, (7, 1, 8, 8)).astype(np.float32)  # S×C×H×W
+    adapted = bn_adaptation.adapt_to_scan(model, image, divisor=4, batch_size=3, context=1)
+    assert not adapted.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    from mslpipe import preprocess
+
+    stacks = torch.from_numpy(preprocess.with_context(image, np.arange(7), 1))
+    with torch.no_grad():
+        outs = [conv(stacks[s:s + 3]) for s in range(0, 7, 3)]  # the batches the pass saw
+    expected = torch.stack([o.mean(dim=(0, 2, 3)) for o in outs]).mean(0)
+    assert torch.allclose(adapted[1].running_mean, expected, atol=1e-5)
+    assert not torch.allclose(adapted[1].running_mean, before["1.running_mean"])
