@@ -338,13 +338,18 @@ def _save_final(r: _Run, epochs: int, loss_fn, loader) -> float | None:
     of the weights so saved is returned (None without recalibration or validation cases)."""
     final_dice = None
     if r.plan.bn_recalibration_batches:
-        batches = next_batches(loader, r.plan.bn_recalibration_batches)
-        used = recalibrate_batchnorm(r.scored, batches, r.device, r.layout)
+        t0 = time.perf_counter()
+        used = recalibrate_batchnorm(r.scored, next_batches(loader, r.plan.bn_recalibration_batches), r.device,
+                                     r.layout)
+        record = {"batches": used, "seconds": round(time.perf_counter() - t0, 3)}
         if used and r.data.val:
             _, dices = validate(r.scored, r.data.val, r.pre_dir, r.plan, r.device, r.divisor, loss_fn)
             final_dice = float(np.mean(list(dices.values())))
+            record.update(val_dice=final_dice, val_dice_per_case=dices)
             log.info("BatchNorm statistics estimated again on %d training batches: validation Dice %.4f (%s)",
                      used, final_dice, " ".join(f"{c}={d:.4f}" for c, d in dices.items()))
+        # beside the run's settings: what the pass took (outside log.csv's epochs) and the Dice it left
+        write_json(r.out / "run.json", {**read_json(r.out / "run.json"), "bn_recalibration": record})
     r.scored.eval()
     checkpoints.save(r.checkpoint("final"), {"model": r.scored.state_dict(), "meta": r.meta(epoch=epochs - 1)})
     if r.data.val:

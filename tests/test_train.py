@@ -347,6 +347,8 @@ def test_a_run_with_bn_recalibration_saves_the_final_weights_new_statistics(plan
     assert all(torch.equal(final[k], latest[k]) for k in final if k.endswith(".weight"))
     assert any(not torch.allclose(final[k], latest[k]) for k in final if k.endswith("running_mean"))
     assert 0.0 <= result["val_dice_recalibrated"] <= 1.0
+    record = json.loads((fold / "run.json").read_text())["bn_recalibration"]
+    assert record["batches"] == 3 and record["seconds"] >= 0 and record["val_dice"] == result["val_dice_recalibrated"]
     assert sorted(p.name for p in (fold / "validation").iterdir())  # exported after the recalibration
 
     os.replace(fold / "checkpoint_previous.pt", fold / "checkpoint_latest.pt")  # back to the end of epoch 0
