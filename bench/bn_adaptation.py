@@ -29,11 +29,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bn_recalibration import as_train_recalibrates  # noqa: E402
 from cross_source import SOURCES  # noqa: E402
 
 from mslpipe import architectures, data_loading, inference, metrics, preprocess  # noqa: E402
 from mslpipe.io import read_json, write_json  # noqa: E402
-from mslpipe.train_parts import next_batches, recalibrate_batchnorm  # noqa: E402
+from mslpipe.train_parts import recalibrate_batchnorm  # noqa: E402
 from results import fold_arguments, real_data_work, seed_dirs, table, trained_fold, write_section  # noqa: E402
 
 STORED = {"bn_recalibration_batches": 0}
@@ -63,12 +64,7 @@ def fold_scores(dirs, fold_dir: Path) -> dict[str, dict[str, tuple[float, float]
     predictor = inference.load_predictor([fold_dir / "checkpoint_final.pt"], device="cpu")
     plan, pre = predictor.plan, dirs.preprocessed_dir("real")
     stored = predictor.models[0]
-    precise = copy.deepcopy(stored)
-    loader = data_loading.make_train_loader(pre, run["train"], plan, batches=plan.iterations_per_epoch,
-                                            seed=plan.seed, start_epoch=plan.epochs)
-    recalibrate_batchnorm(precise, next_batches(loader, PRECISE_BATCHES), "cpu",
-                          architectures.memory_format(precise, "cpu"))
-    precise.eval()
+    precise = as_train_recalibrates(copy.deepcopy(stored), pre, run["train"], plan, PRECISE_BATCHES)
     out = {arm: {} for arm in ARMS}
     for case in run["val"]:
         image, seg, _ = data_loading.load_case_arrays(pre, case)

@@ -35,6 +35,16 @@ from results import fold_arguments, real_data_work, table, trained_folds, write_
 STORED = {"bn_recalibration_batches": 0}  # the folds trained without it, whatever the plan's default
 
 
+def as_train_recalibrates(model, pre: Path, train_cases: list[str], plan, batches: int):
+    """``model`` (a fold's final weights, on the CPU) with what `train`'s last step does to them: the BatchNorm
+    statistics estimated again on ``batches`` batches of the run's own loader as it stands after the last epoch
+    (its next passes); back in eval mode."""
+    loader = data_loading.make_train_loader(pre, train_cases, plan, batches=plan.iterations_per_epoch,
+                                            seed=plan.seed, start_epoch=plan.epochs)
+    recalibrate_batchnorm(model, next_batches(loader, batches), "cpu", architectures.memory_format(model, "cpu"))
+    return model.eval()
+
+
 def recalibrated(args, work: Path, seed: int, cache: Path, batches: int) -> tuple[dict[str, np.ndarray], dict]:
     """({case: probability on the scan's own grid} of each fold's final weights after recalibration, cached as
     float16 in ``cache``; {fold: seconds the recalibration took}) for one seed's folds in ``work``."""
@@ -48,13 +58,7 @@ def recalibrated(args, work: Path, seed: int, cache: Path, batches: int) -> tupl
             predictor = inference.load_predictor([fold_dir / "checkpoint_final.pt"], device="cpu")
             model, plan, pre = predictor.models[0], predictor.plan, dirs.preprocessed_dir("real")
             t0 = time.perf_counter()  # what train adds: the loader's start and the pass
-            # the run's own loader as it stands after the last epoch: its next passes
-            loader = data_loading.make_train_loader(pre, read_json(fold_dir / "run.json")["train"], plan,
-                                                    batches=plan.iterations_per_epoch, seed=plan.seed,
-                                                    start_epoch=plan.epochs)
-            recalibrate_batchnorm(model, next_batches(loader, batches), "cpu",
-                                  architectures.memory_format(model, "cpu"))
-            model.eval()
+            as_train_recalibrates(model, pre, read_json(fold_dir / "run.json")["train"], plan, batches)
             took = time.perf_counter() - t0
             cache.mkdir(parents=True, exist_ok=True)
             for case, path in paths.items():

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from multiview import out_of_fold, reference, scan_spacing  # noqa: E402
 
 from mslpipe import metrics  # noqa: E402
-from mslpipe.evaluate import choose_min_lesion_size  # noqa: E402
+from mslpipe.evaluate import best_candidate, choose_min_lesion_size  # noqa: E402
 from results import fold_arguments, real_data_work, table, write_section  # noqa: E402
 
 SIZES = (0, 3, 5, 10, 20)  # evaluate's own candidates, mm³
@@ -57,12 +57,11 @@ def setting_scores(prob: np.ndarray, ref: np.ndarray, spacing: tuple) -> dict[tu
 
 
 def choose(scores: list[dict], stat: str) -> tuple[float, float]:
-    """`evaluate`'s criterion over the grid of one statistic, on these scans' setting scores."""
+    """`evaluate`'s criterion (:func:`mslpipe.evaluate.best_candidate`) over the grid of one statistic, on these
+    scans' setting scores; the grid in order of preference: smaller sizes, then lower P, first."""
     grid = [(size, p) for size in SIZES for p in PROBABILITIES]
-    mean = {g: np.mean([s[(stat, *g)] for s in scores], axis=0) for g in grid}
-    base = mean[0, 0]
-    eligible = [g for g in grid if mean[g][0] >= base[0] - 1e-12 and mean[g][1] >= base[1] - 1e-12]
-    return max(eligible, key=lambda g: (round(float(np.mean(mean[g])), 12), -g[0], -g[1]))
+    means = [tuple(float(v) for v in np.mean([s[(stat, *g)] for s in scores], axis=0)) for g in grid]
+    return grid[best_candidate(means)]
 
 
 def main() -> None:

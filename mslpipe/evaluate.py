@@ -324,6 +324,16 @@ def select_min_lesion_size(pairs: Iterable, candidates_mm3: Sequence[float] = (0
     return choose_min_lesion_size([_load_case(p, spacing_from) for p in pairs], candidates_mm3, connectivity)
 
 
+def best_candidate(scores: Sequence[tuple[float, float]]) -> int:
+    """The criterion by which `evaluate` chooses postprocessing: of candidates scored (mean Dice, mean lesion F1),
+    the first being no change, the index of the best mean of the two among those that lower neither below the
+    first's; ties go to the earliest (candidates come in order of preference)."""
+    base_dice, base_f1 = scores[0]
+    tol = 1e-12
+    eligible = [i for i, (d, f) in enumerate(scores) if d >= base_dice - tol and f >= base_f1 - tol]
+    return max(eligible, key=lambda i: ((scores[i][0] + scores[i][1]) / 2, -i))
+
+
 def choose_min_lesion_size(cases: Sequence[tuple[np.ndarray, list[np.ndarray], tuple]],
                            candidates_mm3: Sequence[float] = (0, 3, 5, 10, 20), connectivity: int = 26) -> dict:
     """:func:`select_min_lesion_size` on cases in memory: ``(prediction, [rater masks], spacing)`` each."""
@@ -346,10 +356,7 @@ def choose_min_lesion_size(cases: Sequence[tuple[np.ndarray, list[np.ndarray], t
         results.append({"min_lesion_mm3": size, "dice": float(np.mean(dices)),
                         "lesion_f1": float(np.mean(f1s))})
     base = results[0]
-    tol = 1e-12
-    eligible = [r for r in results
-                if r["dice"] >= base["dice"] - tol and r["lesion_f1"] >= base["lesion_f1"] - tol]
-    best = max(eligible, key=lambda r: ((r["dice"] + r["lesion_f1"]) / 2, -r["min_lesion_mm3"]))
+    best = results[best_candidate([(r["dice"], r["lesion_f1"]) for r in results])]
     if best["min_lesion_mm3"] == 0:
         because = ("no threshold raised (Dice + lesion F1)/2 without lowering Dice or lesion F1; "
                    "keeping 0 mm³ (no removal)")
