@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -210,6 +211,26 @@ def test_score_pairs_accepts_tuples_and_explicit_spacing(dirs):
         score_pairs([])
 
 
+@pytest.mark.parametrize("spacing_from, words", [("voxel", "'ref', 'pred' or 3 numbers"),
+                                                   ((1.0, 1.0), "3 positive numbers"),
+                                                   ((1.0, 0.0, 1.0), "3 positive numbers"),
+                                                   ((1.0, float("nan"), 1.0), "3 positive numbers")])
+def test_score_pairs_refuses_a_bad_voxel_size(dirs, spacing_from, words):
+    pred, ref = dirs
+    p = save_nifti(pred / "c1.nii.gz", lesions(A), AFFINE)
+    r = save_nifti(ref / "c1.nii.gz", lesions(A), AFFINE)
+    with pytest.raises(MslpipeError, match=re.escape(words)):
+        score_pairs([("c1", p, [r])], spacing_from=spacing_from)
+
+
+def test_a_case_without_reference_masks_is_refused_naming_its_prediction(dirs):
+    pred, _ = dirs
+    p = save_nifti(pred / "c1.nii.gz", lesions(A), AFFINE)
+    with pytest.raises(MslpipeError, match="'c1' has no reference mask") as info:
+        score_pairs([("c1", p, [])])
+    assert str(p) in str(info.value)
+
+
 def speck_case(tmp_path, name, pred_mask, ref_mask):
     p = save_nifti(tmp_path / f"{name}_pred.nii.gz", pred_mask, np.eye(4))
     r = save_nifti(tmp_path / f"{name}_ref.nii.gz", ref_mask, np.eye(4))
@@ -254,6 +275,9 @@ def test_choose_min_lesion_size_in_memory_weighs_the_voxel_size():
         choose_min_lesion_size([])
     with pytest.raises(MslpipeError, match="connectivity"):
         choose_min_lesion_size([(pred, [ref], (1.0, 1.0, 1.0))], connectivity=5)
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(MslpipeError, match=">= 0 mm³"):
+            choose_min_lesion_size([(pred, [ref], (1.0, 1.0, 1.0))], candidates_mm3=(3, bad))
 
 
 def _isbi_tree(root, masks):

@@ -96,6 +96,16 @@ def test_4d_image_is_refused(tmp_path):
         load_image(path)
 
 
+@pytest.mark.parametrize("dtype", [np.complex64, np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])],
+                         ids=["complex", "rgb"])
+def test_complex_or_rgb_voxels_are_refused(tmp_path, dtype):
+    """NIfTI stores complex and RGB voxels too; neither is an intensity image, and casting would drop parts."""
+    path = tmp_path / "odd.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, dtype=dtype), np.eye(4)), str(path))
+    with _raises(path, "unsupported voxel type"):
+        load_image(path)
+
+
 def test_4d_image_with_one_volume_is_squeezed(tmp_path):
     data = _image()
     path = save_nifti(tmp_path / "one.nii", data[..., None], _affine(), dtype=np.float32)

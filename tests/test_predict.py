@@ -132,6 +132,31 @@ def test_bad_file_is_reported_and_the_rest_goes_on(model, scan, tmp_path):
     assert not list((tmp_path / "out").glob(".*tmp*")), "temporary files left behind"
 
 
+def test_two_inputs_with_one_output_name_are_refused_before_any_work(model, scan, tmp_path):
+    """scan.nii and scan.nii.gz would both write OUT/scan.nii.gz: refused naming the name, nothing written."""
+    data, affine = scan
+    inp = tmp_path / "in"
+    save_nifti(inp / "scan.nii", data, affine, dtype=np.float32)
+    save_nifti(inp / "scan.nii.gz", data, affine, dtype=np.float32)
+    with pytest.raises(MslpipeError, match=r"same output name: \['scan'\]") as info:
+        predict.run(inp, tmp_path / "out", dirs=None, checkpoint=[model], device="cpu")
+    assert str(tmp_path / "out") in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_channel_on_another_grid_is_refused_naming_it(scan, tmp_path):
+    """A two-channel scan whose second channel has another shape, or the same shape placed elsewhere."""
+    data, affine = scan
+    first = save_nifti(tmp_path / "a_0000.nii.gz", data, affine, dtype=np.float32)
+    moved = affine.copy()
+    moved[:3, 3] += 5.0
+    for name, second in (("short", (data[:-1], affine)), ("moved", (data, moved))):
+        other = save_nifti(tmp_path / f"{name}_0001.nii.gz", second[0], second[1], dtype=np.float32)
+        with pytest.raises(MslpipeError, match="not on the same grid") as info:
+            datasets.Source("a", [first, other]).read()
+        assert str(other) in str(info.value)
+
+
 def test_rerun_skips_finished_cases_unless_overwrite(model, scan, tmp_path):
     data, affine = scan
     save_nifti(tmp_path / "in" / "a.nii.gz", data, affine, dtype=np.float32)
