@@ -141,8 +141,11 @@ def test_learns_easy_synthetic_data(tmp_path):
 
 
 def test_ddp_two_cpu_processes(planned, tmp_path):
-    """torchrun with 2 processes and the gloo backend trains and writes one set of outputs."""
+    """torchrun with 2 processes and the gloo backend trains and writes one set of outputs; rank 0 alone estimates
+    the final weights' BatchNorm statistics again (no collective call, so the other rank's exit cannot hang it)."""
     d = _copy_planned(planned, tmp_path)
+    plan_path = d.plan_dir("syn") / "plans.json"
+    plan_path.write_text(json.dumps({**json.loads(plan_path.read_text()), "bn_recalibration_batches": 3, "hash": ""}))
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000),
            "-m", "mslpipe", *_cli(d, "train", "-d", "syn", "--fold", "2", "--epochs", "1", "--iterations", "2",
@@ -155,6 +158,10 @@ def test_ddp_two_cpu_processes(planned, tmp_path):
     assert len(_rows(fold / "log.csv")) == 1
     run = (fold / "run.json").read_text()
     assert '"world_size": 2' in run
+    assert json.loads(run)["bn_recalibration"]["batches"] == 3
+    final = torch.load(fold / "checkpoint_final.pt", weights_only=True)["model"]
+    tracked = [k for k in final if k.endswith("num_batches_tracked")]
+    assert tracked and all(int(final[k]) == 3 for k in tracked) and not any(k.startswith("module.") for k in final)
 
 
 def test_ema_decay_follows_the_half_life():
