@@ -66,9 +66,12 @@ def _global(
 @app.command()
 def synth(
     out: Annotated[Path, typer.Argument(help="Output folder (ISBI 2015 layout).")],
-    subjects: int = 4, timepoints: int = 2,
+    subjects: Annotated[int, typer.Option(help="Subjects (trainingSS).")] = 4,
+    timepoints: Annotated[int, typer.Option(help="Scans per subject; later ones add new and growing lesions.")] = 2,
     shape: Annotated[tuple[int, int, int], typer.Option(help="Volume shape X Y Z.")] = (64, 72, 48),
-    seed: int = 0, raters: int = 2,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed writes the same data.")] = 0,
+    raters: Annotated[int, typer.Option(help="Masks per scan, 1 or 2 (mask2 draws some lesion borders a voxel "
+                                             "further out or in).")] = 2,
 ) -> None:
     """Write a synthetic FLAIR dataset with known lesions (two raters, longitudinal)."""
     from mslpipe.synth import make_dataset
@@ -84,8 +87,10 @@ def plan_cmd(
                                                help="Dataset folder (default: raw_data/NAME).")] = None,
     device: Device = "auto",
     arch: Annotated[str, typer.Option(help="Registered architecture (see `mslpipe archs`).")] = "leaky_unet",
-    seed: int = 12345,
-    folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the subject split and of training's randomness (recorded in "
+                                           "plans.json).")] = 12345,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds (fewer when fewer subjects remain outside the "
+                                            "test set).")] = 5,
     groups: Annotated[Path | None, typer.Option(
         help='JSON file of subject to group (site, scanner), e.g. {"training01": "site_a"}: each fold leaves one '
              "group out (in place of --folds), which measures a site the model never saw.")] = None,
@@ -161,13 +166,13 @@ def train(
                   f"{result['fold_dir']}")
 
 
-def _parse_folds(values: list[str] | None) -> list[int] | None:
+def _parse_folds(values: list[str] | None) -> list[int | str] | None:
     if not values:
         return None
-    try:
-        return [int(v) for item in values for v in item.replace(",", " ").split()]
-    except ValueError as exc:
-        raise MslpipeError(f"--folds takes fold numbers, not {values}") from exc
+    words = [v for item in values for v in item.replace(",", " ").split()]
+    if not all(w.isdigit() or w == "final" for w in words):
+        raise MslpipeError(f"--folds takes fold numbers or 'final', not {' '.join(values)!r}")
+    return [w if w == "final" else int(w) for w in words]
 
 
 @app.command()
@@ -176,8 +181,9 @@ def predict(
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")],
     dataset: Annotated[str | None, typer.Option("-d", "--dataset", help="Use this dataset's trained folds.")] = None,
     arch: Arch = None,
-    folds: Annotated[list[str] | None, typer.Option(help="Folds to ensemble, e.g. --folds 0,1,2 "
-                                                         "(default: every trained fold).")] = None,
+    folds: Annotated[list[str] | None, typer.Option(help="Folds to ensemble, e.g. --folds 0,1,2, or 'final' "
+                                                         "(default: every trained fold; the final model if no "
+                                                         "fold is trained).")] = None,
     checkpoint: Annotated[list[Path] | None, typer.Option(help="Checkpoint file(s) instead of -d.")] = None,
     device: Device = "auto",
     tta: Annotated[bool, typer.Option("--tta", help="Average over mirrored inputs.")] = False,
@@ -245,7 +251,11 @@ def evaluate_cmd(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("-o", "--output", help="Work folder for the demo.")] = Path("demo_out"),
-    subjects: int = 10, epochs: int = 20, iterations: int = 30, seed: int = 0, device: Device = "auto",
+    subjects: Annotated[int, typer.Option(help="Synthetic subjects (2 scans each).")] = 10,
+    epochs: Annotated[int, typer.Option(help="Training epochs of fold 0.")] = 20,
+    iterations: Annotated[int, typer.Option(help="Batches per epoch.")] = 30,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic data and of the plan.")] = 0,
+    device: Device = "auto",
 ) -> None:
     """End to end on synthetic data: synth → plan → train fold 0 → predict test split → evaluate."""
     from mslpipe import tables, workflow

@@ -41,17 +41,25 @@ def _gdcm_guard() -> Iterator[None]:
 
 @_gdcm_guard()
 def find_dicom_series(folder: str | os.PathLike) -> list[tuple[str, list[str]]]:
-    """List DICOM series under ``folder`` as (series uid, sorted file names); SimpleITK does the sort."""
+    """List DICOM series under ``folder`` as (series uid, sorted file names); SimpleITK does the sort.
+
+    ITK's warnings are off meanwhile: it prints one ("No Series were found") on stderr for every folder without a
+    series, which is most of them in a DICOM tree and all of them in a NIfTI folder."""
     import SimpleITK as sitk
 
     folders = [Path(folder)] + sorted(p for p in Path(folder).rglob("*") if p.is_dir())
     series = []
-    for sub in folders:
-        reader = sitk.ImageSeriesReader()
-        for uid in reader.GetGDCMSeriesIDs(str(sub)) or ():
-            files = list(reader.GetGDCMSeriesFileNames(str(sub), uid))
-            if files:
-                series.append((uid, files))
+    warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        for sub in folders:
+            reader = sitk.ImageSeriesReader()
+            for uid in reader.GetGDCMSeriesIDs(str(sub)) or ():
+                files = list(reader.GetGDCMSeriesFileNames(str(sub), uid))
+                if files:
+                    series.append((uid, files))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
     return series
 
 

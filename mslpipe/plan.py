@@ -172,10 +172,11 @@ def make_plan(fingerprint: dict, name: str, device: str, arch: str = "leaky_unet
     plan.target_spacing = [round(float(v), 3) for v in fingerprint["median"]["spacing_canonical"]]
     volumes = [c["brain_ml"] for c in fingerprint["cases"] if c.get("brain_ml")]
     plan.brain_ml_range = [round(min(volumes), 1), round(max(volumes), 1)] if volumes else None
-    divisor = architectures.required_divisor(arch, **plan.arch_kwargs)
     bbox = np.divide(fingerprint["median"]["brain_bbox_mm"], plan.target_spacing)
-    in_plane = [s for i, s in enumerate(bbox) if i != plan.slice_axis]
-    plan.patch_size = [int(math.ceil((s + 2 * plan.crop_margin) / divisor) * divisor) for s in in_plane]
+    in_plane = [s + 2 * plan.crop_margin for i, s in enumerate(bbox) if i != plan.slice_axis]
+    plan.arch_kwargs = architectures.fit_to_patch(arch, in_plane, **plan.arch_kwargs)
+    divisor = architectures.required_divisor(arch, **plan.arch_kwargs)
+    plan.patch_size = [int(math.ceil(s / divisor) * divisor) for s in in_plane]
     pixels = plan.patch_size[0] * plan.patch_size[1]
     if device == "cuda":
         # Full-width study network: batch 32 at 224×192 fits comfortably in 40 GB with bf16.

@@ -90,7 +90,9 @@ class PredictReport:
 
 
 # ---------------------------------------------------------------------------- models
-def find_checkpoints(dirs: Workdirs, dataset: str, arch: str, folds: list[int] | None) -> list[Path]:
+def find_checkpoints(dirs: Workdirs, dataset: str, arch: str, folds: list[int | str] | None) -> list[Path]:
+    """The final checkpoints of ``folds`` (numbers, or "final" for `train --fold final`'s model); by default every
+    trained cross-validation fold, or the final model when no fold is trained."""
     root = dirs.results_dir(dataset, arch)
     if folds:
         paths = [root / f"fold_{k}" / "checkpoint_final.pt" for k in folds]
@@ -98,7 +100,7 @@ def find_checkpoints(dirs: Workdirs, dataset: str, arch: str, folds: list[int] |
         if missing:
             raise MslpipeError("fold not trained (no checkpoint_final.pt)", missing[0])
         return paths
-    paths = sorted(root.glob("fold_[0-9]*/checkpoint_final.pt"))
+    paths = sorted(root.glob("fold_[0-9]*/checkpoint_final.pt")) or sorted(root.glob("fold_final/checkpoint_final.pt"))
     if not paths:
         raise MslpipeError(f"no trained folds of {arch}: run `mslpipe train -d {dataset} --fold 0`", root)
     return paths
@@ -189,9 +191,11 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
         else:
             result.skipped.append(src.case)
     names = [s.case for s in todo]
-    dupes = {n for n in names if names.count(n) > 1}
+    dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise MslpipeError(f"several inputs would write the same output name: {sorted(dupes)}", out)
+        inputs = " and ".join(str(s.paths[0]) for s in todo if s.case == dupes[0])
+        more = f" (and {len(dupes) - 1} more output names)" if len(dupes) > 1 else ""
+        raise MslpipeError(f"{inputs} would all write {dupes[0]}.nii.gz here{more}: rename or move all but one", out)
     make_dir(out)
     pp = {**predictor.postprocessing, **(postprocessing or {})}
 
@@ -276,7 +280,7 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
 
 
 def run(inp: Path, out: Path, *, dirs: Workdirs, dataset: str | None = None, arch: str | None = None,
-        folds: list[int] | None = None, checkpoint: list[Path] | None = None, device: str = "auto",
+        folds: list[int | str] | None = None, checkpoint: list[Path] | None = None, device: str = "auto",
         tta: bool = False, save_probabilities: bool = False, overwrite: bool = False,
         compile: bool = False, progress: Callable[[int, int, str], None] | None = None,
         report: bool = False, onnx: Path | None = None) -> PredictReport:

@@ -201,6 +201,8 @@ def _effective_plan(base: Plan, budget: EpochBudget | None, *, arch, epochs, lr,
         raise MslpipeError("--minutes leaves the run's length open, and the weights' moving average needs it (its "
                            "half-life is a fraction of the run): train --epochs N with --ema-half-life, or "
                            "--minutes with --ema-half-life 0")
+    if arch_kwargs is not None:  # another architecture than the plan's: its options fitted to the plan's patch
+        plan = apply_overrides(plan, {"arch_kwargs": architectures.fit_to_patch(plan.architecture, plan.patch_size)})
     divisor = architectures.required_divisor(plan.architecture, **plan.arch_kwargs)
     if any(p % divisor for p in plan.patch_size):  # another architecture may need a coarser grid
         plan = apply_overrides(plan, {"patch_size": [-(-p // divisor) * divisor for p in plan.patch_size]})

@@ -98,14 +98,34 @@ def evaluate_dataset(name: str, dirs: Workdirs, arch: str | None = None, device:
     return summary
 
 
+DEMO_MARK = ".mslpipe-demo"
+
+
+def _fresh_demo_folder(out: Path) -> None:
+    """Empty ``out`` for a demo: create it, or replace an earlier demo's folder; refuse any other folder."""
+    if out.exists() and not out.is_dir():
+        raise MslpipeError("demo needs a folder here, and this is a file", out)
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / DEMO_MARK).is_file():
+            raise MslpipeError("demo replaces its folder, and this one holds files no demo wrote: give another "
+                               "-o, or empty it", out)
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARK).write_text("written by `mslpipe demo`: the next demo into this folder deletes and rewrites it\n",
+                                 encoding="utf-8")
+
+
 def demo(out: Path, *, subjects: int = 10, timepoints: int = 2, shape=(64, 72, 48), epochs: int = 20,
          iterations: int = 30, seed: int = 0, device: str = "auto", fresh: bool = True,
          arch_kwargs: dict | None = None) -> dict[str, Any]:
-    """synth → plan → train fold 0 → predict the test split → evaluate; all under ``out``."""
+    """synth → plan → train fold 0 → predict the test split → evaluate; all under ``out``.
+
+    ``fresh``: start from an empty ``out``. A folder that an earlier demo wrote (it holds :data:`DEMO_MARK`) is
+    replaced; any other folder with something in it is refused, so that a mistyped ``-o`` deletes nothing."""
     from mslpipe import synth
 
-    if fresh and out.exists():
-        shutil.rmtree(out)
+    if fresh:
+        _fresh_demo_folder(out)
     dirs = Workdirs.resolve(out / "raw_data", out / "plans", out / "preprocessed", out / "results")
     name = "synthetic"
     synth.make_dataset(dirs.raw / name, subjects=subjects, timepoints=timepoints, shape=shape, seed=seed)

@@ -405,3 +405,30 @@ def test_failing_entry_point_listing_does_not_break_builtins(monkeypatch, regist
     with caplog.at_level(logging.WARNING, logger="mslpipe.architectures"):
         assert isinstance(arch.build("leaky_unet", **TINY), LeakyUNet)
     assert "corrupt metadata" in caplog.text
+
+
+def test_nnunet2d_depth_is_fitted_to_the_slices_it_will_see():
+    """nnU-Net's planner's rule: the most downsamplings (at most 6) that leave the deepest stage 4 pixels or more per
+    side; a depth the caller names is kept, and networks without the hook get their options back unchanged."""
+    assert arch.fit_to_patch("nnunet2d", [64, 72], base_channels=16) == {"base_channels": 16, "depth": 4}
+    assert arch.fit_to_patch("nnunet2d", [150, 181])["depth"] == 5  # an MNI brain at 1 mm
+    assert arch.fit_to_patch("nnunet2d", [400, 512])["depth"] == 6
+    assert arch.fit_to_patch("nnunet2d", [5, 300])["depth"] == 1
+    assert arch.fit_to_patch("nnunet2d", [64, 64], depth=2) == {"depth": 2}
+    assert arch.fit_to_patch("leaky_unet", [40, 40], base_channels=8) == {"base_channels": 8}
+    for sizes in ([61, 70], [150, 181], [33, 40]):
+        depth = arch.fit_to_patch("nnunet2d", sizes)["depth"]
+        patch = [-(-s // 2**depth) * 2**depth for s in sizes]
+        assert min(patch) // 2**depth >= 4  # the deepest stage of the rounded patch
+        assert depth == 6 or -(-min(sizes) // 2**(depth + 1)) < 4  # and one more would leave it under 4
+
+
+def test_nnunet2d_trains_on_a_small_patch_at_its_fitted_depth():
+    """A 64-pixel patch at the default depth 6 leaves 1x1 at the bottom, where instance norm cannot train (the
+    failure `train --arch nnunet2d` met on the synthetic data); at the fitted depth a training step runs."""
+    x = torch.randn(2, 1, 64, 64)
+    too_deep = arch.build("nnunet2d", base_channels=4, max_channels=16).train()
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        too_deep(x)
+    model = arch.build("nnunet2d", **arch.fit_to_patch("nnunet2d", [64, 64], base_channels=4, max_channels=16))
+    model.train()(x).mean().backward()

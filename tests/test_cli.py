@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from mslpipe.io import save_nifti
 
@@ -35,13 +37,14 @@ def test_version():
 
 
 def test_every_option_says_what_it_does():
-    """No option of any command is listed without a help text (rich's table leaves its last column empty)."""
+    """No option of any command is listed without a help text (rich's table leaves its last column empty, or shows
+    only the default there)."""
     for cmd in ("synth", "plan", "train", "predict", "evaluate", "demo", "compare", "export", "export-nnunet"):
         out = subprocess.run([sys.executable, "-m", "mslpipe", cmd, "--help"], capture_output=True, **TEXT,
                              env={**os.environ, "COLUMNS": "200"})
         bare = []
         for line in out.stdout.splitlines():
-            words = line.strip("│ *").split()
+            words = re.sub(r"\[default: [^]]*\]", "", line).strip("│ *").split()
             if words and words[0].startswith("--") and all(w[0] in "-<" for w in words):  # flags, metavar only
                 bare.append(words[0])
         assert out.returncode == 0 and not bare, (cmd, bare)
@@ -235,3 +238,19 @@ def test_predict_imports_no_k_d_tree():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, **TEXT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["predict", "-d", "syn", "-i", "in", "-o", "out", "--folds", "0,x"], "--folds takes fold numbers or 'final'"),
+    (["evaluate", "--pred", "p"], "--pred and --ref go together"),
+    (["evaluate"], "give -d NAME, or --pred DIR --ref DIR"),
+    (["compare", "a.nii.gz", "-o", "out"], "give two files, BASELINE FOLLOWUP"),
+    (["compare", "a.nii.gz", "b.nii.gz", "-d", "syn", "--subject", "training01", "-o", "out"],
+     "--subject goes with -d NAME and no BASELINE FOLLOWUP files"),
+])
+def test_options_that_do_not_go_together_are_one_line_errors(tmp_path, args, message):
+    """Refused before any file is read or written: one line, exit code 1, nothing in the work folder."""
+    out = run_cli(*args, cwd=tmp_path)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), out.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_io import SHAPE, _affine, _image, _raises
 
-from mslpipe.dicom import load_dicom_series, write_dicom_series
+from mslpipe.dicom import find_dicom_series, load_dicom_series, write_dicom_series
 from mslpipe.io import load_image, save_nifti
 
 
@@ -88,6 +88,20 @@ def test_empty_folder_has_no_dicom_series(tmp_path):
         load_dicom_series(tmp_path / "empty")
     with _raises(tmp_path / "absent", "not a folder"):
         load_dicom_series(tmp_path / "absent")
+
+
+def test_looking_for_series_prints_nothing_and_leaves_itk_warnings_as_they_were(tmp_path, capfd):
+    """ITK prints a warning on stderr for every folder without a series; a DICOM tree is mostly such folders, and
+    an error must be one line. The search finds the series quietly, and ITK's warnings are back on after it."""
+    import SimpleITK as sitk
+
+    write_dicom_series(tmp_path / "root" / "patient" / "flair", np.rint(_image()), _affine())
+    (tmp_path / "root" / "notes").mkdir()
+    capfd.readouterr()
+    series = find_dicom_series(tmp_path / "root")
+    assert len(series) == 1 and len(series[0][1]) == SHAPE[2]
+    assert capfd.readouterr().err == ""
+    assert sitk.ProcessObject.GetGlobalWarningDisplay()
 
 
 @pytest.mark.parametrize("bad", [40000.0, -40000.0, np.nan])

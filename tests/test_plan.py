@@ -603,3 +603,14 @@ def test_plan_tells_progress_per_stage_and_case(tiny_root, tmp_path):
     ids = ["training01_01", "training02_01"]
     assert calls == [("verify", 1, 2, ids[0]), ("verify", 2, 2, ids[1]),
                      ("preprocess", 1, 2, ids[0]), ("preprocess", 2, 2, ids[1])]
+
+
+def test_a_plan_for_nnunet2d_fits_its_depth_to_the_patch(synth_planned):
+    """nnunet2d's depth follows nnU-Net's planner (deepest stage at least 4 pixels per side), so the patch is rounded
+    to 2**depth, not to the default depth's 64, and training can run on it."""
+    fingerprint = read_json(synth_planned[0].plan_dir("syn") / "fingerprint.json")
+    for device in ("cpu", "cuda"):
+        p = plan.make_plan(fingerprint, "syn", device, arch="nnunet2d")
+        depth = p.arch_kwargs["depth"]
+        assert 1 <= depth < 6 and architectures.required_divisor("nnunet2d", **p.arch_kwargs) == 2**depth
+        assert all(s % 2**depth == 0 and s // 2**depth >= 4 for s in p.patch_size)

@@ -133,14 +133,16 @@ def test_bad_file_is_reported_and_the_rest_goes_on(model, scan, tmp_path):
 
 
 def test_two_inputs_with_one_output_name_are_refused_before_any_work(model, scan, tmp_path):
-    """scan.nii and scan.nii.gz would both write OUT/scan.nii.gz: refused naming the name, nothing written."""
+    """scan.nii and scan.nii.gz would both write OUT/scan.nii.gz: refused naming both inputs and the output, nothing
+    written."""
     data, affine = scan
     inp = tmp_path / "in"
     save_nifti(inp / "scan.nii", data, affine, dtype=np.float32)
     save_nifti(inp / "scan.nii.gz", data, affine, dtype=np.float32)
-    with pytest.raises(MslpipeError, match=r"same output name: \['scan'\]") as info:
+    with pytest.raises(MslpipeError, match=r"would all write scan.nii.gz here: rename or move all but one") as info:
         predict.run(inp, tmp_path / "out", dirs=None, checkpoint=[model], device="cpu")
-    assert str(tmp_path / "out") in str(info.value)
+    assert str(inp / "scan.nii") in str(info.value) and str(inp / "scan.nii.gz") in str(info.value)
+    assert info.value.path == str(tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -635,3 +637,25 @@ def test_an_early_read_by_another_plan_is_not_used(model, scan, tmp_path, monkey
     with pytest.raises(MslpipeError) as info:
         predict.run(tmp_path / "in", tmp_path / "out2", dirs=None, checkpoint=[copy], device="cpu")
     assert str(copy) in str(info.value)
+
+
+def test_the_final_model_is_found_by_name_and_when_no_fold_is_trained(dirs):
+    """`--folds final` names `train --fold final`'s model; by default the cross-validation folds are the ensemble and
+    the final model stands in only where no fold is trained."""
+    root = dirs.results_dir("syn", "leaky_unet")
+
+    def trained(fold):
+        (root / f"fold_{fold}").mkdir(parents=True)
+        (root / f"fold_{fold}" / "checkpoint_final.pt").write_bytes(b"")
+        return root / f"fold_{fold}" / "checkpoint_final.pt"
+
+    with pytest.raises(MslpipeError, match="no trained folds of leaky_unet"):
+        predict.find_checkpoints(dirs, "syn", "leaky_unet", None)
+    final = trained("final")
+    assert predict.find_checkpoints(dirs, "syn", "leaky_unet", None) == [final]
+    folds = [trained(0), trained(2)]
+    assert predict.find_checkpoints(dirs, "syn", "leaky_unet", None) == folds
+    assert predict.find_checkpoints(dirs, "syn", "leaky_unet", ["final"]) == [final]
+    assert predict.find_checkpoints(dirs, "syn", "leaky_unet", [2, "final"]) == [folds[1], final]
+    with pytest.raises(MslpipeError, match="fold not trained"):
+        predict.find_checkpoints(dirs, "syn", "leaky_unet", [1])

@@ -19,7 +19,7 @@ import torch
 from mslpipe import train
 from mslpipe.errors import MslpipeError
 from mslpipe.io import load_image
-from mslpipe.plans import Workdirs
+from mslpipe.plans import Workdirs, load_plan
 
 TEXT = {"text": True, "encoding": "utf-8", "errors": "replace"}  # the CLI prints UTF-8 whatever the locale
 
@@ -382,3 +382,16 @@ def test_bn_recalibration_batches_must_be_a_whole_number_and_off_keeps_old_hashe
     old.pop("bn_recalibration_batches")  # a plan written before the field
     assert Plan.from_dict(old).compute_hash() == Plan(dataset="x").compute_hash()
     assert Plan(dataset="x", bn_recalibration_batches=50).compute_hash() != Plan(dataset="x").compute_hash()
+
+
+def test_another_architecture_than_the_plans_gets_options_fitted_to_the_plans_patch(planned, tmp_path):
+    """`train --arch nnunet2d` on a plan made for leaky_unet: nnunet2d's depth is fitted to the plan's patch (recorded
+    in the fold's plan.json, so predict builds the same network) and the run trains, where the default depth 6 left
+    a 1x1 deepest stage that instance norm cannot train on."""
+    d = _copy_planned(planned, tmp_path)
+    result = train.run("syn", d, 0, arch="nnunet2d", epochs=1, iterations=1, device="cpu", show_progress=False)
+    written = load_plan(result["fold_dir"] / "plan.json")
+    depth = written.arch_kwargs["depth"]
+    assert written.architecture == "nnunet2d" and depth < 6
+    assert all(p % 2**depth == 0 and p // 2**depth >= 4 for p in written.patch_size)
+    assert (result["fold_dir"] / "checkpoint_final.pt").is_file()

@@ -35,11 +35,31 @@ def test_evaluate_dataset(trained, planned):
 
 
 def test_demo_end_to_end_tiny(tmp_path):
+    """The whole demo, tiny; run into the folder of an earlier demo (its mark there), which it replaces."""
+    earlier = tmp_path / "demo"
+    earlier.mkdir()
+    (earlier / workflow.DEMO_MARK).write_text("")
+    (earlier / "stale.txt").write_text("from an earlier demo")
     result = workflow.demo(tmp_path / "demo", subjects=4, timepoints=1, shape=(32, 36, 24), epochs=1,
                            iterations=2, device="cpu", arch_kwargs={"base_channels": 4, "max_channels": 16,
                                                                      "depth": 2})
     assert "test" in result["summary"] and result["summary"]["test"]["per_case"]
     assert (tmp_path / "demo" / "results" / "synthetic" / "leaky_unet" / "summary.json").exists()
+    assert not (earlier / "stale.txt").exists() and (earlier / workflow.DEMO_MARK).is_file()
+
+
+def test_demo_refuses_a_folder_it_did_not_write_and_deletes_nothing(tmp_path):
+    """`demo -o` pointed at a folder of the user's: one clear error before any work, every file still there."""
+    mine = tmp_path / "mine"
+    (mine / "results").mkdir(parents=True)
+    (mine / "results" / "model.pt").write_text("precious")
+    with pytest.raises(MslpipeError, match="holds files no demo wrote") as err:
+        workflow.demo(mine, subjects=4, epochs=1, iterations=1, device="cpu")
+    assert err.value.path == str(mine) and (mine / "results" / "model.pt").read_text() == "precious"
+    assert sorted(p.name for p in mine.iterdir()) == ["results"]
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(MslpipeError, match="this is a file"):
+        workflow.demo(tmp_path / "a_file", subjects=4, epochs=1, iterations=1, device="cpu")
 
 
 def test_evaluate_scores_a_datasets_own_labelled_test_cases(planned, tmp_path):

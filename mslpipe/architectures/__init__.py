@@ -8,7 +8,9 @@ and returns logits of shape ``(N, out_channels, H, W)`` for an input ``(N, in_ch
 A network may set an integer attribute ``required_divisor``: input H and W must be divisible by
 it (:func:`required_divisor` reports 1 for networks that do not set it). It may set
 ``channels_last_on_cpu = True`` when it runs faster in that memory layout on a CPU (on CUDA every
-network runs channels_last; see :func:`memory_format`).
+network runs channels_last; see :func:`memory_format`). A factory may carry a function attribute
+``fit_to_patch(sizes, kwargs) -> kwargs`` that adapts its options to the slices it will see (``nnunet2d``
+chooses its depth so); :func:`fit_to_patch` calls it, and plans record what it returns.
 
 Built in: ``leaky_unet`` (the default, the original study's U-Net, 31.39 M parameters) and
 ``nnunet2d`` (nnU-Net's default 2D U-Net through MONAI's DynUNet).
@@ -20,6 +22,7 @@ API::
     available() -> dict[str, factory]             # built-ins, registered and plugged-in ones
     describe(name, in_channels=1, **kwargs) -> dict   # includes "parameters"
     required_divisor(name, **kwargs) -> int
+    fit_to_patch(name, sizes, **kwargs) -> dict   # options adapted to slices of ``sizes`` pixels
     memory_format(model, device) -> torch.memory_format   # the layout a built network runs in
     load_plugins(force=False) -> list[str]        # normally called for you, lazily
 
@@ -64,6 +67,7 @@ __all__ = [
     "load_plugins",
     "register",
     "required_divisor",
+    "fit_to_patch",
     "memory_format",
 ]
 
@@ -246,6 +250,13 @@ def required_divisor(name: str, **kwargs: Any) -> int:
     out_channels = kwargs.pop("out_channels", 1)
     model = _build_cheaply(name, in_channels, out_channels, kwargs)
     return int(getattr(model, "required_divisor", 1))
+
+
+def fit_to_patch(name: str, sizes: list[float], **kwargs: Any) -> dict[str, Any]:
+    """The options of ``name`` adapted to slices of ``sizes`` pixels (height, width) by the factory's own
+    ``fit_to_patch`` hook, or ``kwargs`` unchanged when it has none."""
+    hook = getattr(_factory(name), "fit_to_patch", None)
+    return dict(hook(list(sizes), dict(kwargs))) if callable(hook) else dict(kwargs)
 
 
 def memory_format(model: nn.Module, device: str) -> torch.memory_format:

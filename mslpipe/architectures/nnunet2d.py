@@ -7,7 +7,8 @@ convolutions, and a 1x1 convolution gives ``out_channels`` logits. Widths are ``
 capped at ``max_channels``: 32, 64, 128, 256, 512, 512, 512 at the defaults.
 
 Keyword arguments: ``depth`` (number of downsamplings, default 6; input H and W must be divisible
-by ``2**depth``, so a 224x192 patch needs ``depth=5`` or padding to 256x192), ``base_channels``
+by ``2**depth``, so a 224x192 patch needs ``depth=5`` or padding to 256x192; plans choose it by
+nnU-Net's planner's rule, :func:`fit_to_patch`), ``base_channels``
 (default 32), ``max_channels`` (default 512). Deep supervision is off and there are no residual
 blocks. In training mode instance norm needs more than one pixel per channel, so the deepest stage
 must be at least 2x2: H and W at least ``2 * 2**depth``.
@@ -23,12 +24,17 @@ coarser decoder stages, so its count is a little higher again.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from mslpipe.architectures.leaky_unet import check_input
 
-__all__ = ["NnUNet2D", "nnunet2d", "nnunet2d_widths"]
+__all__ = ["NnUNet2D", "fit_to_patch", "nnunet2d", "nnunet2d_widths"]
+
+MAX_DEPTH = 6
+MIN_DEEPEST_SIDE = 4  # nnU-Net v2 planner: UNet_featuremap_min_edge_length
 
 
 def _int_arg(name: str, value: object, minimum: int) -> int:
@@ -102,3 +108,17 @@ def nnunet2d(
     return NnUNet2D(
         in_channels, out_channels, depth=depth, base_channels=base_channels, max_channels=max_channels
     )
+
+
+def fit_to_patch(sizes: list[float], kwargs: dict) -> dict:
+    """``kwargs`` with the ``depth`` for slices of ``sizes`` pixels (before the patch is rounded up to ``2**depth``):
+    the most downsamplings, at most 6, that leave the deepest stage at least 4 pixels per side, as nnU-Net's planner
+    does. At 64 pixels that is 4, at 150-180 (an MNI brain at 1 mm) 5. A depth already in ``kwargs`` is kept."""
+    if "depth" in kwargs:
+        return dict(kwargs)
+    smallest = min(float(s) for s in sizes)
+    depth = next((d for d in range(MAX_DEPTH, 0, -1) if math.ceil(smallest / 2**d) >= MIN_DEEPEST_SIDE), 1)
+    return {**kwargs, "depth": depth}
+
+
+nnunet2d.fit_to_patch = fit_to_patch  # the registry's hook: see architectures.fit_to_patch
