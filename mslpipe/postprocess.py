@@ -23,6 +23,11 @@ def _structure(connectivity: int) -> np.ndarray:
     return ndimage.generate_binary_structure(3, _RANKS[connectivity])
 
 
+def label_lesions(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
+    """(each lesion's voxels numbered with its id 1..n, 0 elsewhere; n): the ids :func:`lesion_table` gives."""
+    return ndimage.label(np.asarray(mask) != 0, structure=_structure(connectivity))
+
+
 def binarize(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """Voxels with ``prob >= threshold`` become 1, the rest 0 (uint8)."""
     threshold = float(threshold)
@@ -84,7 +89,7 @@ def lesion_table(mask: np.ndarray, affine: np.ndarray, connectivity: int = 26,
         raise ValueError("lesion_table needs a 3D mask and a 4×4 affine")
     if probability is not None and np.shape(probability) != mask.shape:
         raise ValueError(f"probability shape {np.shape(probability)} differs from the mask's {mask.shape}")
-    labels, n = ndimage.label(mask, structure=_structure(connectivity))
+    labels, n = label_lesions(mask, connectivity)
     if n == 0:
         return []
     voxel_mm3 = abs(float(np.linalg.det(affine[:3, :3])))

@@ -1,8 +1,9 @@
 """Clinical outputs of ``predict --report``: lesion tables per case, QC overlays, one offline HTML page.
 
 Per case ``OUT/<case>.lesions.csv`` (one row per lesion) and ``OUT/<case>.lesions.json`` (lesion
-count, total volume, the lesions, the QC images), and PNG overlays in ``OUT/qc/``. The dataset-level
-``OUT/report.csv`` and ``OUT/report.html`` are rebuilt from the per-case JSON files present in OUT,
+count, total volume, the lesions, the QC images), PNG overlays in ``OUT/qc/`` and the lesions' ids as a NIfTI label
+map, ``OUT/lesion_ids/<case>.nii.gz`` (a viewer then names the table's row of the lesion under the cursor). The
+dataset-level ``OUT/report.csv`` and ``OUT/report.html`` are rebuilt from the per-case JSON files present in OUT,
 so reruns and skipped cases stay consistent. ``report.html`` is self-contained: images are embedded
 as base64 data URIs, the CSS is inline, there is no script and no external URL.
 
@@ -23,14 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from mslpipe.errors import MslpipeError
-from mslpipe.io import atomic_write_text, load_mask, read_json, saved_probability, write_json
+from mslpipe.io import atomic_write_text, load_mask, read_json, save_nifti, saved_probability, write_json
 from mslpipe.metrics import dice, lesion_counts
-from mslpipe.postprocess import lesion_table
+from mslpipe.postprocess import label_lesions, lesion_table
 from mslpipe.qc_images import COLOURS, QC_DIR, render_case_images
 
 log = logging.getLogger(__name__)
 
 JSON_SUFFIX = ".lesions.json"
+LABEL_DIR = "lesion_ids"  # OUT/lesion_ids/<case>.nii.gz: each lesion's voxels hold its id, as in the tables
 LESION_FIELDS = ("id", "volume_mm3", "n_voxels", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
                  "axial_first", "axial_last", "mean_probability", "max_probability")
 REPORT_FIELDS = ("case", "lesion_count", "total_volume_ml", "largest_lesion_mm3", "warnings")
@@ -125,6 +127,15 @@ def _write_lesion_csv(path: Path, summary: dict) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def _write_label_map(out_dir: Path, case: str, mask: np.ndarray, affine: np.ndarray, connectivity: int) -> str:
+    """``OUT/lesion_ids/<case>.nii.gz``: 0 outside lesions, each lesion's id inside (uint16, int32 past 65535
+    lesions); its path relative to ``out_dir``."""
+    labels, n = label_lesions(mask, connectivity)
+    name = f"{LABEL_DIR}/{case}.nii.gz"
+    save_nifti(Path(out_dir) / name, labels, affine, dtype=np.uint16 if n <= np.iinfo(np.uint16).max else np.int32)
+    return name
+
+
 # ---------------------------------------------------------------------------- per case
 def case_json_path(out_dir: Path, case: str) -> Path:
     return Path(out_dir) / f"{case}{JSON_SUFFIX}"
@@ -133,7 +144,8 @@ def case_json_path(out_dir: Path, case: str) -> Path:
 def write_case_report(out_dir: Path, case: str, image: np.ndarray, mask: np.ndarray, affine: np.ndarray,
                       ref: np.ndarray | None = None, connectivity: int = 26, warnings: list[str] | None = None,
                       made_by: dict | None = None, probability: np.ndarray | None = None) -> dict:
-    """Write ``<case>.lesions.csv``, ``qc/<case>_*.png`` and, last, ``<case>.lesions.json``; return the JSON.
+    """Write ``<case>.lesions.csv``, ``lesion_ids/<case>.nii.gz`` (on ``affine``'s grid), ``qc/<case>_*.png`` and,
+    last, ``<case>.lesions.json``; return the JSON.
     ``warnings``: sentences about the scan's quality (e.g. from ``preprocess.brain_volume_warning``), shown first.
     ``made_by``: what segmented the scan (``mslpipe_version``, ``models``, ``plan_hash``, ``tta``), shown with it.
     ``probability``: the map the mask was thresholded from, for each lesion's mean and highest probability."""
@@ -148,6 +160,7 @@ def write_case_report(out_dir: Path, case: str, image: np.ndarray, mask: np.ndar
         if ref is not None:
             summary["reference"] = _reference_summary(mask, ref, connectivity)
         _write_lesion_csv(out_dir / f"{case}.lesions.csv", summary)
+        summary["label_map"] = _write_label_map(out_dir, case, mask, affine, connectivity)
         summary["images"] = render_case_images(out_dir, case, image, mask, affine, summary, ref)
         write_json(case_json_path(out_dir, case), summary)  # last: its presence means the case is complete
     except MslpipeError:
@@ -242,6 +255,9 @@ def _numbers(s: dict) -> str:
         + (f"<td>{_probability(les.get('mean_probability'))}</td>" if with_p else "") + "</tr>" for les in biggest)
     more = (f'<p class="note">{len(s["lesions"]) - MAX_LISTED} smaller lesions in {_esc(s["case"])}.lesions.csv</p>'
             if len(s["lesions"]) > MAX_LISTED else "")
+    if s.get("label_map"):
+        more += f'<p class="note">lesion ids as a NIfTI label map: {_esc(s["label_map"])}</p>'
+
     p_note = (f'<p class="note">{_esc(PROBABILITY_NOTE)}</p>' if with_p else "")
     return (f'<table class="num">{out}</table><table class="les"><tr><th>id</th><th>mm³</th><th>voxels</th>'
             f"<th>centroid x, y, z (mm)</th><th>axial slices</th>{'<th>mean p</th>' if with_p else ''}</tr>"

@@ -95,6 +95,17 @@ def test_case_files_csv_and_json(tmp_path):
     assert data["lesion_count"] == 2 and data["total_volume_ml"] == pytest.approx(26 * VOXEL_MM3 / 1000)
     assert data["lesions"][0]["slice_ranges"] == [[2, 5], [3, 7], [4, 6]]
     assert data == json.loads(json.dumps(summary))
+    # the lesions' ids as a label map on the mask's grid: the table's row of the lesion under a viewer's cursor
+    import nibabel as nib
+
+    assert data["label_map"] == "lesion_ids/k.nii.gz"
+    ids = nib.load(tmp_path / "lesion_ids" / "k.nii.gz")
+    assert ids.get_data_dtype() == np.uint16 and np.allclose(ids.affine, AFFINE)
+    labels = np.asarray(ids.dataobj)
+    assert labels.shape == mask.shape and set(np.unique(labels)) == {0, 1, 2}
+    for row, lesion in zip(rows, voxels, strict=True):
+        assert (labels == int(row["id"])).sum() == int(row["n_voxels"])
+        assert (labels[tuple(lesion.T)] == int(row["id"])).all()
     files = sorted(p.name for p in (tmp_path / "qc").iterdir())
     assert files == ["k_planes.png", "k_slices.png"]
     for name in files:
@@ -225,7 +236,8 @@ def test_predict_report_end_to_end(model, synth_root, tmp_path):
     result = predict.run(inp, out, dirs=None, checkpoint=[model], device="cpu", report=True)
     assert sorted(result.written) == ["scan_a", "scan_b"] and not result.failed
     for case in ("scan_a", "scan_b"):
-        for name in (f"{case}.nii.gz", f"{case}.lesions.csv", f"{case}.lesions.json", f"qc/{case}_slices.png"):
+        for name in (f"{case}.nii.gz", f"{case}.lesions.csv", f"{case}.lesions.json", f"qc/{case}_slices.png",
+                     f"lesion_ids/{case}.nii.gz"):
             assert (out / name).is_file(), name
     assert [r["case"] for r in _read_csv(out / "report.csv")] == ["scan_a", "scan_b"]
     page = (out / "report.html").read_text()
