@@ -32,7 +32,9 @@ def brain_mask(image: np.ndarray, fraction: float = 0.05) -> np.ndarray:
         return out
     box = tuple(slice(a, b) for a, b in bounding_box(full, 2))
     mask = full[box]
-    mask = open_faces(mask) if mask.sum() > 1000 else mask
+    if mask.sum() > 1000:  # the opening erases a slab under 3 voxels thick (a scan of 1 or 2 slices): then none
+        opened = open_faces(mask)
+        mask = opened if opened.any() else mask
     labels, n = ndimage.label(mask)
     if n > 1:  # keep components holding at least 1% of the mask (drops specks of background noise)
         sizes = np.bincount(labels.ravel(), minlength=n + 1)

@@ -225,7 +225,9 @@ def evaluate_cmd(
     pred: Annotated[Path | None, typer.Option(help="Folder of predicted masks.")] = None,
     ref: Annotated[Path | None, typer.Option(
         help="Folder of reference masks, or an ISBI 2015-layout dataset (its masks/ folders).")] = None,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="summary.json path.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="summary.json path (default: the --pred "
+                                                "folder's; with -d a copy of results/NAME/ARCH/summary.json).")
+                      ] = None,
     qc_report: Annotated[bool, typer.Option("--report", help="With -d: crossval/report.html with TP/FP/FN overlays.")
                          ] = False,
     device: Device = "auto",
@@ -245,6 +247,10 @@ def evaluate_cmd(
     from mslpipe import workflow
 
     summary = workflow.evaluate_dataset(dataset, _dirs(), arch=arch, device=device, report=qc_report)
+    if output is not None:
+        from mslpipe.io import write_json
+
+        write_json(output, summary)
     _echo(tables.summary_text(summary))
 
 
@@ -315,7 +321,8 @@ def export(
     output: Annotated[Path, typer.Option("-o", "--output", help="The model file (.onnx); MODEL.onnx.json, "
                                                                 "its description, goes beside it.")],
     dataset: Annotated[str | None, typer.Option("-d", "--dataset", help="Export this dataset's trained fold.")] = None,
-    fold: Annotated[int | None, typer.Option(help="Fold to export (default: the only trained one).")] = None,
+    fold: Annotated[str | None, typer.Option(help="Fold to export, a number or 'final' (default: the only trained "
+                                                 "one).")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="A checkpoint file instead of -d.")] = None,
     arch: Arch = None,
     format: Annotated[str, typer.Option("--format", help="onnx (the only format).")] = "onnx",

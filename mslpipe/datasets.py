@@ -278,6 +278,10 @@ def _dataset_test_sources(root: Path, dirs: Workdirs | None, dataset: str | None
         test_subjects = set(read_json(dirs.plan_dir(dataset) / "splits.json")["test"])
     chosen = [c for c in cases if c.test_only or c.subject in test_subjects]
     if not chosen:
+        if test_subjects:
+            raise MslpipeError(f"a dataset is segmented by its test scans, and none of this one's is a test-only "
+                               f"scan or a subject of {dataset}'s test split; to segment other scans, give them "
+                               "as files or a folder", root)
         raise MslpipeError("dataset has no test scans (no test-only cases and no test split; give -d NAME "
-                           "after `mslpipe plan`)", root)
+                           "after `mslpipe plan`, or the scans as files or a folder)", root)
     return [Source(c.id, list(c.images.values())) for c in chosen]

@@ -194,7 +194,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, postprocessing: dict
     return meta
 
 
-def run(out: str | Path, *, dirs, dataset: str | None = None, arch: str | None = None, fold: int | None = None,
+def run(out: str | Path, *, dirs, dataset: str | None = None, arch: str | None = None, fold: int | str | None = None,
         checkpoint: Path | None = None, exporter: str = "auto", precision: str = "fp32",
         calibration: Path | None = None) -> dict[str, Any]:
     """`mslpipe export`: ``checkpoint``, or fold ``fold`` of ``dataset`` (the only trained fold if not given).
@@ -206,12 +206,20 @@ def run(out: str | Path, *, dirs, dataset: str | None = None, arch: str | None =
     """
     from mslpipe.plans import load_plan
 
+    if calibration is not None and precision != "int8":
+        raise MslpipeError("--calibration goes with --precision int8 (an fp32 model is not calibrated)")
+    if fold is not None and not (str(fold).isdigit() or fold == "final"):
+        raise MslpipeError(f"--fold takes a fold number or 'final', not {fold!r}")
     postprocessing = None
     if checkpoint is None:
         if dataset is None:
             raise MslpipeError("say which model to export: -d NAME [--fold K] or --checkpoint PATH")
         arch = arch or load_plan(dirs.plan_dir(dataset) / "plans.json").architecture
         root = dirs.results_dir(dataset, arch)
+        if not root.exists():
+            from mslpipe import architectures
+
+            architectures.check_name(arch)
         if fold is None:
             found = sorted(root.glob("fold_*/checkpoint_final.pt"))
             if len(found) != 1:

@@ -185,8 +185,13 @@ def write_patched_plans(nnunet_plans: str | Path, arch_kwargs: dict[str, Any] | 
     nnunet_plans = Path(nnunet_plans)
     if nnunet_plans.stem == plans_name:
         raise MslpipeError(f"refusing to overwrite the input: it is already {plans_name}", nnunet_plans)
-    patched = patch_plans(read_json(nnunet_plans), arch_kwargs, plans_name=plans_name,
-                          configuration=configuration)
+    try:
+        patched = patch_plans(read_json(nnunet_plans), arch_kwargs, plans_name=plans_name,
+                              configuration=configuration)
+    except MslpipeError as exc:  # patch_plans reads a dict: name the file it came from
+        if exc.path is not None:
+            raise
+        raise MslpipeError(str(exc), nnunet_plans) from exc
     patched["mslpipe"]["patched_from"] = nnunet_plans.name
     return write_json(nnunet_plans.with_name(f"{plans_name}.json"), patched)
 

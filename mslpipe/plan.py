@@ -150,6 +150,15 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def check_split_options(n_folds: int, test_fraction: float) -> None:
+    """``plan --folds`` and ``--test-fraction``, refused before any scan is read."""
+    if isinstance(n_folds, bool) or not isinstance(n_folds, int) or n_folds < 2:
+        raise MslpipeError(f"--folds must be at least 2 (each fold trains on some subjects and validates on others), "
+                           f"not {n_folds}")
+    if not (isinstance(test_fraction, int | float) and 0.0 <= test_fraction < 1.0):
+        raise MslpipeError(f"--test-fraction must lie in [0, 1) (0: no held-out test subjects), not {test_fraction}")
+
+
 def check_slice_axis(axis: int) -> None:
     if axis not in (0, 1, 2):
         raise MslpipeError(f"slice axis must be 0 (sagittal), 1 (coronal) or 2 (axial), not {axis}")
@@ -222,6 +231,7 @@ def make_splits(subjects: list[str], seed: int, n_folds: int = 5, test_fraction:
     """Subject-level splits: held-out test set, k-fold CV over the rest, and the 8:1:1 view. With ``groups``
     (subject → site or scanner) the cross-validation leaves one group out per fold instead (``n_folds`` unused),
     which measures how the model does on a site it never saw; the test set is still drawn by subject."""
+    check_split_options(n_folds, test_fraction)
     subjects = sorted(set(subjects))
     if groups is not None:
         missing = [s for s in subjects if s not in groups]
@@ -272,6 +282,7 @@ def run(name: str, dirs: Workdirs, input_path: Path | None = None, device: str =
     if overrides and overrides.get("slice_axis") is not None:
         raise MslpipeError("give the slice axis as plan's slice_axis, not as an override: the patch follows it")
     check_slice_axis(slice_axis)  # before the data is read: verifying a large dataset takes minutes
+    check_split_options(n_folds, test_fraction)
     group_of = read_groups(groups) if groups is not None else None
     root = Path(input_path) if input_path else dirs.raw / name
     cases = discover(root)

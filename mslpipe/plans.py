@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,6 +261,15 @@ class Plan:
              and 0 <= self.context_slices <= 4, "context_slices must be an integer from 0 to 4")
         need(self.batch_size >= 1 and self.epochs >= 1 and self.iterations_per_epoch >= 1,
              "batch_size, epochs and iterations_per_epoch must be positive")
+        need(isinstance(self.num_workers, int) and self.num_workers >= 0, "num_workers must be 0 or more")
+        opt = self.optimizer if isinstance(self.optimizer, dict) else {}
+        need(all(isinstance(opt.get(k, 0.0), int | float) and not isinstance(opt.get(k, 0.0), bool)
+                 and math.isfinite(opt.get(k, 0.0)) for k in ("lr", "momentum", "weight_decay")),
+             "the optimizer's lr, momentum and weight_decay must be numbers")
+        need(opt.get("lr", 0.0) > 0,
+             f"the learning rate (optimizer lr, train --lr) must be positive, not {opt.get('lr')}")
+        need(0.0 <= opt.get("momentum", 0.0) < 1.0 and opt.get("weight_decay", 0.0) >= 0.0,
+             "the optimizer's momentum must lie in [0, 1) and its weight_decay must not be negative")
         need(0.0 <= self.oversample_foreground <= 1.0, "oversample_foreground must lie in [0, 1]")
         need(self.loss in LOSSES, f"loss must be one of {LOSSES}")
         need(self.foreground_sampling in FOREGROUND_SAMPLING,

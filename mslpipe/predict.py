@@ -102,6 +102,10 @@ def find_checkpoints(dirs: Workdirs, dataset: str, arch: str, folds: list[int | 
         return paths
     paths = sorted(root.glob("fold_[0-9]*/checkpoint_final.pt")) or sorted(root.glob("fold_final/checkpoint_final.pt"))
     if not paths:
+        if not root.exists():  # a mistyped --arch: say so (the registry imports torch, so only here)
+            from mslpipe import architectures
+
+            architectures.check_name(arch)
         raise MslpipeError(f"no trained folds of {arch}: run `mslpipe train -d {dataset} --fold 0`", root)
     return paths
 
@@ -207,6 +211,8 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
         t0 = time.perf_counter()
         mask, prob = preprocess.finish_scan(prob, prepared, affine, pp)
         t1 = time.perf_counter()
+        if not save_probabilities:  # an earlier run's map (--overwrite) would pass for this mask's (compare reads it)
+            (out / PROBABILITY_DIR / f"{src.case}.nii.gz").unlink(missing_ok=True)
         save_nifti(out / f"{src.case}.nii.gz", mask, affine, dtype=np.uint8)
         if save_probabilities:
             save_nifti(out / PROBABILITY_DIR / f"{src.case}.nii.gz", prob, affine, dtype=np.float32)
@@ -228,7 +234,7 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
             result.written.append(src.case)
         except MslpipeError as exc:
             result.failed.append((src.case, str(exc)))
-            log.error("%s", exc)
+            log.info("failed: %s", exc)  # the command lists every failure once, at its end
 
     readers = reader_count(predictor)
     with ThreadPoolExecutor(max_workers=readers) as reader, ThreadPoolExecutor(max_workers=1) as writer:
@@ -257,7 +263,7 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
                     result.warned.append(src.case)
             except MslpipeError as exc:
                 result.failed.append((src.case, str(exc)))
-                log.error("%s", exc)
+                log.info("failed: %s", exc)  # the command lists every failure once, at its end
             if progress:
                 progress(i + 1, len(todo), src.case)
         t0 = time.perf_counter()
@@ -269,13 +275,13 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
                 fut.result()
             except MslpipeError as exc:
                 result.failed.append((src.case, str(exc)))
-                log.error("%s", exc)
+                log.info("failed: %s", exc)  # the command lists every failure once, at its end
     if want_report:
         try:
             lesion_report.write_report_index(out)
         except MslpipeError as exc:
             result.failed.append(("report", str(exc)))
-            log.error("%s", exc)
+            log.info("failed: %s", exc)  # the command lists every failure once, at its end
     return result
 
 
@@ -287,8 +293,14 @@ def run(inp: Path, out: Path, *, dirs: Workdirs, dataset: str | None = None, arc
     """``onnx``: an exported model run by ONNX Runtime on the CPU (no torch); otherwise checkpoints."""
     t0 = time.perf_counter()
     load_parts: dict[str, float] = {}
+    if onnx is not None and (checkpoint or folds):
+        raise MslpipeError("--onnx runs the exported model alone: leave out --checkpoint and --folds")
     if not Path(inp).exists():  # said before the models load (seconds with torch and a GPU)
         raise MslpipeError("input not found", inp)
+    read_from = Path(inp) if Path(inp).is_dir() else Path(inp).parent
+    if Path(out).resolve() == read_from.resolve():  # with --overwrite a scan's mask would replace the scan itself
+        raise MslpipeError("the output folder is the folder the scans are read from: the masks would replace or mix "
+                           "with them; give another -o", out)
     sources, planned_channels = None, None
     plan_file = dirs.plan_dir(dataset) / "plans.json" if dataset is not None else None
     if onnx is None and not checkpoint and plan_file and (arch is None or plan_file.exists()):
@@ -337,7 +349,7 @@ def run(inp: Path, out: Path, *, dirs: Workdirs, dataset: str | None = None, arc
                        postprocessing={**predictor.postprocessing, **(pp or {})})
         except MslpipeError as exc:
             result.failed.append(("provenance", str(exc)))
-            log.error("%s", exc)
+            log.info("failed: %s", exc)  # the command lists every failure once, at its end
     return result
 
 

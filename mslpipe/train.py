@@ -7,6 +7,7 @@ fold folder). Validation scores whole volumes through :mod:`mslpipe.inference`, 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -213,10 +214,30 @@ def _start_fold_dir(r: _Run, *, resume: bool, compile: bool, minutes: float | No
     """Refuse to overwrite a run unless resuming; record the effective plan and the run's settings."""
     if not resume and r.checkpoint("latest").exists():
         raise MslpipeError("a run exists here already: add --continue to resume it, or delete the folder", r.out)
+    if resume and (r.out / "plan.json").exists() and any(r.checkpoint(k).exists() for k in ("latest", "previous")):
+        _check_same_plan(read_json(r.out / "plan.json"), json.loads(json.dumps(r.plan.to_dict())),
+                         r.out / "plan.json")  # both as JSON reads them (lists, not tuples)
     write_json(r.out / "plan.json", r.plan.to_dict())
     write_json(r.out / "run.json", {"fold": r.fold, "train": r.data.train, "val": r.data.val, "device": r.device,
                                     "world_size": r.world, "compile": compile, "minutes": minutes,
                                     "epoch_cap": r.budget.cap if r.budget else None})
+
+
+# what a resumed run may change: its length, its loader's workers, and what happens after the last epoch
+RESUMABLE_CHANGES = frozenset({"epochs", "iterations_per_epoch", "num_workers", "ema_half_life",
+                               "bn_recalibration_batches", "inference_batch_size", "postprocessing", "target_device",
+                               "mslpipe_version", "version", "hash"})
+
+
+def _check_same_plan(before: dict, now: dict, where: Path) -> None:
+    """Refuse to resume a run whose data, network or optimisation the plan now describes differently (the dataset
+    planned again with other settings, or another --arch, --lr or --batch-size): its checkpoint would not fit, or
+    would go on learning from differently prepared slices. Nothing in the run's folder is changed."""
+    changed = sorted(k for k in set(before) | set(now) if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k))
+    if changed:
+        raise MslpipeError(f"--continue: this run was trained with another plan ({', '.join(changed)} differ from "
+                           "the plan and options now); resume it with the plan and options it started with, or "
+                           "delete the folder to train it again", where)
 
 
 def _build_network(r: _Run) -> None:

@@ -50,6 +50,10 @@ def evaluate_dataset(name: str, dirs: Workdirs, arch: str | None = None, device:
     refs = {cid: c.masks for cid, c in cases.items() if c.masks}
     root = dirs.results_dir(name, arch)
     oof = sorted(root.glob("fold_[0-9]*/validation/*.nii.gz"))
+    if not oof and not root.exists():
+        from mslpipe import architectures
+
+        architectures.check_name(arch)
     if not oof:
         raise MslpipeError(f"no out-of-fold predictions: train a fold first (`mslpipe train -d {name} --fold 0`)",
                            root)

@@ -114,3 +114,17 @@ def test_bounding_box():
 
 
 # ---------------------------------------------------------------------------- rater policies
+
+
+@pytest.mark.parametrize("thickness", [1, 2])
+def test_a_scan_of_one_or_two_slices_keeps_its_brain(thickness):
+    """The opening that drops specks would erase a slab under 3 voxels thick, and the scan was then refused as
+    empty; such a mask is kept unopened. Thicker scans are opened as before."""
+    big = np.zeros((80, 80, 40), dtype=np.float32)
+    big[10:70, 10:70, :] = 100.0  # 3600 voxels a slice: over the opening's 1000
+    thin = big[:, :, :thickness]
+    mask = brain_mask(thin)
+    assert mask.sum() == (thin > 0).sum()
+    speck = big.copy()
+    speck[2, 2, 20] = 100.0  # a lone bright voxel: the opening still removes it in a thick scan
+    assert not brain_mask(speck)[2, 2, 20] and brain_mask(speck)[40, 40, 20]

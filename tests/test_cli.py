@@ -218,7 +218,7 @@ def test_predict_ends_with_everything_said_and_written(trained, synth_root, tmp_
     inp = tmp_path / "in"
     save_nifti(inp / "good.nii.gz", data, affine, dtype=np.float32)
     out = run_cli("predict", "-i", inp, "-o", tmp_path / "out", "--checkpoint", model, "--device", "cpu")
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 0 and out.stderr == "", out.stderr  # no progress bar where stderr is no terminal
     assert "wrote 1, skipped 0 existing, failed 0" in out.stdout and out.stdout.rstrip().splitlines()[-1].startswith(
         "time: ")
     assert load_image(tmp_path / "out" / "good.nii.gz")[0].shape == data.shape
@@ -226,8 +226,9 @@ def test_predict_ends_with_everything_said_and_written(trained, synth_root, tmp_
     out = run_cli("predict", "-i", inp, "-o", tmp_path / "out", "--checkpoint", model, "--device", "cpu")
     assert out.returncode == 1
     assert "skipped 1 existing (use --overwrite), failed 1" in out.stdout
-    failed = [line for line in out.stderr.splitlines() if line.startswith("failed: ")]
-    assert len(failed) == 1 and "bad.nii.gz" in failed[0] and "not a gzip file" in failed[0]
+    failed = out.stderr.splitlines()  # one line for the bad scan, and nothing else (no blank line of a bar)
+    assert len(failed) == 1 and failed[0].startswith("failed: ") and "bad.nii.gz" in failed[0], out.stderr
+    assert "not a gzip file" in failed[0]
 
 
 def test_predict_imports_no_k_d_tree():
@@ -245,6 +246,14 @@ def test_predict_imports_no_k_d_tree():
     (["evaluate", "--pred", "p"], "--pred and --ref go together"),
     (["evaluate"], "give -d NAME, or --pred DIR --ref DIR"),
     (["compare", "a.nii.gz", "-o", "out"], "give two files, BASELINE FOLLOWUP"),
+    (["predict", "--onnx", "m.onnx", "--checkpoint", "c.pt", "-i", "in", "-o", "out"],
+     "--onnx runs the exported model alone: leave out --checkpoint and --folds"),
+    (["predict", "--onnx", "m.onnx", "--folds", "0", "-i", "in", "-o", "out"], "--onnx runs the exported model alone"),
+    (["export", "-o", "m.onnx", "--checkpoint", "c.pt", "--calibration", "scans"],
+     "--calibration goes with --precision int8"),
+    (["export", "-o", "m.onnx", "-d", "syn", "--fold", "best"], "--fold takes a fold number or 'final'"),
+    (["plan", "-d", "syn", "--folds", "1"], "--folds must be at least 2"),
+    (["plan", "-d", "syn", "--test-fraction", "-0.3"], "--test-fraction must lie in [0, 1)"),
     (["compare", "a.nii.gz", "b.nii.gz", "-d", "syn", "--subject", "training01", "-o", "out"],
      "--subject goes with -d NAME and no BASELINE FOLLOWUP files"),
 ])
@@ -254,3 +263,13 @@ def test_options_that_do_not_go_together_are_one_line_errors(tmp_path, args, mes
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), out.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_dataset_writes_its_summary_where_o_says_too(trained, tmp_path):
+    """`evaluate -d NAME -o FILE`: the summary in the results folder, and the same summary at FILE (-o was ignored)."""
+    d, _ = trained
+    out = run_cli("--plans", d.plans, "--preprocessed", d.preprocessed, "--results", d.results, "evaluate", "-d",
+                  "syn", "--device", "cpu", "-o", tmp_path / "copy.json")
+    assert out.returncode == 0, out.stderr
+    copy = json.loads((tmp_path / "copy.json").read_text())
+    assert copy == json.loads((d.results_dir("syn", "leaky_unet") / "summary.json").read_text()) and copy["per_case"]

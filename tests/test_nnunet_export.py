@@ -264,6 +264,13 @@ def test_write_patched_plans_beside_the_input(tmp_path):
     assert read_json(src) == NNUNET_PLANS
     with pytest.raises(MslpipeError, match="overwrite"):
         nnunet_export.write_patched_plans(path, {"depth": 3})
+    # a plans file that cannot be patched is named in the error (patch_plans itself sees only a dict)
+    other = tmp_path / "other" / "nnUNetPlans.json"
+    other.parent.mkdir()
+    other.write_text(json.dumps({"configurations": {}}))
+    with pytest.raises(MslpipeError, match="configuration") as info:
+        nnunet_export.write_patched_plans(other, {"depth": 3})
+    assert info.value.path == str(other) and not (other.parent / "nnUNetPlans_leaky_unet.json").exists()
 
 
 def test_fragment_names_the_plans_arch_kwargs(exported, planned):

@@ -614,3 +614,19 @@ def test_a_plan_for_nnunet2d_fits_its_depth_to_the_patch(synth_planned):
         depth = p.arch_kwargs["depth"]
         assert 1 <= depth < 6 and architectures.required_divisor("nnunet2d", **p.arch_kwargs) == 2**depth
         assert all(s % 2**depth == 0 and s // 2**depth >= 4 for s in p.patch_size)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"n_folds": 1}, "--folds must be at least 2"), ({"n_folds": 0}, "--folds must be at least 2"),
+    ({"n_folds": -2}, "--folds must be at least 2"), ({"test_fraction": -0.3}, r"--test-fraction must lie in \[0, 1\)"),
+    ({"test_fraction": 1.0}, "--test-fraction must lie"), ({"test_fraction": float("nan")}, "--test-fraction must lie"),
+])
+def test_split_options_that_make_no_cross_validation_are_refused_before_any_scan_is_read(dirs, tmp_path, options,
+                                                                                          message):
+    """--folds 1 left a fold without training subjects, --folds 0 none at all, and a negative test fraction held out
+    most subjects: all refused, by plan before it reads a scan (here there is none to read) and by the splitter."""
+    with pytest.raises(MslpipeError, match=message):
+        plan.run("syn", dirs, input_path=tmp_path / "no_such_folder", **options)
+    with pytest.raises(MslpipeError, match=message):
+        plan.make_splits([f"s{i}" for i in range(6)], 1, **options)
+    assert not dirs.plan_dir("syn").exists()

@@ -132,6 +132,21 @@ def test_bad_file_is_reported_and_the_rest_goes_on(model, scan, tmp_path):
     assert not list((tmp_path / "out").glob(".*tmp*")), "temporary files left behind"
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_the_input_folder_as_output_is_refused_and_the_scans_are_untouched(model, scan, tmp_path, overwrite):
+    """-o naming the folder the scans come from (given as the folder, or as a file in it): with --overwrite the mask
+    would replace the scan of the same name, without it the scan would pass for a finished output and be skipped."""
+    data, affine = scan
+    inp = tmp_path / "scans"
+    path = save_nifti(inp / "single.nii.gz", data, affine, dtype=np.float32)
+    before = path.read_bytes()
+    for given in (inp, path, tmp_path / "scans" / "."):
+        with pytest.raises(MslpipeError, match="the output folder is the folder the scans are read from") as info:
+            predict.run(given, inp, dirs=None, checkpoint=[model], device="cpu", overwrite=overwrite)
+        assert info.value.path == str(inp)
+    assert path.read_bytes() == before and sorted(p.name for p in inp.iterdir()) == ["single.nii.gz"]
+
+
 def test_two_inputs_with_one_output_name_are_refused_before_any_work(model, scan, tmp_path):
     """scan.nii and scan.nii.gz would both write OUT/scan.nii.gz: refused naming both inputs and the output, nothing
     written."""
@@ -659,3 +674,56 @@ def test_the_final_model_is_found_by_name_and_when_no_fold_is_trained(dirs):
     assert predict.find_checkpoints(dirs, "syn", "leaky_unet", [2, "final"]) == [folds[1], final]
     with pytest.raises(MslpipeError, match="fold not trained"):
         predict.find_checkpoints(dirs, "syn", "leaky_unet", [1])
+
+
+def test_an_unknown_architecture_is_named_as_such(planned, tmp_path, scan_path):
+    """--arch with a name no network has, where nothing is trained under it: "unknown architecture", naming the known
+    ones, from predict, export and evaluate, rather than "no trained folds" and a train command that cannot run."""
+    from mslpipe import export, workflow
+
+    d, _ = planned
+    for call in (lambda: predict.run(scan_path, tmp_path / "out", dirs=d, dataset="syn", arch="bogus", device="cpu"),
+                 lambda: export.run(tmp_path / "m.onnx", dirs=d, dataset="syn", arch="bogus"),
+                 lambda: workflow.evaluate_dataset("syn", d, arch="bogus", device="cpu")):
+        with pytest.raises(MslpipeError, match="unknown architecture 'bogus'; known: .*leaky_unet"):
+            call()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.onnx").exists()
+
+
+def test_a_dataset_given_as_input_is_segmented_by_its_test_scans_and_says_so_when_it_has_none(planned, synth_root):
+    """-i a whole dataset means its test scans (test-only ones, or the test split of -d NAME's plan). A dataset with
+    none was refused with "give -d NAME" even where -d was given; the message now says what a dataset input means."""
+    d, result = planned
+    test_subjects = set(result["splits"]["test"])
+    sources = datasets.gather_sources(synth_root, ["flair"], d, "syn")
+    assert sources and {s.case.split("_")[0] for s in sources} == test_subjects
+    with pytest.raises(MslpipeError, match="dataset has no test scans .*give -d NAME after `mslpipe plan`"):
+        datasets.gather_sources(synth_root, ["flair"], None, None)
+    with pytest.raises(MslpipeError, match="none of this one's is a test-only scan or a subject of other's test"):
+        _other_split(d, synth_root)
+
+
+def _other_split(d, synth_root):
+    """A plan named "other" whose test split holds a subject the synthetic dataset does not have."""
+    from mslpipe.io import write_json
+
+    write_json(d.plan_dir("other") / "splits.json", {"test": ["elsewhere01"]})
+    try:
+        return datasets.gather_sources(synth_root, ["flair"], d, "other")
+    finally:
+        (d.plan_dir("other") / "splits.json").unlink()
+        d.plan_dir("other").rmdir()
+
+
+def test_overwriting_without_probabilities_removes_the_earlier_runs_map(model, scan, tmp_path):
+    """A mask rewritten with --overwrite but without --save-probabilities must not keep an earlier run's probability
+    map beside it: compare and the lesion report read that map as the new mask's."""
+    data, affine = scan
+    inp, out = tmp_path / "in", tmp_path / "out"
+    save_nifti(inp / "a.nii.gz", data, affine, dtype=np.float32)
+    predict.run(inp, out, dirs=None, checkpoint=[model], device="cpu", save_probabilities=True)
+    assert (out / "probabilities" / "a.nii.gz").is_file()
+    save_nifti(inp / "a.nii.gz", np.clip(data * 1.3, 0, None), affine, dtype=np.float32)
+    again = predict.run(inp, out, dirs=None, checkpoint=[model], device="cpu", overwrite=True)
+    assert again.written == ["a"] and (out / "a.nii.gz").is_file()
+    assert not (out / "probabilities" / "a.nii.gz").exists()

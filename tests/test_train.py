@@ -395,3 +395,27 @@ def test_another_architecture_than_the_plans_gets_options_fitted_to_the_plans_pa
     assert written.architecture == "nnunet2d" and depth < 6
     assert all(p % 2**depth == 0 and p // 2**depth >= 4 for p in written.patch_size)
     assert (result["fold_dir"] / "checkpoint_final.pt").is_file()
+
+
+def test_continue_refuses_a_run_of_another_plan_and_changes_nothing(planned, tmp_path):
+    """--continue after the dataset was planned again with other settings, or with another --lr: refused naming what
+    differs, before the run's folder is touched (its plan.json still describes its checkpoints). A longer run, the
+    one change resuming is for, still resumes."""
+    from mslpipe.plans import apply_overrides
+
+    d = _copy_planned(planned, tmp_path)
+    fold = train.run("syn", d, 0, epochs=1, iterations=1, device="cpu", show_progress=False)["fold_dir"]
+    before = {n: (fold / n).read_bytes() for n in ("plan.json", "run.json", "checkpoint_latest.pt", "log.csv")}
+    with pytest.raises(MslpipeError, match=r"this run was trained with another plan \(optimizer differ") as info:
+        train.run("syn", d, 0, epochs=2, iterations=1, lr=0.5, device="cpu", show_progress=False, resume=True)
+    assert info.value.path == str(fold / "plan.json")
+    plans_json = d.plan_dir("syn") / "plans.json"
+    original = plans_json.read_text()
+    replanned = apply_overrides(load_plan(plans_json), {"context_slices": 0, "label_policy": "union"})
+    plans_json.write_text(json.dumps(replanned.to_dict()))
+    with pytest.raises(MslpipeError, match=r"another plan \(context_slices, label_policy differ"):
+        train.run("syn", d, 0, epochs=2, iterations=1, device="cpu", show_progress=False, resume=True)
+    assert {n: (fold / n).read_bytes() for n in before} == before
+    plans_json.write_text(original)
+    train.run("syn", d, 0, epochs=2, iterations=1, device="cpu", show_progress=False, resume=True)
+    assert [int(r["epoch"]) for r in _rows(fold / "log.csv")] == [0, 1]

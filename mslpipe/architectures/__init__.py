@@ -63,6 +63,7 @@ __all__ = [
     "NnUNet2D",
     "available",
     "build",
+    "check_name",
     "describe",
     "load_plugins",
     "register",
@@ -168,6 +169,11 @@ def _factory(name: str) -> Factory:
     if name not in _registry:
         raise MslpipeError(f"unknown architecture {name!r}; known: {', '.join(sorted(_registry))}")
     return _registry[name]
+
+
+def check_name(name: str) -> None:
+    """Raise :class:`MslpipeError` naming the known architectures when ``name`` is not one of them."""
+    _factory(name)
 
 
 def _check_kwargs(name: str, factory: Factory, kwargs: dict[str, Any]) -> None:
