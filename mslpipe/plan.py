@@ -23,7 +23,6 @@ from mslpipe.plans import CPU_INFERENCE_BATCH, Plan, Workdirs, save_plan
 
 log = logging.getLogger(__name__)
 
-CPU_ARCH_KWARGS = {"base_channels": 16, "max_channels": 256}
 # 2.5D by default: each slice with one neighbour on either side (3 input channels, as the study's replicated
 # grey slices had). Over two seeds of the real-data CPU cross-validation (bench/RESULTS.md) it gave a higher
 # mean lesion F1 (0.433 against 0.368) and ISBI score (0.596 against 0.527) than one slice, mean Dice level.
@@ -177,7 +176,7 @@ def make_plan(fingerprint: dict, name: str, device: str, arch: str = "leaky_unet
     plan.augmentation.p_low_res = DEFAULT_P_LOW_RES if device == "cuda" else 0.0
     plan.bn_recalibration_batches = DEFAULT_BN_RECALIBRATION_BATCHES
     if device == "cpu":
-        plan.arch_kwargs = dict(CPU_ARCH_KWARGS) if arch == "leaky_unet" else {"base_channels": 16}
+        plan.arch_kwargs = architectures.cpu_kwargs(arch)
     plan.target_spacing = [round(float(v), 3) for v in fingerprint["median"]["spacing_canonical"]]
     volumes = [c["brain_ml"] for c in fingerprint["cases"] if c.get("brain_ml")]
     plan.brain_ml_range = [round(min(volumes), 1), round(max(volumes), 1)] if volumes else None

@@ -192,7 +192,9 @@ def _effective_plan(base: Plan, budget: EpochBudget | None, *, arch, epochs, lr,
                     num_workers, ema_half_life) -> tuple[Plan, int]:
     """(the plan with the command line's overrides, the patch rounded up to the network's divisor; the divisor)."""
     optimizer = dict(base.optimizer, lr=lr) if lr is not None else None
-    arch_kwargs = {} if arch is not None and arch != base.architecture else None
+    arch_kwargs = None  # another architecture than the plan's: sized for the plan's device, fitted to its patch
+    if arch is not None and arch != base.architecture:
+        arch_kwargs = architectures.cpu_kwargs(arch) if base.target_device == "cpu" else {}
     plan = apply_overrides(base, {"architecture": arch, "arch_kwargs": arch_kwargs,
                                   "epochs": None if budget else epochs,
                                   "batch_size": batch_size, "iterations_per_epoch": iterations,
@@ -202,8 +204,9 @@ def _effective_plan(base: Plan, budget: EpochBudget | None, *, arch, epochs, lr,
         raise MslpipeError("--minutes leaves the run's length open, and the weights' moving average needs it (its "
                            "half-life is a fraction of the run): train --epochs N with --ema-half-life, or "
                            "--minutes with --ema-half-life 0")
-    if arch_kwargs is not None:  # another architecture than the plan's: its options fitted to the plan's patch
-        plan = apply_overrides(plan, {"arch_kwargs": architectures.fit_to_patch(plan.architecture, plan.patch_size)})
+    if arch_kwargs is not None:
+        plan = apply_overrides(plan, {"arch_kwargs": architectures.fit_to_patch(plan.architecture, plan.patch_size,
+                                                                                **arch_kwargs)})
     divisor = architectures.required_divisor(plan.architecture, **plan.arch_kwargs)
     if any(p % divisor for p in plan.patch_size):  # another architecture may need a coarser grid
         plan = apply_overrides(plan, {"patch_size": [-(-p // divisor) * divisor for p in plan.patch_size]})

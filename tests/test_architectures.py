@@ -432,3 +432,17 @@ def test_nnunet2d_trains_on_a_small_patch_at_its_fitted_depth():
         too_deep(x)
     model = arch.build("nnunet2d", **arch.fit_to_patch("nnunet2d", [64, 64], base_channels=4, max_channels=16))
     model.train()(x).mean().backward()
+
+
+def test_cpu_plans_shrink_the_built_in_networks_and_leave_others_alone():
+    assert arch.cpu_kwargs("leaky_unet") == {"base_channels": 16, "max_channels": 256}
+    assert arch.cpu_kwargs("nnunet2d") == {"base_channels": 16}
+
+    @arch.register("plain_test_net")
+    def plain(in_channels, out_channels=1):
+        return torch.nn.Conv2d(in_channels, out_channels, 1)
+
+    try:
+        assert arch.cpu_kwargs("plain_test_net") == {}  # a plugged-in network without the attribute gets no options
+    finally:
+        arch._registry.pop("plain_test_net"), arch._origin.pop("plain_test_net")

@@ -393,6 +393,7 @@ def test_another_architecture_than_the_plans_gets_options_fitted_to_the_plans_pa
     written = load_plan(result["fold_dir"] / "plan.json")
     depth = written.arch_kwargs["depth"]
     assert written.architecture == "nnunet2d" and depth < 6
+    assert written.arch_kwargs["base_channels"] == 16  # sized for the plan's CPU, as `plan --arch nnunet2d` would
     assert all(p % 2**depth == 0 and p // 2**depth >= 4 for p in written.patch_size)
     assert (result["fold_dir"] / "checkpoint_final.pt").is_file()
 

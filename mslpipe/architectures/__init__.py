@@ -10,7 +10,8 @@ it (:func:`required_divisor` reports 1 for networks that do not set it). It may 
 ``channels_last_on_cpu = True`` when it runs faster in that memory layout on a CPU (on CUDA every
 network runs channels_last; see :func:`memory_format`). A factory may carry a function attribute
 ``fit_to_patch(sizes, kwargs) -> kwargs`` that adapts its options to the slices it will see (``nnunet2d``
-chooses its depth so); :func:`fit_to_patch` calls it, and plans record what it returns.
+chooses its depth so); :func:`fit_to_patch` calls it, and plans record what it returns. A ``cpu_kwargs`` dict
+attribute holds the options a CPU plan shrinks it with (:func:`cpu_kwargs`).
 
 Built in: ``leaky_unet`` (the default, the original study's U-Net, 31.39 M parameters) and
 ``nnunet2d`` (nnU-Net's default 2D U-Net through MONAI's DynUNet).
@@ -23,6 +24,7 @@ API::
     describe(name, in_channels=1, **kwargs) -> dict   # includes "parameters"
     required_divisor(name, **kwargs) -> int
     fit_to_patch(name, sizes, **kwargs) -> dict   # options adapted to slices of ``sizes`` pixels
+    cpu_kwargs(name) -> dict                      # options that shrink it for a CPU plan
     memory_format(model, device) -> torch.memory_format   # the layout a built network runs in
     load_plugins(force=False) -> list[str]        # normally called for you, lazily
 
@@ -64,6 +66,7 @@ __all__ = [
     "available",
     "build",
     "check_name",
+    "cpu_kwargs",
     "describe",
     "load_plugins",
     "register",
@@ -258,6 +261,12 @@ def required_divisor(name: str, **kwargs: Any) -> int:
     return int(getattr(model, "required_divisor", 1))
 
 
+def cpu_kwargs(name: str) -> dict[str, Any]:
+    """The options that shrink ``name`` for a CPU plan (the factory's ``cpu_kwargs`` attribute; none for a network
+    that does not say): a full-width network trains too slowly on a few cores."""
+    return dict(getattr(_factory(name), "cpu_kwargs", {}))
+
+
 def fit_to_patch(name: str, sizes: list[float], **kwargs: Any) -> dict[str, Any]:
     """The options of ``name`` adapted to slices of ``sizes`` pixels (height, width) by the factory's own
     ``fit_to_patch`` hook, or ``kwargs`` unchanged when it has none."""
@@ -274,6 +283,10 @@ def memory_format(model: nn.Module, device: str) -> torch.memory_format:
     return torch.contiguous_format
 
 
+# CPU plans: the study's network at a quarter of its width, 16-256 channels (3 slices/s at full width on 2 cores,
+# see the README's environment notes), and nnU-Net's at half of its own
+leaky_unet.cpu_kwargs = {"base_channels": 16, "max_channels": 256}
+nnunet2d.cpu_kwargs = {"base_channels": 16}
 for _name, _builtin in (("leaky_unet", leaky_unet), ("nnunet2d", nnunet2d)):
     register(_name)(_builtin)
     _origin[_name] = "builtin"
