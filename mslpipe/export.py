@@ -170,6 +170,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, postprocessing: dict
                 "brain mask: voxels above 5% of the 99.5th percentile of positive voxels, opened, specks "
                 "dropped, holes filled",
                 "crop to the brain's bounding box plus crop_margin",
+                "correct the bias field: N4 (SimpleITK) with normalization.n4_levels fitting levels when above 0, or "
+                "divide by the brain's smooth shading of width normalization.flatfield_mm when above 0",
                 "clip to the brain's lower_pct/upper_pct percentiles; inside the brain subtract the mean and divide "
                 "by the standard deviation (scheme brain_percentile_zscore) or subtract the median and divide by "
                 "the interquartile range / 1.349 (brain_percentile_median_iqr); 0 outside",
@@ -183,7 +185,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, postprocessing: dict
         "threshold": pp.get("threshold", 0.5),
         "postprocessing": pp,
         "inference_batch_size": plan.inference_batch_size,
-        "export_check": check,
+        "export_check": {**check, "model": "fp32 before quantization" if precision == "int8" else "this file"},
         "plan": plan.to_dict(),
     }
     if quantization:

@@ -174,8 +174,9 @@ def plan_text(dataset: str, result: dict) -> str:
 
 def export_text(meta: dict, output) -> str:
     """``export``'s lines: the model written and its check against torch; for int8, its calibration and check."""
+    checked = "its fp32 export before quantization" if "quantization" in meta else "ONNX Runtime"
     lines = [f"exported {meta['source_checkpoint']} → {output} ({meta['precision']}, {meta['exporter']} exporter, "
-             f"opset {meta['opset']}; ONNX Runtime vs torch max logit difference "
+             f"opset {meta['opset']}; {checked} vs torch max logit difference "
              f"{meta['export_check']['max_abs_logit_diff']:.2g})"]
     if "quantization" in meta:
         q = meta["quantization"]

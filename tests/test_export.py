@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -172,6 +173,8 @@ def test_cli_export_and_bad_requests(trained, tmp_path):
              "-o", tmp_path / "m.onnx")
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "m.onnx").is_file() and (tmp_path / "m.onnx.json").is_file()
+    assert "ONNX Runtime vs torch max logit difference" in ok.stdout
+    assert json.loads((tmp_path / "m.onnx.json").read_text())["export_check"]["model"] == "this file"
     for args, words in ((("-o", tmp_path / "x.onnx"), "--checkpoint"),
                         (("--format", "tflite", "--checkpoint", tmp_path / "c.pt", "-o", tmp_path / "x.onnx"),
                          "onnx"),

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -176,6 +177,11 @@ def test_cli_int8_and_its_refusals(trained, random_checkpoint, scan_path, tmp_pa
              "--precision", "int8", "--exporter", "torchscript", "-o", tmp_path / "ok.onnx")
     assert ok.returncode == 0, ok.stderr
     assert "int8, torchscript exporter" in ok.stdout and "calibrated on" in ok.stdout
+    # the logit check is of the fp32 export the int8 model is made from, and says so (the int8 file has its own)
+    assert "its fp32 export before quantization vs torch max logit difference" in ok.stdout
+    meta = json.loads((tmp_path / "ok.onnx.json").read_text())
+    assert meta["export_check"]["model"] == "fp32 before quantization"
+    assert any(step.startswith("correct the bias field: N4") for step in meta["preprocessing"]["steps"])
     # ONNX Runtime's quantizer logs advice on the root logger: only mslpipe's own lines reach the terminal (here
     # that the tiny model's masks are too empty to compare)
     assert all(line.startswith("WARNING mslpipe.quantize:") for line in ok.stderr.splitlines()), ok.stderr
