@@ -162,8 +162,11 @@ def train(
         if result["rank"] == 0:
             again = result.get("val_dice_recalibrated")
             final = "" if again is None else f" ({again:.5f} with BatchNorm statistics estimated again)"
-            _echo(f"fold {k}: {result['epochs']} epochs, last validation Dice {result['val_dice']}{final} → "
-                  f"{result['fold_dir']}")
+            validated = (f"last validation Dice {result['val_dice']}{final}"
+                         if str(result["val_dice"]).lower() not in ("nan", "none")
+                         else "no validation scans (the final model trains on the 8:1:1 view's train and "
+                              "validation subjects)")
+            _echo(f"fold {k}: {result['epochs']} epochs, {validated} → {result['fold_dir']}")
 
 
 def _parse_folds(values: list[str] | None) -> list[int | str] | None:

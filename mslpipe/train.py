@@ -306,8 +306,9 @@ def _train_epochs(r: _Run, train_model, step, loader, loss_fn, start_epoch: int,
                 mark, total = now, r.budget.total(epoch + 1)
             if r.rank == 0:
                 # under a budget the bar's length is the epochs expected to fit, re-estimated after each one
+                val_text = f"val Dice {val_dice:.3f}" if dices else "no validation scans"
                 progress.update(task, description=f"fold {r.fold} ep {epoch + 1}/{total} "
-                                                  f"loss {train_loss:.3f} val Dice {val_dice:.3f}",
+                                                  f"loss {train_loss:.3f} {val_text}",
                                 total=(total - start_epoch) * per_epoch)
                 improved = bool(dices) and val_dice > best
                 best = max(best, val_dice) if dices else best

@@ -420,3 +420,21 @@ def test_continue_refuses_a_run_of_another_plan_and_changes_nothing(planned, tmp
     plans_json.write_text(original)
     train.run("syn", d, 0, epochs=2, iterations=1, device="cpu", show_progress=False, resume=True)
     assert [int(r["epoch"]) for r in _rows(fold / "log.csv")] == [0, 1]
+
+
+def test_the_final_model_trains_on_train_and_validation_subjects_and_says_it_has_no_validation(planned, tmp_path):
+    """`train --fold final`: one model on the 8:1:1 view's train and validation subjects (never the test ones); with
+    no validation scans its lines say so instead of "val Dice nan"."""
+    d = _copy_planned(planned, tmp_path)
+    out = subprocess.run(_cli(d, "train", "-d", "syn", "--fold", "final", "--epochs", "1", "--iterations", "1",
+                              "--device", "cpu"), capture_output=True, text=True, env={**os.environ,
+                                                                                        "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "fold final: 1 epochs, no validation scans (the final model trains on the 8:1:1 view's" in out.stdout
+    assert "nan" not in out.stdout
+    fold = d.fold_dir("syn", "leaky_unet", "final")
+    run = json.loads((fold / "run.json").read_text())
+    view = planned[1]["splits"]["split_811"]
+    subjects = {case.split("_")[0] for case in run["train"]}
+    assert subjects == set(view["train"]) | set(view["val"]) and not subjects & set(view["test"]) and not run["val"]
+    assert (fold / "checkpoint_final.pt").is_file()
