@@ -41,12 +41,15 @@ class Rigid:
     correlation_before: float
     correlation_after: float
     metric: float
+    # the optimiser's transform aligned the brains worse than the scanner coordinates did, which were kept
+    kept_scanner_alignment: bool = False
 
     def summary(self) -> dict:
         return {"rotation_deg": [round(v, 3) for v in self.rotation_deg],
                 "translation_mm": [round(v, 3) for v in self.translation_mm],
                 "correlation_before": round(self.correlation_before, 4),
-                "correlation_after": round(self.correlation_after, 4), "mattes_mi": round(self.metric, 5)}
+                "correlation_after": round(self.correlation_after, 4), "mattes_mi": round(self.metric, 5),
+                "kept_scanner_alignment": self.kept_scanner_alignment}
 
 
 def _correlation(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
@@ -93,6 +96,11 @@ def register_rigid(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarr
     result = Rigid(euler, tuple(math.degrees(v) for v in params[:3]), tuple(float(v) for v in params[3:]),
                    _correlation(fixed, before, brain), _correlation(fixed, after, brain),
                    float(reg.GetMetricValue()))
+    if result.correlation_after < result.correlation_before:  # e.g. two visits already on one grid (MNI)
+        log.warning("the registration aligned the brains worse than their scanner coordinates (correlation %.3f -> "
+                    "%.3f): kept the scanner coordinates", result.correlation_before, result.correlation_after)
+        result = Rigid(sitk.Euler3DTransform(), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), result.correlation_before,
+                       result.correlation_before, result.metric, kept_scanner_alignment=True)
     log.info("registered: rotation %s deg, translation %s mm, correlation %.3f -> %.3f",
              result.summary()["rotation_deg"], result.summary()["translation_mm"], result.correlation_before,
              result.correlation_after)

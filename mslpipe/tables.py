@@ -131,6 +131,9 @@ def new_lesions_text(lesions: list[dict]) -> str | None:
 
 def registration_text(reg: dict) -> str:
     """``compare --register``'s line on the rigid alignment it found."""
+    if reg.get("kept_scanner_alignment"):
+        return (f"registration of the follow-up aligned the brains worse than their scanner coordinates: kept those "
+                f"(brain correlation {reg['correlation_before']:.2f})")
     return (f"registered the follow-up to the baseline: rotation {reg['rotation_deg']} deg, translation "
             f"{reg['translation_mm']} mm, brain correlation {reg['correlation_before']:.2f} → "
             f"{reg['correlation_after']:.2f}")

@@ -83,3 +83,19 @@ def test_real_visits_already_aligned_stay_put(real_data):
     rigid = registration.register_rigid(first, a1, second, a2)
     assert max(abs(v) for v in rigid.rotation_deg) < 1.0 and max(abs(v) for v in rigid.translation_mm) < 1.0
     assert rigid.correlation_after >= rigid.correlation_before - 0.01 and rigid.correlation_after > 0.8
+
+
+def test_a_registration_worse_than_the_scanner_coordinates_is_not_used(scan_and_mask, monkeypatch, caplog):
+    """Where the optimiser's transform correlates the brains less than the scanner coordinates already did (e.g. a
+    coarser follow-up on the same grid), the identity is kept, said in the log and in the summary."""
+    data, affine, _ = scan_and_mask
+    values = iter([0.74, 0.69])  # before, after
+    monkeypatch.setattr(registration, "_correlation", lambda *args: next(values))
+    rigid = registration.register_rigid(data, affine, _moved(data, affine, 3.0, (2.0, 0.0, 0.0)), affine)
+    assert rigid.kept_scanner_alignment and rigid.rotation_deg == (0.0, 0.0, 0.0)
+    assert rigid.transform.GetParameters() == (0.0,) * 6
+    assert rigid.correlation_after == rigid.correlation_before == 0.74
+    assert rigid.summary()["kept_scanner_alignment"] is True and "kept the scanner coordinates" in caplog.text
+    from mslpipe import tables
+
+    assert "kept those" in tables.registration_text(rigid.summary())
