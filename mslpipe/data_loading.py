@@ -59,6 +59,15 @@ def _load_npy(path: Path, mmap: bool) -> np.ndarray:
         raise MslpipeError(f"cannot read as a .npy array ({reason})", path) from exc
 
 
+def _props(pre_dir: Path, case: str) -> dict:
+    """A preprocessed case's properties; a case never preprocessed points at `plan` (an interrupted one resumes)."""
+    path = pre_dir / f"{case}.json"
+    if not path.exists():
+        raise MslpipeError("this case was not preprocessed (an interrupted `mslpipe plan`? run it again: it "
+                           "preprocesses only what is missing)", path)
+    return read_json(path)
+
+
 def _check_case(pre_dir: Path, case: str, image: np.ndarray, seg: np.ndarray, props) -> None:
     img_path, seg_path = pre_dir / f"{case}.npy", pre_dir / f"{case}_seg.npy"
     if image.ndim != 4 or image.dtype.kind != "f":
@@ -82,7 +91,7 @@ def open_case(pre_dir: str | os.PathLike, case: str) -> tuple[np.ndarray, np.nda
     inconsistent file raises :class:`MslpipeError` naming that file.
     """
     pre_dir = Path(pre_dir)
-    props = read_json(pre_dir / f"{case}.json")
+    props = _props(pre_dir, case)
     image = _load_npy(pre_dir / f"{case}.npy", mmap=True)
     seg = _load_npy(pre_dir / f"{case}_seg.npy", mmap=True)
     _check_case(pre_dir, case, image, seg, props)
@@ -92,7 +101,7 @@ def open_case(pre_dir: str | os.PathLike, case: str) -> tuple[np.ndarray, np.nda
 def load_case_arrays(pre_dir: str | os.PathLike, case: str) -> tuple[np.ndarray, np.ndarray, dict]:
     """Like :func:`open_case` but fully loaded into memory as float32 (for validation)."""
     pre_dir = Path(pre_dir)
-    props = read_json(pre_dir / f"{case}.json")
+    props = _props(pre_dir, case)
     image = _load_npy(pre_dir / f"{case}.npy", mmap=False)
     seg = _load_npy(pre_dir / f"{case}_seg.npy", mmap=False)
     _check_case(pre_dir, case, image, seg, props)

@@ -49,7 +49,9 @@ def check_case_id(case_id: str, where: object) -> str:
 
 
 def _nifti_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti(p)) if folder.is_dir() else []
+    # hidden files are no scans: a killed write's temporary (.NAME.xxx.tmp.nii.gz), a viewer's or a sync tool's
+    return (sorted(p for p in folder.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
+            if folder.is_dir() else [])
 
 
 def isbi_images(paths: list[Path]) -> dict[str, Case]:

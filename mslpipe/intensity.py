@@ -34,7 +34,8 @@ def normalise(image: np.ndarray, brain: np.ndarray, lower_pct: float, upper_pct:
         mean, std = median, (q3 - q1) / IQR_TO_STD
     else:
         mean, std = float(clipped.mean()), float(clipped.std())
-    std = std if std > 1e-6 else 1.0
+    # a flat brain (std 0) is left unscaled; the floor is relative, so a scan stored in tiny units (1e-10) is scaled
+    std = std if std > 1e-6 * max(abs(lo), abs(hi)) and std > 0 else 1.0
     out = np.zeros(image.shape, dtype=np.float32)
     out[brain] = (clipped - mean) / std
     return out, {"lower": lo, "upper": hi, "mean": mean, "std": std}

@@ -250,6 +250,11 @@ def make_splits(subjects: list[str], seed: int, n_folds: int = 5, test_fraction:
     warning = None
     if groups is not None:
         folds = group_folds(rest, groups)
+        unknown = sorted(set(groups) - set(subjects))
+        if unknown:  # a typo in the groups file would otherwise go unnoticed
+            warning = (f"--groups names {len(unknown)} subject(s) this dataset does not have: "
+                       f"{', '.join(unknown[:8])}" + (" ..." if len(unknown) > 8 else ""))
+            log.warning(warning)
     else:
         k = min(n_folds, len(rest))
         if k < n_folds:

@@ -211,11 +211,12 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
         t0 = time.perf_counter()
         mask, prob = preprocess.finish_scan(prob, prepared, affine, pp)
         t1 = time.perf_counter()
-        if not save_probabilities:  # an earlier run's map (--overwrite) would pass for this mask's (compare reads it)
-            (out / PROBABILITY_DIR / f"{src.case}.nii.gz").unlink(missing_ok=True)
-        save_nifti(out / f"{src.case}.nii.gz", mask, affine, dtype=np.uint8)
+        # the mask last: its presence marks the case finished (a rerun skips it), so the map is there before it
         if save_probabilities:
             save_nifti(out / PROBABILITY_DIR / f"{src.case}.nii.gz", prob, affine, dtype=np.float32)
+        else:  # an earlier run's map (--overwrite) would pass for this mask's (compare reads it)
+            (out / PROBABILITY_DIR / f"{src.case}.nii.gz").unlink(missing_ok=True)
+        save_nifti(out / f"{src.case}.nii.gz", mask, affine, dtype=np.uint8)
         if want_report:
             notes = [prepared.warning] if prepared.warning else []
             lesion_report.write_case_report(out, src.case, image, mask, affine, warnings=notes, made_by=made_by,

@@ -268,6 +268,10 @@ def make_dataset(out: Path, subjects: int = 4, timepoints: int = 2, shape=(64, 7
         raise MslpipeError(f"need at least one subject and one time point, got {subjects} and {timepoints}")
     if raters not in (1, 2):
         raise MslpipeError(f"raters must be 1 or 2, got {raters}")
+    held = [p for p in (out / "training", out / "synth_truth.json") if p.exists()]
+    if held:  # never write over a dataset (e.g. `synth raw_data/isbi` by mistake): a new or emptied folder
+        raise MslpipeError("synth writes a new dataset, and this folder already holds one (training/ or "
+                           "synth_truth.json): give another folder, or empty it", out)
     start = time.perf_counter()
     written: list[Path] = []
     truth = [_subject_truth(out, s, timepoints, shape, seed, raters, written) for s in range(1, subjects + 1)]

@@ -158,7 +158,7 @@ SLICE_AXES = {0: "sagittal", 1: "coronal", 2: "axial"}  # a plan's slice_axis, i
 
 
 def plan_text(dataset: str, result: dict) -> str:
-    """``plan``'s lines: the plan, the splits, any warning on them, and the next command."""
+    """``plan``'s lines: the plan, the splits and the next command (warnings go to the log, on stderr)."""
     p, s, fp = result["plan"], result["splits"], result["fingerprint"]
     lines = [f"plan {p.hash} for {dataset}: {fp['n_cases']} scans, {fp['n_subjects']} subjects; {p.architecture} "
              f"{p.arch_kwargs or '(full width)'} on {p.target_device}, {p.input_channels} "
@@ -169,8 +169,7 @@ def plan_text(dataset: str, result: dict) -> str:
                 if s["folds"] and "group" in s["folds"][0] else "")
              + f"; preprocessed {len(result['preprocessed'])} new scans → {result['plan_dir']}"]
     lines.append(f"preprocessing: {normalisation_text(p.normalization)}")
-    if s.get("warning"):
-        lines.append(f"warning: {s['warning']}")
+    # its warnings are logged (stderr) as they arise, not repeated here
     lines.append(f"next: mslpipe train -d {dataset} --fold 0")
     return "\n".join(lines)
 

@@ -81,6 +81,9 @@ def test_work_folders_move_with_environment(tmp_path, synth_root):
                          env={**os.environ, "MSLPIPE_RAW": str(env_raw), "MSLPIPE_PLANS": str(tmp_path / "P")})
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "P" / "syn" / "plans.json").exists()
+    # plan's warnings are said once, on stderr (they were also repeated among its lines on stdout)
+    assert out.stderr.splitlines() == ["WARNING mslpipe.plan: only 4 subjects outside the test set: 4 folds instead "
+                                       "of 5"] and "only 4 subjects" not in out.stdout, out.stderr
     assert (tmp_path / "preprocessed" / "syn").is_dir()
 
 

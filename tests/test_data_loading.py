@@ -92,6 +92,8 @@ def test_missing_file_names_the_file(pre, victim):
         with pytest.raises(MslpipeError, match=victim) as info:
             call()
         assert info.value.path.endswith(victim)
+        # a case with no properties at all was never preprocessed: the message says how to finish that
+        assert ("run it again: it preprocesses only what is missing" in str(info.value)) == (victim == "c1.json")
 
 
 def test_corrupt_or_inconsistent_files_name_the_file(pre):

@@ -33,6 +33,18 @@ def test_normalise_constant_brain_gives_zeros():
 
 
 
+@pytest.mark.parametrize("scheme", ["brain_percentile_zscore", "brain_percentile_median_iqr"])
+def test_a_scan_stored_in_tiny_units_is_normalised_like_the_same_scan_in_ordinary_ones(scheme):
+    """An absolute floor on the spread (1e-6) left a scan scaled by 1e-10 unscaled, so the network saw a blank
+    brain; the floor is relative to the scan's own values."""
+    image, _, _ = _head()
+    brain = brain_mask(image)
+    ordinary, _ = normalise(image, brain, 0.5, 99.5, scheme)
+    tiny, stats = normalise((image * np.float32(1e-10)).astype(np.float32), brain, 0.5, 99.5, scheme)
+    assert stats["std"] < 1e-6
+    np.testing.assert_allclose(tiny, ordinary, atol=1e-3)
+
+
 def test_median_iqr_normalisation_is_robust_to_a_dark_tail():
     """Both schemes map a normal brain to ~N(0, 1); adding dark voxels (more CSF in the mask) moves the z-score's
     centre and scale much more than the median/IQR's."""

@@ -630,3 +630,12 @@ def test_split_options_that_make_no_cross_validation_are_refused_before_any_scan
     with pytest.raises(MslpipeError, match=message):
         plan.make_splits([f"s{i}" for i in range(6)], 1, **options)
     assert not dirs.plan_dir("syn").exists()
+
+
+def test_groups_naming_subjects_the_dataset_does_not_have_are_warned_about():
+    """A typo in the groups file (a subject that is not in the dataset) was ignored in silence."""
+    groups = {"s1": "a", "s2": "a", "s3": "b", "s4": "b", "s9": "b", "trainnig01": "a"}
+    splits = plan.make_splits(["s1", "s2", "s3", "s4"], seed=4, test_fraction=0, groups=groups)
+    assert splits["warning"] == "--groups names 2 subject(s) this dataset does not have: s9, trainnig01"
+    assert "warning" not in plan.make_splits(["s1", "s2", "s3", "s4"], seed=4, test_fraction=0,
+                                             groups={k: groups[k] for k in ("s1", "s2", "s3", "s4")})

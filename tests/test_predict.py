@@ -260,7 +260,7 @@ def test_with_a_checkpoint_the_scans_and_the_files_are_checked_before_the_models
 def test_unsafe_output_names_are_refused(model, scan, tmp_path):
     data, affine = scan
     inp = tmp_path / "in"
-    save_nifti(inp / "..evil.nii.gz", data, affine, dtype=np.float32)
+    save_nifti(inp / "evil..x.nii.gz", data, affine, dtype=np.float32)
     with pytest.raises(MslpipeError, match="unsafe case name"):
         predict.run(inp, tmp_path / "out", dirs=None, checkpoint=[model], device="cpu")
 
@@ -727,3 +727,28 @@ def test_overwriting_without_probabilities_removes_the_earlier_runs_map(model, s
     again = predict.run(inp, out, dirs=None, checkpoint=[model], device="cpu", overwrite=True)
     assert again.written == ["a"] and (out / "a.nii.gz").is_file()
     assert not (out / "probabilities" / "a.nii.gz").exists()
+
+
+def test_hidden_files_in_an_input_folder_are_no_scans(model, scan, tmp_path):
+    """A killed write leaves its temporary (.NAME.xxx.tmp.nii.gz) behind; a folder holding one was refused as an
+    unsafe case name. Hidden files are passed over."""
+    data, affine = scan
+    inp = tmp_path / "in"
+    save_nifti(inp / "a.nii.gz", data, affine, dtype=np.float32)
+    (inp / ".a.nii.gz.k2j4x.tmp.nii.gz").write_bytes(b"")
+    report = predict.run(inp, tmp_path / "out", dirs=None, checkpoint=[model], device="cpu")
+    assert report.written == ["a"] and not report.failed
+
+
+def test_the_probability_map_is_written_before_the_mask_that_marks_a_case_finished(model, scan, tmp_path, monkeypatch):
+    """Killed between the two writes, a case must not pass for finished without its map: the map goes first, the
+    mask (what a rerun looks for) last."""
+    data, affine = scan
+    inp = tmp_path / "in"
+    save_nifti(inp / "a.nii.gz", data, affine, dtype=np.float32)
+    order = []
+    real_save = predict.save_nifti
+    monkeypatch.setattr(predict, "save_nifti", lambda path, *a, **k: order.append(path.parent.name) or
+                        real_save(path, *a, **k))
+    predict.run(inp, tmp_path / "out", dirs=None, checkpoint=[model], device="cpu", save_probabilities=True)
+    assert order == ["probabilities", "out"]

@@ -208,3 +208,14 @@ def test_default_dataset_is_fast(tmp_path):
 def test_rejects_bad_arguments(tmp_path, kwargs):
     with pytest.raises(MslpipeError):
         make_dataset(tmp_path, **kwargs)
+
+
+def test_synth_never_writes_over_a_dataset(tmp_path):
+    """`synth raw_data/isbi` by mistake replaced real scans in silence; a folder that holds a dataset is refused and
+    left as it was."""
+    make_dataset(tmp_path / "syn", subjects=1, timepoints=1, shape=(24, 24, 24))
+    scan = next((tmp_path / "syn" / "training").rglob("*_flair_pp.nii.gz"))
+    scan.write_bytes(b"precious")
+    with pytest.raises(MslpipeError, match="already holds one") as info:
+        make_dataset(tmp_path / "syn", subjects=1, timepoints=1, shape=(24, 24, 24))
+    assert info.value.path == str(tmp_path / "syn") and scan.read_bytes() == b"precious"
