@@ -75,13 +75,15 @@ def apply(prob: np.ndarray, affine: np.ndarray, postprocessing: dict) -> np.ndar
 
 
 def lesion_table(mask: np.ndarray, affine: np.ndarray, connectivity: int = 26,
-                 probability: np.ndarray | None = None) -> list[dict]:
+                 probability: np.ndarray | None = None,
+                 labelled: tuple[np.ndarray, int] | None = None) -> list[dict]:
     """One row per lesion (connected component), in label order.
 
     Each row: ``label`` (1-based id), ``n_voxels``, ``volume_mm3`` (voxel volume = |det| of the
     affine's 3×3 part), ``centroid_voxel`` (i, j, k), ``centroid_mm`` (world coordinates through
     ``affine``), and ``slice_range``: for each array axis the first and last index (inclusive). With the
     mask's ``probability`` map (same shape), also ``mean_probability`` and ``max_probability`` over the lesion.
+    ``labelled``: :func:`label_lesions`' result for this mask, when the caller has it already.
     """
     mask = np.asarray(mask) != 0
     affine = np.asarray(affine, dtype=np.float64)
@@ -89,7 +91,7 @@ def lesion_table(mask: np.ndarray, affine: np.ndarray, connectivity: int = 26,
         raise ValueError("lesion_table needs a 3D mask and a 4×4 affine")
     if probability is not None and np.shape(probability) != mask.shape:
         raise ValueError(f"probability shape {np.shape(probability)} differs from the mask's {mask.shape}")
-    labels, n = label_lesions(mask, connectivity)
+    labels, n = labelled if labelled is not None else label_lesions(mask, connectivity)
     if n == 0:
         return []
     voxel_mm3 = abs(float(np.linalg.det(affine[:3, :3])))

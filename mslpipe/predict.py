@@ -65,6 +65,11 @@ class PredictReport:
     write_wait_s: float = 0.0
     started: float = 0.0
 
+    def fail(self, case: str, exc: Exception) -> None:
+        """Record a failure; the command lists every failure once, at its end (here only in the log's detail)."""
+        self.failed.append((case, str(exc)))
+        log.info("failed: %s", exc)
+
     def timing_summary(self, total_s: float | None = None, imports_s: float = 0.0) -> str | None:
         """One line: loading the models (and its parts), then the mean per segmented scan of the main thread's steps
         and of the steps beside it, then the writes' tail. With ``total_s`` (the whole command's seconds) that comes
@@ -234,8 +239,7 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
             fut.result()
             result.written.append(src.case)
         except MslpipeError as exc:
-            result.failed.append((src.case, str(exc)))
-            log.info("failed: %s", exc)  # the command lists every failure once, at its end
+            result.fail(src.case, exc)
 
     readers = reader_count(predictor)
     with ThreadPoolExecutor(max_workers=readers) as reader, ThreadPoolExecutor(max_workers=1) as writer:
@@ -263,8 +267,7 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
                 if prepared.warning:
                     result.warned.append(src.case)
             except MslpipeError as exc:
-                result.failed.append((src.case, str(exc)))
-                log.info("failed: %s", exc)  # the command lists every failure once, at its end
+                result.fail(src.case, exc)
             if progress:
                 progress(i + 1, len(todo), src.case)
         t0 = time.perf_counter()
@@ -275,14 +278,12 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
             try:
                 fut.result()
             except MslpipeError as exc:
-                result.failed.append((src.case, str(exc)))
-                log.info("failed: %s", exc)  # the command lists every failure once, at its end
+                result.fail(src.case, exc)
     if want_report:
         try:
             lesion_report.write_report_index(out)
         except MslpipeError as exc:
-            result.failed.append(("report", str(exc)))
-            log.info("failed: %s", exc)  # the command lists every failure once, at its end
+            result.fail("report", exc)
     return result
 
 
@@ -349,8 +350,7 @@ def run(inp: Path, out: Path, *, dirs: Workdirs, dataset: str | None = None, arc
             record_run(Path(out), predictor, sources, result, started=started, inp=Path(inp), tta=tta,
                        postprocessing={**predictor.postprocessing, **(pp or {})})
         except MslpipeError as exc:
-            result.failed.append(("provenance", str(exc)))
-            log.info("failed: %s", exc)  # the command lists every failure once, at its end
+            result.fail("provenance", exc)
     return result
 
 

@@ -76,11 +76,11 @@ def axial_axis(affine: np.ndarray) -> int:
 
 
 def lesion_summary(mask: np.ndarray, affine: np.ndarray, case: str, connectivity: int = 26,
-                   probability: np.ndarray | None = None) -> dict:
+                   probability: np.ndarray | None = None, labelled: tuple[np.ndarray, int] | None = None) -> dict:
     """Lesion count, total volume (mL), largest lesion (mm³) and one entry per lesion (label order); with the
     probability map the mask came from, each lesion's mean and highest probability (None without it)."""
     affine = np.asarray(affine, dtype=np.float64)
-    rows = lesion_table(mask, affine, connectivity, probability)
+    rows = lesion_table(mask, affine, connectivity, probability, labelled)
     ax = axial_axis(affine)
     lesions = [{
         "id": r["label"],
@@ -127,10 +127,10 @@ def _write_lesion_csv(path: Path, summary: dict) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _write_label_map(out_dir: Path, case: str, mask: np.ndarray, affine: np.ndarray, connectivity: int) -> str:
-    """``OUT/lesion_ids/<case>.nii.gz``: 0 outside lesions, each lesion's id inside (uint16, int32 past 65535
-    lesions); its path relative to ``out_dir``."""
-    labels, n = label_lesions(mask, connectivity)
+def _write_label_map(out_dir: Path, case: str, labelled: tuple[np.ndarray, int], affine: np.ndarray) -> str:
+    """``OUT/lesion_ids/<case>.nii.gz`` from :func:`label_lesions`' ``labelled``: 0 outside lesions, each lesion's
+    id inside (uint16, int32 past 65535 lesions); its path relative to ``out_dir``."""
+    labels, n = labelled
     name = f"{LABEL_DIR}/{case}.nii.gz"
     save_nifti(Path(out_dir) / name, labels, affine, dtype=np.uint16 if n <= np.iinfo(np.uint16).max else np.int32)
     return name
@@ -154,13 +154,15 @@ def write_case_report(out_dir: Path, case: str, image: np.ndarray, mask: np.ndar
         if any(a is not None and np.shape(a) != np.shape(mask) for a in (image, ref, probability)):
             raise MslpipeError("image, mask, reference and probabilities must have the same shape for the report",
                                case_json_path(out_dir, case))
-        summary = {**lesion_summary(mask, affine, case, connectivity, probability), "warnings": list(warnings or [])}
+        labelled = label_lesions(mask, connectivity)  # once, for the tables and the label map
+        summary = {**lesion_summary(mask, affine, case, connectivity, probability, labelled),
+                   "warnings": list(warnings or [])}
         if made_by:
             summary["made_by"] = dict(made_by)
         if ref is not None:
             summary["reference"] = _reference_summary(mask, ref, connectivity)
         _write_lesion_csv(out_dir / f"{case}.lesions.csv", summary)
-        summary["label_map"] = _write_label_map(out_dir, case, mask, affine, connectivity)
+        summary["label_map"] = _write_label_map(out_dir, case, labelled, affine)
         summary["images"] = render_case_images(out_dir, case, image, mask, affine, summary, ref)
         write_json(case_json_path(out_dir, case), summary)  # last: its presence means the case is complete
     except MslpipeError:
