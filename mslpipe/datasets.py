@@ -197,21 +197,37 @@ def gather_sources(inp: Path, channels: list[str] | None = None, dirs: Workdirs 
         if len(channels) > 1:  # nnU-Net naming: CASE_0000.nii.gz, CASE_0001.nii.gz, ...
             stems = [strip_nifti_suffix(p.name) for p in plain]
             cases = sorted({s[:-5] for s in stems if s[-5:-4] == "_"})
-            return sources + [_nifti_source(inp / f"{c}_0000.nii.gz", len(channels)) for c in cases]
-        return sources + [_nifti_source(p, 1) for p in plain]
+            sources += [_nifti_source(inp / f"{c}_0000.nii.gz", len(channels)) for c in cases]
+        else:
+            sources += [_nifti_source(p, 1) for p in plain]
+        return sources + _dicom_beside_nifti(inp, len(channels))
     if (inp / "training").is_dir() or (inp / "dataset.json").exists() or any(inp.glob("test*/preprocessed")):
         return _dataset_test_sources(inp, dirs, dataset)
     series = find_dicom_series(inp)
     if series:
-        return _dicom_sources(series)
+        return _dicom_sources(series, inp)
     raise MslpipeError("no NIfTI files, DICOM series or dataset found in this folder", inp)
+
+
+def _dicom_beside_nifti(inp: Path, n_channels: int) -> list[Source]:
+    """DICOM series in a folder that also holds NIfTI files (in it or in its subfolders): scans too, not left out
+    unsaid. A model of several channels reads NIfTI files only (a series is one channel), so there they are
+    named in a warning instead."""
+    series = find_dicom_series(inp)
+    if not series:
+        return []
+    if n_channels > 1:
+        log.warning("%d DICOM series beside the NIfTI files in %s left out: a model of %d channels reads NIfTI "
+                    "files (CASE_0000.nii.gz, CASE_0001.nii.gz, ...)", len(series), inp, n_channels)
+        return []
+    return _dicom_sources(series, inp)
 
 
 # SeriesDescription / ProtocolName words of a FLAIR series: "T2 FLAIR", Siemens' "dark fluid" and TIRM
 FLAIR_WORDS = ("flair", "dark fluid", "dark-fluid", "darkfluid", "tirm")
 
 
-def _dicom_sources(series: list[tuple[str, list[str]]]) -> list[Source]:
+def _dicom_sources(series: list[tuple[str, list[str]]], root: Path) -> list[Source]:
     """One scan per DICOM series, named after its folder (plus its series number and description where a folder
     holds several). Of several series (a study), those whose description or protocol names FLAIR
     (:data:`FLAIR_WORDS`) are segmented and the others left out; where none does, all are (with a warning). A
@@ -232,15 +248,33 @@ def _dicom_sources(series: list[tuple[str, list[str]]]) -> list[Source]:
             log.warning("none of the %d DICOM series names FLAIR in its description or protocol: segmenting every "
                         "one (give the FLAIR series' folder to segment only that)", len(series))
     shared = {f for f in folders if folders.count(f) > 1}
-    sources = []
+    labels = _folder_labels(sorted({folders[i] for i in chosen}), root)
+    names = {}
     for i in chosen:
-        name = folders[i].name
+        name = labels[folders[i]]
         if folders[i] in shared:
             name += f"_s{infos[i]['number'] or i + 1}" + (f"_{infos[i]['description']}" if infos[i]["description"]
                                                           else "")
-        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-") or f"series{i + 1}"
-        sources.append(Source(check_case_id(safe, folders[i]), [folders[i]], "dicom", series[i][1]))
-    return sources
+        names[i] = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-") or f"series{i + 1}"
+    twins = [i for i in chosen if [names[j] for j in chosen].count(names[i]) > 1 and folders[i] in shared]
+    for i in twins:  # one folder, two series of one number and description (sent twice): their UIDs tell them apart
+        names[i] += "_" + re.sub(r"[^0-9]", "", series[i][0])[-6:]
+    return [Source(check_case_id(names[i], folders[i]), [folders[i]], "dicom", series[i][1]) for i in chosen]
+
+
+def _folder_labels(folders: list[Path], root: Path) -> dict[Path, str]:
+    """Each folder's name, with as many of its parents' names before it (joined by '_') as it takes to tell it from
+    the others: patientA/FLAIR and patientB/FLAIR are patientA_FLAIR and patientB_FLAIR."""
+    parts = {f: (f.relative_to(root).parts if f.is_relative_to(root) and f != root else ()) or (f.name,)
+             for f in folders}
+    depth = dict.fromkeys(folders, 1)
+    while True:
+        labels = {f: "_".join(parts[f][-depth[f]:]) for f in folders}
+        clash = [f for f in folders if list(labels.values()).count(labels[f]) > 1 and depth[f] < len(parts[f])]
+        if not clash:
+            return labels
+        for f in clash:
+            depth[f] += 1
 
 
 def _series_label(folder: Path, info: dict[str, str]) -> str:

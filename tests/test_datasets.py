@@ -315,6 +315,48 @@ def test_dicom_series_without_a_flair_name_are_all_segmented_and_one_series_what
     assert [s.case for s in gather_sources(study / "b")] == ["b"]
 
 
+def test_series_folders_of_one_name_take_their_parents_names(tmp_path):
+    """A tree of patients whose FLAIR series folders share a name gives one scan each, named with the parent
+    folders it takes to tell them apart (not one name for all, which predict refuses); unique names stay short."""
+    root = tmp_path / "dicom"
+    _series(root / "patientA" / "visit1" / "FLAIR", 100, "AX FLAIR", 3)
+    _series(root / "patientB" / "visit1" / "FLAIR", 200, "AX FLAIR", 3)
+    _series(root / "patientB" / "visit2" / "FLAIR", 300, "AX FLAIR", 3)
+    _series(root / "patientC" / "flair_only", 400, "AX FLAIR", 3)
+    sources = gather_sources(root)
+    names = {s.case: s.read()[0][0].max() for s in sources}
+    assert names == {"patientA_visit1_FLAIR": 100, "patientB_visit1_FLAIR": 200, "visit2_FLAIR": 300,
+                     "flair_only": 400}
+    assert [s.case for s in gather_sources(root / "patientB" / "visit2" / "FLAIR")] == ["FLAIR"]
+
+
+def test_two_series_of_one_number_and_description_in_one_folder_get_two_names(tmp_path):
+    """The same series number and description twice in one folder (a series sent twice, or edited and sent again):
+    their UIDs' last digits tell them apart, each read whole."""
+    _series(tmp_path / "a", 100, "AX FLAIR", 3, prefix="first")
+    _series(tmp_path / "b", 200, "AX FLAIR", 3, prefix="second")
+    for f in (tmp_path / "b").iterdir():
+        f.rename(tmp_path / "a" / f.name)
+    sources = gather_sources(tmp_path / "a")
+    assert len({s.case for s in sources}) == 2 and all(s.case.startswith("a_s3_AX_FLAIR_") for s in sources)
+    assert sorted(s.read()[0][0].max() for s in sources) == [100, 200]
+
+
+def test_dicom_series_beside_nifti_files_are_scans_too(tmp_path, caplog):
+    """A folder holding NIfTI files and DICOM series folders: all are segmented (the series were left out unsaid);
+    a model of several channels reads NIfTI files only and names the series it leaves out."""
+    mixed = tmp_path / "mixed"
+    _touch_nifti(mixed / "scan1.nii.gz")
+    _series(mixed / "patient2" / "FLAIR", 100, "AX FLAIR", 3)
+    assert [s.case for s in gather_sources(mixed)] == ["scan1", "FLAIR"]
+    assert [s.kind for s in gather_sources(mixed)] == ["nifti", "dicom"]
+    _touch_nifti(mixed / "two_0000.nii.gz")
+    _touch_nifti(mixed / "two_0001.nii.gz")
+    with caplog.at_level("WARNING"):
+        assert [s.case for s in gather_sources(mixed, channels=["flair", "t1"])] == ["two"]
+    assert "1 DICOM series beside the NIfTI files" in caplog.text and "left out" in caplog.text
+
+
 def test_real_isbi_scans_are_named_as_their_masks(real_data):
     """On the real data: predict's names for an ISBI preprocessed/ folder are the case ids whose masks
     `evaluate --ref DATASET` finds, so the two commands meet without renaming."""
