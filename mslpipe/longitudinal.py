@@ -4,9 +4,10 @@ A lesion is a 26-connected component (the same definition as :mod:`mslpipe.metri
 of the **follow-up** mask is classified against the **baseline** mask:
 
 * **new** (label 3): it overlaps no baseline lesion;
-* otherwise its volume ``V1`` is compared with ``V0``, the summed volume of the baseline lesions it
-  overlaps (a baseline lesion that split is counted in full for each part; lesions that merged add up),
-  ``change = V1 - V0``:
+* otherwise its volume ``V1`` is compared with ``V0``, its share of the baseline lesions it overlaps: each
+  baseline lesion's volume is shared among the follow-up lesions it overlaps in proportion to the voxels it
+  shares with each (lesions that merged add up; the parts of a lesion that split share its volume, so that the
+  rows' changes add up to the lesions' change, not to a multiple of it), ``change = V1 - V0``:
 
   * **enlarging** (label 2): ``change >= min_growth_mm3`` **and** ``change >= min_growth_fraction * V0``;
   * **shrinking** (label 4): the same thresholds the other way, ``-change >= min_growth_mm3`` and
@@ -182,15 +183,18 @@ def compare_masks(baseline: np.ndarray, followup: np.ndarray, affine: np.ndarray
         raise MslpipeError(str(exc)) from exc
     base_vol = np.array([0.0] + [r["volume_mm3"] for r in base_table])
 
-    # every (follow-up lesion, baseline lesion) pair that shares at least one voxel
+    # every (follow-up lesion, baseline lesion) pair that shares at least one voxel, and how many
     both = base & follow
-    pairs = np.unique(np.stack([follow_labels[both], base_labels[both]]), axis=1) if both.any() \
-        else np.zeros((2, 0), dtype=np.int64)
+    pairs, shared = np.unique(np.stack([follow_labels[both], base_labels[both]]), axis=1, return_counts=True) \
+        if both.any() else (np.zeros((2, 0), dtype=np.int64), np.zeros(0, dtype=np.int64))
     partners_of_follow: dict[int, list[int]] = {i: [] for i in range(1, n_follow + 1)}
     partners_of_base: dict[int, list[int]] = {i: [] for i in range(1, n_base + 1)}
-    for f, b in pairs.T:
+    base_share = np.zeros(n_follow + 1)  # V0 of each follow-up lesion: its shares of the baseline lesions
+    shared_of_base = np.bincount(pairs[1], weights=shared, minlength=n_base + 1)
+    for (f, b), n in zip(pairs.T, shared, strict=True):
         partners_of_follow[int(f)].append(int(b))
         partners_of_base[int(b)].append(int(f))
+        base_share[f] += base_vol[b] * n / shared_of_base[b]
 
     status_of = np.zeros(n_follow + 1, dtype=np.uint8)
     rows = []
@@ -198,7 +202,7 @@ def compare_masks(baseline: np.ndarray, followup: np.ndarray, affine: np.ndarray
         f = row["label"]
         bases = partners_of_follow[f]
         v1 = row["volume_mm3"]
-        v0 = float(base_vol[bases].sum()) if bases else 0.0
+        v0 = float(base_share[f]) if bases else 0.0
         status = classify(v0, v1, min_growth_fraction, min_growth_mm3) if bases else NEW
         status_of[f] = status
         rows.append(_row(row, status, "followup", bases, [f], v0, v1))

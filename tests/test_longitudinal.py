@@ -79,17 +79,26 @@ def test_thresholds_are_options_and_physical():
 
 
 def test_merge_and_split():
-    """Lesions that merge are compared with their summed baseline volume; a split lesion with its whole volume."""
+    """Lesions that merge are compared with their summed baseline volume; the parts of a split lesion share its
+    volume by the voxels each keeps of it, so that the rows' changes add up to the lesions' change."""
     base, follow = np.zeros(SHAPE, np.uint8), np.zeros(SHAPE, np.uint8)
     _cube(base, (2, 2, 2), 3), _cube(base, (2, 6, 2), 3)  # two lesions, one voxel apart
     follow[2:5, 2:9, 2:5] = 1  # bridged: 63 voxels vs 54
-    _cube(base, (20, 2, 2), (3, 9, 3))  # 81 voxels, split into two of 27
+    _cube(base, (20, 2, 2), (3, 9, 3))  # 81 voxels, split into two of 27: each has 40.5 of it, lost 13.5 (33 %)
     _cube(follow, (20, 2, 2), 3), _cube(follow, (20, 8, 2), 3)
+    _cube(base, (2, 20, 2), (3, 3, 6))  # 54 voxels, split into 27 (all within) and 45 (18 within): 32.4 and 21.6
+    _cube(follow, (2, 20, 2), 3), _cube(follow, (2, 20, 6), (3, 3, 5))
     change = lg.compare_masks(base, follow, np.eye(4))
     merged = next(r for r in change.lesions if len(r["baseline_lesions"]) == 2)
     assert merged["status"] == "stable" and merged["volume_baseline_mm3"] == 54
-    parts = [r for r in change.lesions if r["volume_baseline_mm3"] == 81]
-    assert [r["status"] for r in parts] == ["shrinking", "shrinking"]
+    parts = [r for r in change.lesions if r["centroid_voxel"][0] > 15]
+    assert [(r["status"], r["volume_baseline_mm3"]) for r in parts] == [("shrinking", 40.5), ("shrinking", 40.5)]
+    grown = sorted((r["volume_baseline_mm3"], r["volume_followup_mm3"], r["status"]) for r in change.lesions
+                   if r["centroid_voxel"][1] > 15)
+    assert np.allclose([g[:2] for g in grown], [(21.6, 45), (32.4, 27)])
+    assert [g[2] for g in grown] == ["enlarging", "stable"]  # +23.4 mm3 (108 %) and -5.4 (17 %)
+    total = sum(r["change_mm3"] for r in change.lesions)
+    assert total == pytest.approx(change.summary["volume_change_ml"] * 1000)  # no lesion new or gone here
 
 
 def test_files_written_atomically_with_csv_and_json(tmp_path):
