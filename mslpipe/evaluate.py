@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from mslpipe.errors import MslpipeError
-from mslpipe.io import is_nifti, load_mask, strip_nifti_suffix, write_json
+from mslpipe.io import axial_axis, is_nifti, load_mask, strip_nifti_suffix, write_json
 from mslpipe.metrics import (
     EMPTY_CASE_RULES,
     SLICE_DICE_NOTE,
@@ -143,11 +143,12 @@ def _isbi_for(rows: Sequence[dict]) -> dict:
     return {k: _clean(v) for k, v in result.items()}
 
 
-def score_pairs(pairs: Iterable, spacing_from="ref", connectivity: int = 26, slice_axis: int = 2) -> dict:
+def score_pairs(pairs: Iterable, spacing_from="ref", connectivity: int = 26, slice_axis: int | None = None) -> dict:
     """Score each prediction against each of its raters; return the summary dict (JSON-ready).
 
     ``pairs``: :class:`CasePair` or ``(case, pred_path, ref_paths)`` tuples. ``spacing_from``:
-    ``"ref"`` or ``"pred"`` (voxel size from that file's affine) or three numbers in mm.
+    ``"ref"`` or ``"pred"`` (voxel size from that file's affine) or three numbers in mm. ``slice_axis``: the
+    array axis ``slice_dice_study`` slices along; by default each scan's axial one (closest to world S-I).
     Raises :class:`MslpipeError` naming the file for an unreadable, non-binary or off-grid mask.
     """
     pairs = [_as_pair(p) for p in pairs]
@@ -157,9 +158,10 @@ def score_pairs(pairs: Iterable, spacing_from="ref", connectivity: int = 26, sli
     rows: list[dict] = []
     for pair in pairs:
         pred, refs, spacing = _load_case(pair, spacing_from)
+        axis = axial_axis(_header_affine(pair.ref_paths[0])) if slice_axis is None else slice_axis
         for rater, (ref, ref_path) in enumerate(zip(refs, pair.ref_paths, strict=True), start=1):
             by_size = lesion_counts_by_size(pred, ref, spacing, connectivity=connectivity)
-            m = case_metrics(pred, ref, spacing, connectivity=connectivity, slice_axis=slice_axis,
+            m = case_metrics(pred, ref, spacing, connectivity=connectivity, slice_axis=axis,
                              counts_by_size=by_size)
             row = {"case": pair.case, "rater": rater, "ref_file": ref_path.name}
             row.update({k: _clean(m[k]) for k in MEAN_KEYS + _ROW_EXTRA})
@@ -202,7 +204,7 @@ def score_pairs(pairs: Iterable, spacing_from="ref", connectivity: int = 26, sli
         "n_empty_pred": sum(r["pred_empty"] for r in rows),
         "n_empty_both": sum(r["ref_empty"] and r["pred_empty"] for r in rows),
         "connectivity": connectivity,
-        "slice_axis": slice_axis,
+        "slice_axis": "axial" if slice_axis is None else slice_axis,
         "spacing_from": spacing_from if isinstance(spacing_from, str) else [float(s) for s in spacing_from],
         "rules": dict(RULES),
     }
@@ -290,7 +292,7 @@ def match_folders(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike,
 
 
 def run_folders(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike,
-                out: str | os.PathLike | None = None, connectivity: int = 26, slice_axis: int = 2,
+                out: str | os.PathLike | None = None, connectivity: int = 26, slice_axis: int | None = None,
                 spacing_from="ref") -> dict:
     """Match, score, write ``summary.json`` (default ``pred_dir/summary.json``), return the summary."""
     unpredicted: list[str] = []

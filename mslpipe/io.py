@@ -241,6 +241,18 @@ def save_nifti(
     return path
 
 
+def axial_axis(affine: np.ndarray) -> int:
+    """The array axis closest to world S-I (the axis axial slices are taken along)."""
+    import nibabel.orientations as nio
+
+    ornt = nio.io_orientation(np.asarray(affine, dtype=np.float64))
+    hit = np.flatnonzero(ornt[:, 0] == 2)
+    if hit.size:
+        return int(hit[0])
+    cols = np.asarray(affine, dtype=np.float64)[:3, :3]
+    return int(np.argmax(np.abs(cols[2]) / np.linalg.norm(cols, axis=0)))
+
+
 # ---------------------------------------------------------------------------- SimpleITK images
 def numpy_to_sitk(data: np.ndarray, affine: np.ndarray, dtype=np.float32):
     """An (i,j,k) array with its nibabel-style RAS affine as a SimpleITK image (LPS geometry): the inverse of

@@ -225,13 +225,14 @@ def predict_sources(predictor: inference.Predictor | onnx_inference.OnnxPredicto
         if want_report:
             notes = [prepared.warning] if prepared.warning else []
             lesion_report.write_case_report(out, src.case, image, mask, affine, warnings=notes, made_by=made_by,
-                                            probability=prob)
+                                            probability=prob, connectivity=int(pp.get("connectivity", 26)))
             lesion_report.write_report_csv(out)
         timings.update(postprocess_s=t1 - t0, write_s=time.perf_counter() - t1)
 
     def report_skipped(src: Source) -> None:  # finished by an earlier run that wrote no report
         channels, affine = src.read()
-        lesion_report.write_saved_case_report(out, src.case, channels[0], affine)
+        lesion_report.write_saved_case_report(out, src.case, channels[0], affine,
+                                              connectivity=int(pp.get("connectivity", 26)))
         lesion_report.write_report_csv(out)
 
     def collect(src: Source, fut: Future) -> None:

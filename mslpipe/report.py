@@ -7,9 +7,9 @@ dataset-level ``OUT/report.csv`` and ``OUT/report.html`` are rebuilt from the pe
 so reruns and skipped cases stay consistent. ``report.html`` is self-contained: images are embedded
 as base64 data URIs, the CSS is inline, there is no script and no external URL.
 
-A lesion is a connected component (26-connectivity); volumes are voxel counts × the voxel volume
-(|det| of the affine's 3×3 part); centroids are in scanner (world) millimetres through the affine.
-The axial axis is the array axis closest to world S-I.
+A lesion is a connected component (26-connectivity unless the model's postprocessing says 6 or 18); volumes are
+voxel counts × the voxel volume (|det| of the affine's 3×3 part); centroids are in scanner (world) millimetres
+through the affine. The axial axis is the array axis closest to world S-I.
 """
 
 from __future__ import annotations
@@ -24,7 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from mslpipe.errors import MslpipeError
-from mslpipe.io import atomic_write_text, load_mask, read_json, save_nifti, saved_probability, write_json
+from mslpipe.io import (
+    atomic_write_text,
+    axial_axis,
+    load_mask,
+    read_json,
+    save_nifti,
+    saved_probability,
+    write_json,
+)
 from mslpipe.metrics import dice, lesion_counts
 from mslpipe.postprocess import label_lesions, lesion_table
 from mslpipe.qc_images import COLOURS, QC_DIR, render_case_images
@@ -63,18 +71,6 @@ ORIENTATION_NOTE = (
 
 
 # ---------------------------------------------------------------------------- numbers
-def axial_axis(affine: np.ndarray) -> int:
-    """The array axis closest to world S-I (the axis axial slices are taken along)."""
-    import nibabel.orientations as nio
-
-    ornt = nio.io_orientation(np.asarray(affine, dtype=np.float64))
-    hit = np.flatnonzero(ornt[:, 0] == 2)
-    if hit.size:
-        return int(hit[0])
-    cols = np.asarray(affine, dtype=np.float64)[:3, :3]
-    return int(np.argmax(np.abs(cols[2]) / np.linalg.norm(cols, axis=0)))
-
-
 def lesion_summary(mask: np.ndarray, affine: np.ndarray, case: str, connectivity: int = 26,
                    probability: np.ndarray | None = None, labelled: tuple[np.ndarray, int] | None = None) -> dict:
     """Lesion count, total volume (mL), largest lesion (mm³) and one entry per lesion (label order); with the
@@ -173,12 +169,13 @@ def write_case_report(out_dir: Path, case: str, image: np.ndarray, mask: np.ndar
     return summary
 
 
-def write_saved_case_report(out_dir: Path, case: str, image: np.ndarray, affine: np.ndarray) -> dict:
+def write_saved_case_report(out_dir: Path, case: str, image: np.ndarray, affine: np.ndarray,
+                            connectivity: int = 26) -> dict:
     """Report a case from the mask ``OUT/<case>.nii.gz`` that an earlier run wrote (e.g. without a report), with
     the lesions' probabilities where that run saved them (``OUT/probabilities/<case>.nii.gz``)."""
     mask = load_mask(Path(out_dir) / f"{case}.nii.gz", np.shape(image), affine)
     probability = saved_probability(Path(out_dir) / f"{case}.nii.gz", mask.shape)
-    return write_case_report(out_dir, case, image, mask, affine, probability=probability)
+    return write_case_report(out_dir, case, image, mask, affine, probability=probability, connectivity=connectivity)
 
 
 # ---------------------------------------------------------------------------- the whole folder
@@ -303,9 +300,10 @@ def render_page(out_dir: Path, summaries: list[dict]) -> str:
         f'<td>{float(s["total_volume_ml"]):.3f}</td><td>{float(s["largest_lesion_mm3"]):.1f}</td></tr>'
         for s in summaries)
     sections = "".join(_case_section(Path(out_dir), s) for s in summaries)
+    kinds = "- or ".join(str(c) for c in sorted({int(s.get("connectivity", 26)) for s in summaries})) or "26"
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>mslpipe lesion report</title>'
             f"<style>{CSS}</style></head><body><h1>MS lesion report</h1>"
-            f"<p>{len(summaries)} scans. A lesion is a 26-connected component of the predicted mask; volumes are "
+            f"<p>{len(summaries)} scans. A lesion is a {kinds}-connected component of the predicted mask; volumes are "
             f"voxel counts × voxel volume; centroids are scanner (world) coordinates in mm. "
             f"{_esc(ORIENTATION_NOTE)} Intensities are windowed to the 0.5–99.5th percentiles of the brain.</p>"
             f'<table class="sum"><tr><th>case</th><th>lesions</th><th>total volume (mL)</th>'

@@ -77,7 +77,7 @@ def evaluate_dataset(name: str, dirs: Workdirs, arch: str | None = None, device:
                                             connectivity=connectivity)
     if report:
         lesion_report.write_report_index(cv_dir)
-    summary = evaluate.score_pairs(cv_pairs, connectivity=connectivity, slice_axis=2)
+    summary = evaluate.score_pairs(cv_pairs, connectivity=connectivity)
     summary["what"] = ("cross-validation: out-of-fold predictions of each trained fold's final model, "
                        f"postprocessed with min_lesion_mm3={pp['min_lesion_mm3']}")
     summary["folds"] = sorted({p.pred_path.parent.parent.name for p in pairs})
@@ -95,7 +95,7 @@ def evaluate_dataset(name: str, dirs: Workdirs, arch: str | None = None, device:
         if report.failed:
             raise MslpipeError(f"prediction failed on test cases {report.failed}")
         test_pairs = [evaluate.CasePair(c, test_dir / f"{c}.nii.gz", refs[c]) for c in sorted(test_cases)]
-        summary["test"] = evaluate.score_pairs(test_pairs, connectivity=connectivity, slice_axis=2)
+        summary["test"] = evaluate.score_pairs(test_pairs, connectivity=connectivity)
         summary["test"]["what"] = ("held-out test subjects (and the dataset's own labelled test cases), ensemble of "
                                    "the trained folds, postprocessed")
     write_json(root / "summary.json", summary)

@@ -313,3 +313,22 @@ def test_isbi_dataset_reference_still_refuses_predictions_without_a_mask(dirs, t
     (tmp_path / "empty" / "training").mkdir(parents=True)
     with pytest.raises(MslpipeError, match="nor an ISBI 2015-layout dataset's masks/ folders"):
         match_folders(pred, tmp_path / "empty")
+
+
+def test_slice_dice_is_taken_along_each_scans_axial_axis(tmp_path):
+    """The same masks stored with their axes in another order (world positions unchanged) score the same
+    slice_dice_study: the slices are the axial ones whichever array axis holds S-I (it was always axis 2)."""
+    pred, ref = lesions(A, B), lesions(A)
+    pred[1:3, 5:9, 1:2] = 1  # a false positive spread in x-y: axial slices and x slices differ
+    scores = {}
+    for name, order in (("kji", (0, 1, 2)), ("ikj", (2, 0, 1))):
+        affine = np.eye(4)
+        affine[:3, :3] = AFFINE[:3, :3][:, order]  # array axis a is world axis order[a]
+        save_nifti(tmp_path / name / "pred" / "c.nii.gz", pred.transpose(order), affine)
+        save_nifti(tmp_path / name / "ref" / "c.nii.gz", ref.transpose(order), affine)
+        summary = run_folders(tmp_path / name / "pred", tmp_path / name / "ref")
+        scores[name] = summary["mean"]["slice_dice_study"]
+        assert summary["slice_axis"] == "axial"
+    assert scores["kji"] == pytest.approx(scores["ikj"])
+    assert score_pairs([("c", tmp_path / "ikj" / "pred" / "c.nii.gz", [tmp_path / "ikj" / "ref" / "c.nii.gz"])],
+                       slice_axis=2)["mean"]["slice_dice_study"] != pytest.approx(scores["kji"])

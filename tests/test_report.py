@@ -293,6 +293,40 @@ def test_each_lesion_carries_the_probabilities_it_was_found_with(model, synth_ro
     assert [les["mean_probability"] for les in rebuilt] == pytest.approx([les["mean_probability"] for les in lesions])
 
 
+def test_the_report_counts_lesions_with_the_models_connectivity(model, synth_root, tmp_path, monkeypatch):
+    """A model whose postprocessing joins lesions by faces only (6-connectivity): its report counts and labels
+    lesions so too, also when it reports a case an earlier run segmented (they came out 26-connected)."""
+    from mslpipe import datasets, inference
+    from mslpipe.metrics import label_lesions
+
+    data, affine = load_image(next((synth_root / "training").glob("training01/preprocessed/*_flair_pp.nii.gz")))
+    inp = tmp_path / "in"
+    save_nifti(inp / "scan.nii.gz", data, affine, dtype=np.float32)
+    predictor = inference.load_predictor([model], device="cpu")
+
+    def network(image, tta=False):  # speckle: many voxels that touch only at edges or corners
+        bright = image[:, image.shape[1] // 2] > 1.0
+        return np.where(bright & (np.indices(bright.shape).sum(axis=0) % 2 == 0), 0.9, 0.0).astype(np.float32)
+
+    monkeypatch.setattr(predictor, "run_volume", network)
+    for connectivity in (6, 26):
+        out = tmp_path / str(connectivity)
+        predict.predict_sources(predictor, datasets.gather_sources(inp), out, report=True,
+                                postprocessing={"min_lesion_mm3": 0, "connectivity": connectivity})
+        mask = load_image(out / "scan.nii.gz")[0]
+        summary = json.loads((out / "scan.lesions.json").read_text())
+        assert summary["connectivity"] == connectivity
+        assert summary["lesion_count"] == label_lesions(mask, connectivity)[1]
+        assert int(load_image(out / "lesion_ids" / "scan.nii.gz")[0].max()) == summary["lesion_count"]
+        assert f"A lesion is a {connectivity}-connected component" in (out / "report.html").read_text()
+    assert json.loads((tmp_path / "6" / "scan.lesions.json").read_text())["lesion_count"] > \
+        json.loads((tmp_path / "26" / "scan.lesions.json").read_text())["lesion_count"]
+    (tmp_path / "6" / "scan.lesions.json").unlink()  # rebuilt from the saved mask by the next run
+    predict.predict_sources(predictor, datasets.gather_sources(inp), tmp_path / "6", report=True,
+                            postprocessing={"connectivity": 6})
+    assert json.loads((tmp_path / "6" / "scan.lesions.json").read_text())["connectivity"] == 6
+
+
 def test_a_failed_case_report_is_a_failed_case(model, synth_root, tmp_path, monkeypatch):
     scan = next((synth_root / "training").glob("training02/preprocessed/*_flair_pp.nii.gz"))
     case = scan.name.removesuffix("_flair_pp.nii.gz")  # an ISBI-named scan is named by its case
