@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from mslpipe import architectures, brainmask, preprocess
+from mslpipe import brainmask, preprocess
 from mslpipe.datasets import Case, discover
 from mslpipe.errors import MslpipeError
 from mslpipe.io import read_json, write_json
@@ -167,6 +167,8 @@ def make_plan(fingerprint: dict, name: str, device: str, arch: str = "leaky_unet
               channels: list[str] | None = None, seed: int = 12345, slice_axis: int = 2) -> Plan:
     """Derive the plan from the fingerprint and the target device. ``slice_axis``: the RAS axis the network
     slices along (2 axial, the default; 1 coronal; 0 sagittal); the patch fits the brain across the other two."""
+    from mslpipe import architectures  # here, not at the top: torch loads in seconds, a refused option needs none
+
     check_slice_axis(slice_axis)
     plan = Plan(dataset=name, channels=list(channels or ["flair"]), n_raters=fingerprint["n_raters"],
                 architecture=arch, target_device=device, seed=seed, slice_axis=slice_axis)
