@@ -9,6 +9,7 @@ files, DICOM series or a dataset's test split), read when its turn comes.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,8 +224,16 @@ def _dicom_beside_nifti(inp: Path, n_channels: int) -> list[Source]:
     return _dicom_sources(series, inp)
 
 
-# SeriesDescription / ProtocolName words of a FLAIR series: "T2 FLAIR", Siemens' "dark fluid" and TIRM
-FLAIR_WORDS = ("flair", "dark fluid", "dark-fluid", "darkfluid", "tirm")
+# SeriesDescription / ProtocolName words of a FLAIR series, once '_' and '-' are spaces: "T2 FLAIR", Siemens' "dark
+# fluid" (3D SPACE: "t2_spc_da-fl") and TIRM; a T1-weighted FLAIR (GE's "AX T1 FLAIR") is no FLAIR for this
+FLAIR_WORDS = re.compile(r"flair|\bdark ?fluid|\bda ?fl\b|\btirm\b")  # "flair" also inside "T2FLAIR"
+NOT_FLAIR = re.compile(r"\bt1")
+
+
+def names_flair(*fields: str) -> bool:
+    """Whether a series' description or protocol names a (T2-weighted) FLAIR: :data:`FLAIR_WORDS`, not T1."""
+    text = re.sub(r"[_\-]+", " ", " ".join(fields).lower())
+    return bool(FLAIR_WORDS.search(text)) and not NOT_FLAIR.search(text)
 
 
 def _dicom_sources(series: list[tuple[str, list[str]]], root: Path) -> list[Source]:
@@ -233,11 +242,11 @@ def _dicom_sources(series: list[tuple[str, list[str]]], root: Path) -> list[Sour
     (:data:`FLAIR_WORDS`) are segmented and the others left out; where none does, all are (with a warning). A
     single series is segmented whatever its name."""
     infos = [dicom_series_info(files) for _, files in series]
-    folders = [Path(files[0]).parent for _, files in series]
+    # a series' folder: where its files lie (their common folder, for a series spread over several)
+    folders = [Path(os.path.commonpath(sorted({str(Path(f).parent) for f in files}))) for _, files in series]
     chosen = list(range(len(series)))
     if len(series) > 1:
-        flair = [i for i, info in enumerate(infos)
-                 if any(w in f"{info['description']} {info['protocol']}".lower() for w in FLAIR_WORDS)]
+        flair = [i for i, info in enumerate(infos) if names_flair(info["description"], info["protocol"])]
         if flair:
             left = [_series_label(folders[i], infos[i]) for i in chosen if i not in flair]
             if left:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
+import math
 import os
 import threading
 from collections.abc import Iterator
@@ -17,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from mslpipe.errors import MslpipeError
-from mslpipe.io import atomic_path, numpy_to_sitk, sitk_to_numpy
+from mslpipe.io import NIFTI_SUFFIXES, atomic_path, numpy_to_sitk, sitk_to_numpy
+
+log = logging.getLogger(__name__)
 
 # GDCM, which SimpleITK reads and writes DICOM with, is not safe to call from several threads at once (SimpleITK
 # issues 805 and 1466: crashes), and predict reads scans in several threads beside a GPU. One call at a time, then; the
@@ -39,52 +43,126 @@ def _gdcm_guard() -> Iterator[None]:
             locale.setlocale(locale.LC_ALL, saved)
 
 
+# names of files a DICOM export puts beside its series that are no images
+NOT_IMAGES = ("dicomdir", "lockfile", "version", "readme", "readme.txt", "index.htm", "index.html")
+
+
 @_gdcm_guard()
 def find_dicom_series(folder: str | os.PathLike) -> list[tuple[str, list[str]]]:
     """List DICOM series under ``folder`` as (series uid, sorted file names); SimpleITK does the sort.
+
+    A series whose files lie in several folders (exports that cap a folder's files) is one series, its files sorted
+    along the slice normal. Files in a series' folder that belong to no series (damaged, or not DICOM) are named in
+    a warning: a damaged first or last slice would otherwise leave the volume a slice short unsaid.
 
     ITK's warnings are off meanwhile: it prints one ("No Series were found") on stderr for every folder without a
     series, which is most of them in a DICOM tree and all of them in a NIfTI folder."""
     import SimpleITK as sitk
 
     folders = [Path(folder)] + sorted(p for p in Path(folder).rglob("*") if p.is_dir())
-    series = []
+    found: dict[str, list[list[str]]] = {}
     warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         for sub in folders:
             reader = sitk.ImageSeriesReader()
+            here: set[str] = set()
             for uid in reader.GetGDCMSeriesIDs(str(sub)) or ():
                 files = list(reader.GetGDCMSeriesFileNames(str(sub), uid))
                 if files:
-                    series.append((uid, files))
+                    found.setdefault(uid, []).append(files)
+                    here.update(os.path.basename(f) for f in files)
+            if here:
+                _warn_stray_files(sub, here)
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
-    return series
+    return [(uid, parts[0] if len(parts) == 1 else _sorted_along_normal([f for p in parts for f in p]))
+            for uid, parts in found.items()]
+
+
+def _warn_stray_files(folder: Path, in_series: set[str]) -> None:
+    stray = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in in_series
+                   and not p.name.startswith(".") and p.name.lower() not in NOT_IMAGES
+                   and not p.name.lower().endswith(NIFTI_SUFFIXES))
+    if stray:
+        log.warning("%s: %d file(s) beside its DICOM series belong to no series (damaged, or not DICOM) and are left "
+                    "out: %s%s", folder, len(stray), ", ".join(stray[:5]), ", ..." if len(stray) > 5 else "")
+
+
+def _slice_geometry(name: str) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """(position, normal, in-plane size) of one slice file, from its header."""
+    import SimpleITK as sitk
+
+    r = sitk.ImageFileReader()
+    r.SetFileName(name)
+    r.LoadPrivateTagsOff()
+    try:
+        r.ReadImageInformation()
+    except RuntimeError as exc:
+        raise MslpipeError(f"cannot read the DICOM header ({str(exc).strip().splitlines()[-1]})", name) from exc
+    if r.GetNumberOfComponents() != 1:
+        raise MslpipeError(f"a colour image ({r.GetNumberOfComponents()} values per pixel), not an MRI scan (a screen "
+                           "capture?)", name)
+    normal = np.asarray(r.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
+    return np.asarray(r.GetOrigin(), dtype=float), normal, tuple(r.GetSize()[:2])
+
+
+def _sorted_along_normal(files: list[str]) -> list[str]:
+    geometry = [_slice_geometry(f) for f in files]
+    normal = geometry[0][1]
+    return [f for _, f in sorted(zip((float(g[0] @ normal) for g in geometry), files, strict=True))]
 
 
 def _check_dicom_spacing(files: list[str], folder: Path) -> None:
-    """Refuse a series with a missing slice: slice positions must be evenly spaced."""
-    import SimpleITK as sitk
-
-    positions = []
-    for name in files:
-        r = sitk.ImageFileReader()
-        r.SetFileName(name)
-        r.LoadPrivateTagsOff()
-        r.ReadImageInformation()
-        positions.append(np.asarray(r.GetOrigin(), dtype=float))
-    if len(positions) < 2:
+    """Refuse a series that is not one evenly spaced stack of like slices: a missing slice (uneven spacing),
+    slices at one position (several echoes or time points), slices of different sizes, or slices that step
+    sideways as well as along their normal (a tilted gantry's sheared stack, which a grid cannot hold)."""
+    geometry = [_slice_geometry(name) for name in files]
+    if len(geometry) < 2:
+        frames = _frames(files[0]) if files else 0
+        if frames > 1:
+            raise MslpipeError(f"a multi-frame DICOM file ({frames} frames in one file) is not read here: convert "
+                               "it to NIfTI first (e.g. dcm2niix) and give the .nii.gz", folder)
         raise MslpipeError("DICOM series has fewer than 2 slices", folder)
-    gaps = np.linalg.norm(np.diff(np.stack(positions), axis=0), axis=1)
+    sizes = sorted({g[2] for g in geometry})
+    if len(sizes) > 1:
+        raise MslpipeError(f"DICOM series mixes slices of different sizes ({' and '.join(f'{a}x{b}' for a, b in sizes)}"
+                           "): several series under one series UID?", folder)
+    positions = np.stack([g[0] for g in geometry])
+    held = len(np.unique(np.round(positions, 2), axis=0))
+    if held < len(positions):
+        raise MslpipeError(f"DICOM series has {len(positions)} images at {held} slice positions (several echoes or "
+                           "time points in one series?): give one volume per series", folder)
+    steps = np.diff(positions, axis=0)
+    gaps = np.linalg.norm(steps, axis=1)
     step = np.median(gaps)
-    if step <= 0 or np.any(np.abs(gaps - step) > 0.1 * step + 1e-3):
+    if np.any(np.abs(gaps - step) > 0.1 * step + 1e-3):
         worst = int(np.argmax(np.abs(gaps - step)))
         raise MslpipeError(
             f"DICOM series has uneven slice spacing (a missing slice? gap {gaps[worst]:.2f} mm "
             f"after slice {worst + 1}, expected {step:.2f} mm)",
             folder,
         )
+    normal = geometry[0][1]
+    along = np.abs(steps @ normal) / gaps
+    if np.any(along < math.cos(math.radians(1.0))):
+        tilt = math.degrees(math.acos(float(np.clip(along.min(), -1.0, 1.0))))
+        raise MslpipeError(f"DICOM series' slices step {tilt:.1f} degrees off their normal (a tilted gantry?): a "
+                           "sheared stack; resample it onto a regular grid first", folder)
+
+
+def _frames(name: str) -> int:
+    """NumberOfFrames of a DICOM file (1 where the header has none)."""
+    import SimpleITK as sitk
+
+    r = sitk.ImageFileReader()
+    r.SetFileName(name)
+    r.LoadPrivateTagsOff()
+    try:
+        r.ReadImageInformation()
+        return int(r.GetMetaData("0028|0008").strip()) if r.HasMetaDataKey("0028|0008") else 1
+    except (RuntimeError, ValueError):
+        return 1
 
 
 # header fields that name a series, as (DICOM tag, key): what a FLAIR series is recognised by
@@ -130,6 +208,9 @@ def load_dicom_series(folder: str | os.PathLike, files: list[str] | None = None)
     try:
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(files)
+        # float32 whatever the first slice's type: with a rescale slope per slice, an integral first slope made
+        # ITK read every slice as integers, cutting the others' rescaled values
+        reader.SetOutputPixelType(sitk.sitkFloat32)
         image = reader.Execute()
     except RuntimeError as exc:
         raise MslpipeError(f"cannot read DICOM series ({str(exc).strip().splitlines()[-1]})", folder) from exc

@@ -274,6 +274,9 @@ def sitk_to_numpy(image, where: Path) -> tuple[np.ndarray, np.ndarray]:
 
     if image.GetDimension() != 3:
         raise MslpipeError(f"expected a 3D volume, got {image.GetDimension()}D", where)
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise MslpipeError(f"a colour image ({image.GetNumberOfComponentsPerPixel()} values per voxel), not an MRI "
+                           "scan (a screen capture?)", where)
     data = sitk.GetArrayFromImage(image).transpose(2, 1, 0).astype(np.float32)  # z,y,x -> x,y,z
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
     spacing = np.asarray(image.GetSpacing(), dtype=float)

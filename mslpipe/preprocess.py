@@ -103,7 +103,9 @@ def preprocess_volume(
     factors = resample_factors(spacing, plan.target_spacing)
     canon_masks = [to_canonical(m, ornt) for m in masks] if masks else []
     if factors is not None:
-        shape = tuple(max(1, int(round(n * f))) for n, f in zip(canonical_shape, factors, strict=True))
+        # to 1e-3 voxels first: a float32 header's 0.89999998 mm and DICOM's 0.9 mm give one grid (155 voxels are
+        # 139.5 mm, which rounds to 140, and 139.49999, which rounded to 139)
+        shape = tuple(max(1, int(round(round(n * f, 3)))) for n, f in zip(canonical_shape, factors, strict=True))
         canon = [_zoom_to(c, shape, order=1) for c in canon]
         canon_masks = [_zoom_to(m.astype(np.float32), shape, order=1) >= 0.5 for m in canon_masks]
     brain = brain_mask(canon[0])

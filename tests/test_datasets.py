@@ -357,6 +357,17 @@ def test_dicom_series_beside_nifti_files_are_scans_too(tmp_path, caplog):
     assert "1 DICOM series beside the NIfTI files" in caplog.text and "left out" in caplog.text
 
 
+@pytest.mark.parametrize(("description", "flair"), [
+    ("AX T2 FLAIR", True), ("Sag_3D_T2FLAIR", True), ("3D FLAIR CUBE", True), ("t2_tirm_tra_dark-fluid", True),
+    ("DARK_FLUID", True), ("t2_spc_da-fl_sag_p2_iso", True), ("tirm_cor", True),  # Siemens' 3D FLAIR: SPACE dark fluid
+    ("AX T1 FLAIR", False), ("AX T1 FLAIR +C", False), ("T1FLAIR", False),  # GE's T1-weighted FLAIR
+    ("SAG T1 MPRAGE", False), ("t2_tse_tra", False), ("DWI", False), ("confirm", False)])
+def test_which_series_descriptions_name_a_flair(description, flair):
+    from mslpipe.datasets import names_flair
+
+    assert names_flair(description, "") is flair
+
+
 def test_real_isbi_scans_are_named_as_their_masks(real_data):
     """On the real data: predict's names for an ISBI preprocessed/ folder are the case ids whose masks
     `evaluate --ref DATASET` finds, so the two commands meet without renaming."""

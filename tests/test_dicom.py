@@ -179,3 +179,119 @@ def test_a_written_series_is_one_study_with_uids_the_same_every_run(tmp_path):
     assert again == flair
     other = _uids(write_dicom_series(tmp_path / "elsewhere" / "flair", data, aff, "AX FLAIR", 3))
     assert other[0][0] != flair[0][0] and other[0][1] != flair[0][1]
+
+
+# ---------------------------------------------------------------------------- series as scanners and exports write them
+def _slices(folder, data, *, uid="1.2.826.0.1.3680043.2.1125.7", slopes=None, sideways=0.0, keep=None, names=None,
+            z0=0.0):
+    """Write ``data`` (i, j, k) as one file per axial slice k, 1 mm apart, with SimpleITK directly: optionally each
+    slice with its own RescaleSlope (the values stored as int16), its position stepping ``sideways`` mm along x as
+    well as 1 mm along the normal, only the slices ``keep``, under other file ``names``."""
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetImageIO("GDCMImageIO")  # file names without .dcm
+    for k in range(data.shape[2]) if keep is None else keep:
+        values = np.ascontiguousarray(data[:, :, k].T)
+        sl = sitk.GetImageFromArray(values.astype(np.float32) if slopes is not None
+                                    else np.rint(values).astype(np.int16))
+        tags = {"0020|000e": uid, "0020|000d": "1.2.826.0.1.3680043.2.1125.8", "0008|0060": "MR",
+                "0008|0018": f"{uid}.{k + 1}", "0020|0013": str(k + 1), "0020|0037": "1\\0\\0\\0\\1\\0",
+                "0020|0032": f"{sideways * k:.4f}\\0\\{z0 + k:.4f}", "0028|0030": "1\\1", "0018|0050": "1"}
+        if slopes is not None:
+            tags.update({"0028|1053": repr(float(slopes[k])), "0028|1052": "0", "0028|0100": "16",
+                         "0028|0101": "16", "0028|0102": "15", "0028|0103": "1"})
+        for tag, value in tags.items():
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / (names[k] if names else f"IM{k:04d}")))
+        writer.Execute(sl)
+    return folder
+
+
+def _volume(seed=0, shape=(8, 9, 6)):
+    return np.random.default_rng(seed).uniform(0, 300, shape).astype(np.float32)
+
+
+def test_a_rescale_slope_per_slice_is_applied_to_every_slice(tmp_path):
+    """Each slice its own RescaleSlope, the first one 1: the values come back rescaled (ITK took the first slice's
+    integer type for the whole series and cut every other slice's values to integers)."""
+    data = _volume() / 100.0  # 0 to 3
+    slopes = [1.0] + [float(data[:, :, k].max()) / 30000 for k in range(1, data.shape[2])]
+    folder = _slices(tmp_path / "dcm", data, slopes=slopes)
+    out, _ = load_dicom_series(folder)
+    stored = np.stack([np.rint(data[:, :, k] / slopes[k]) * slopes[k] for k in range(data.shape[2])], axis=2)
+    np.testing.assert_allclose(out, stored, atol=max(slopes[1:]))  # GDCM's own rounding of the stored values
+    assert len(np.unique(out[:, :, 1:])) > 100  # not whole numbers
+
+
+def test_a_series_spread_over_two_folders_is_one_scan(tmp_path):
+    """One series UID in two folders (exports that cap a folder's files; here odd and even slices): one volume of
+    every slice in order, named after the folder holding both."""
+    data = _volume()
+    _slices(tmp_path / "export" / "DICOM" / "A", data, keep=range(0, 6, 2))
+    _slices(tmp_path / "export" / "DICOM" / "B", data, keep=range(1, 6, 2))
+    series = find_dicom_series(tmp_path / "export")
+    assert len(series) == 1 and len(series[0][1]) == 6
+    from mslpipe.datasets import gather_sources
+
+    (source,) = gather_sources(tmp_path / "export")
+    assert source.case == "DICOM"
+    (out,), affine = source.read()
+    assert out.shape == (8, 9, 6) and np.allclose(affine[:3, :3], np.diag([-1.0, -1.0, 1.0]))  # LPS rows, RAS out
+    np.testing.assert_array_equal(out, np.rint(data))
+
+
+def test_series_that_are_no_one_regular_stack_are_refused_saying_why(tmp_path):
+    """Echoes at one position, a sheared (gantry-tilted) stack, slices of two sizes, a colour series, a
+    multi-frame file: each refused with its reason, not as a 'missing slice'."""
+    import SimpleITK as sitk
+
+    data = _volume()
+    echoes = _slices(tmp_path / "echoes", data, names=[f"E1_{k}" for k in range(6)])
+    _slices(echoes, data / 2, names=[f"E2_{k}" for k in range(6)])
+    with _raises(echoes, "12 images at 6 slice positions", "echoes"):
+        load_dicom_series(echoes)
+    sheared = _slices(tmp_path / "sheared", data, sideways=0.5)
+    with _raises(sheared, "26.6 degrees off their normal", "tilted gantry"):
+        load_dicom_series(sheared)
+    sizes = _slices(tmp_path / "sizes", data, keep=range(3))
+    _slices(sizes, _volume(1, (8, 7, 6)), keep=range(3, 6))
+    with _raises(sizes, "slices of different sizes (8x7 and 8x9)"):
+        load_dicom_series(sizes)
+    colour = tmp_path / "colour"
+    colour.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(3):
+        rgb = sitk.GetImageFromArray(np.full((5, 5, 3), 100 * k, np.uint8), isVector=True)
+        for tag, value in {"0020|000e": "1.2.3.9", "0020|0032": f"0\\0\\{k}", "0020|0037": "1\\0\\0\\0\\1\\0",
+                           "0008|0018": f"1.2.3.9.{k}"}.items():
+            rgb.SetMetaData(tag, value)
+        writer.SetFileName(str(colour / f"s{k}.dcm"))
+        writer.Execute(rgb)
+    with _raises(colour, "a colour image (3 values per pixel)"):
+        load_dicom_series(colour)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    from mslpipe.io import numpy_to_sitk
+
+    sitk.WriteImage(sitk.Cast(numpy_to_sitk(np.rint(data), np.eye(4)), sitk.sitkUInt16), str(frames / "mf.dcm"))
+    with _raises(frames, "multi-frame DICOM file (6 frames", "dcm2niix"):
+        load_dicom_series(frames)
+
+
+def test_a_damaged_slice_file_is_named_not_left_out_unsaid(tmp_path, caplog):
+    """A series' last file is damaged: the scan comes a slice short, so the file is named in a warning (a damaged
+    middle slice is named too, before its gap refuses the series); files no export images are not."""
+    data = _volume()
+    folder = _slices(tmp_path / "dcm", data)
+    (folder / "IM0005").write_bytes(b"DICM" + bytes(100))
+    (folder / "DICOMDIR").write_bytes(b"")
+    (folder / ".DS_Store").write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        (uid, files), = find_dicom_series(tmp_path)
+    assert len(files) == 5
+    assert "1 file(s) beside its DICOM series belong to no series" in caplog.text and "IM0005" in caplog.text
+    assert "DICOMDIR" not in caplog.text and "DS_Store" not in caplog.text

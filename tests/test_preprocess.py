@@ -241,6 +241,20 @@ def test_scans_at_another_voxel_size_are_resampled_and_mapped_back():
     assert np.array_equal(P.restore(label1.astype(np.uint8), props1), mask)
 
 
+def test_a_voxel_size_stored_in_float32_gives_the_grid_its_exact_value_gives():
+    """0.9 mm (a DICOM header's text) and 0.89999998 mm (the same size in a NIfTI header's float32): 155 voxels are
+    139.5 mm, and both come onto one 1 mm grid (the float32 size rounded to 139 voxels, so a scan segmented
+    differently as NIfTI and as DICOM)."""
+    from mslpipe import preprocess as P
+
+    img = np.zeros((155, 12, 10), np.float32)
+    img[20:130, 3:9, 2:8] = 100 + np.random.default_rng(0).random((110, 6, 6))
+    plan = Plan("x", target_spacing=[1.0, 1.0, 1.0], crop_margin=2)
+    shapes = [P.preprocess_volume([img], np.diag([spacing, 1.0, 1.0, 1.0]), plan)[2]["resampled_shape"]
+              for spacing in (0.9, float(np.float32(0.9)))]
+    assert float(np.float32(0.9)) != 0.9 and shapes[0] == shapes[1] == [140, 12, 10]
+
+
 def test_with_context_stacks_neighbours_in_order_and_repeats_edges():
     volume = np.arange(5 * 2 * 3 * 4, dtype=np.float32).reshape(5, 2, 3, 4)  # S=5 slices of C=2 channels
     np.testing.assert_array_equal(with_context(volume, np.array([1, 3]), 0), volume[[1, 3]])
