@@ -108,7 +108,10 @@ def _slice_geometry(name: str) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]
 
 
 def _sorted_along_normal(files: list[str]) -> list[str]:
-    geometry = [_slice_geometry(f) for f in files]
+    try:
+        geometry = [_slice_geometry(f) for f in files]
+    except MslpipeError:  # left in their folders' order: reading the series refuses it, for that scan alone
+        return files
     normal = geometry[0][1]
     return [f for _, f in sorted(zip((float(g[0] @ normal) for g in geometry), files, strict=True))]
 

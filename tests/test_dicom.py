@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_io import SHAPE, _affine, _image, _raises
 
-from mslpipe.dicom import find_dicom_series, load_dicom_series, write_dicom_series
+from mslpipe.dicom import _gdcm_guard, find_dicom_series, load_dicom_series, write_dicom_series
 from mslpipe.io import load_image, save_nifti
 
 
@@ -182,6 +182,7 @@ def test_a_written_series_is_one_study_with_uids_the_same_every_run(tmp_path):
 
 
 # ---------------------------------------------------------------------------- series as scanners and exports write them
+@_gdcm_guard()  # ITK sets the process locale to "C": put back, or later tests read UTF-8 text as ASCII
 def _slices(folder, data, *, uid="1.2.826.0.1.3680043.2.1125.7", slopes=None, sideways=0.0, keep=None, names=None,
             z0=0.0):
     """Write ``data`` (i, j, k) as one file per axial slice k, 1 mm apart, with SimpleITK directly: optionally each
@@ -270,14 +271,16 @@ def test_series_that_are_no_one_regular_stack_are_refused_saying_why(tmp_path):
                            "0008|0018": f"1.2.3.9.{k}"}.items():
             rgb.SetMetaData(tag, value)
         writer.SetFileName(str(colour / f"s{k}.dcm"))
-        writer.Execute(rgb)
+        with _gdcm_guard():
+            writer.Execute(rgb)
     with _raises(colour, "a colour image (3 values per pixel)"):
         load_dicom_series(colour)
     frames = tmp_path / "frames"
     frames.mkdir()
     from mslpipe.io import numpy_to_sitk
 
-    sitk.WriteImage(sitk.Cast(numpy_to_sitk(np.rint(data), np.eye(4)), sitk.sitkUInt16), str(frames / "mf.dcm"))
+    with _gdcm_guard():
+        sitk.WriteImage(sitk.Cast(numpy_to_sitk(np.rint(data), np.eye(4)), sitk.sitkUInt16), str(frames / "mf.dcm"))
     with _raises(frames, "multi-frame DICOM file (6 frames", "dcm2niix"):
         load_dicom_series(frames)
 
