@@ -15,7 +15,9 @@ of the **follow-up** mask is classified against the **baseline** mask:
   * **stable** (label 1): everything in between.
 
 A baseline lesion that overlaps no follow-up lesion has **disappeared** (label 5 marks its baseline
-voxels in the change mask; they are not foreground in the follow-up).
+voxels in the change mask; they are not foreground in the follow-up), unless part of it lies outside the
+follow-up's field of view (``coverage``, from a registration): then it is **outside** (label 6), not seen
+again rather than gone.
 
 Defaults: ``min_growth_fraction = 0.25`` (25 % of the baseline volume) and ``min_growth_mm3 = 10``
 (10 mm³, ten 1 mm³ voxels): both must hold, so a 2-voxel lesion gaining 2 voxels (+100 %) is not called
@@ -23,7 +25,8 @@ enlarging, and neither is a 5 mL lesion gaining 20 mm³ (+0.4 %).
 
 Change mask labels (uint8 NIfTI on the follow-up's grid)::
 
-    0 background, 1 stable, 2 enlarging, 3 new, 4 shrinking, 5 disappeared (baseline voxels)
+    0 background, 1 stable, 2 enlarging, 3 new, 4 shrinking, 5 disappeared (baseline voxels),
+    6 outside the follow-up's field of view (baseline voxels)
 
 Where the masks come with the probability maps they were thresholded from (``predict --save-probabilities``,
 which ``compare`` asks for when it segments two images), every lesion's row carries its ``mean_probability``:
@@ -60,9 +63,9 @@ from mslpipe.postprocess import lesion_table
 
 log = logging.getLogger(__name__)
 
-STABLE, ENLARGING, NEW, SHRINKING, DISAPPEARED = 1, 2, 3, 4, 5
+STABLE, ENLARGING, NEW, SHRINKING, DISAPPEARED, OUTSIDE = 1, 2, 3, 4, 5, 6
 LABELS = {0: "background", STABLE: "stable", ENLARGING: "enlarging", NEW: "new", SHRINKING: "shrinking",
-          DISAPPEARED: "disappeared"}
+          DISAPPEARED: "disappeared", OUTSIDE: "outside"}
 DEFAULT_MIN_GROWTH_FRACTION = 0.25
 DEFAULT_MIN_GROWTH_MM3 = 10.0
 GEOMETRY_ATOL = 1e-3
@@ -158,14 +161,16 @@ def compare_masks(baseline: np.ndarray, followup: np.ndarray, affine: np.ndarray
                   min_growth_fraction: float = DEFAULT_MIN_GROWTH_FRACTION,
                   min_growth_mm3: float = DEFAULT_MIN_GROWTH_MM3, connectivity: int = 26,
                   mark_disappeared: bool = True,
-                  probabilities: tuple[np.ndarray | None, np.ndarray | None] = (None, None)) -> Change:
+                  probabilities: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
+                  coverage: np.ndarray | None = None) -> Change:
     """Classify every follow-up lesion and find the baseline lesions that disappeared.
 
     ``baseline`` and ``followup`` are masks on one grid (non-zero is lesion); ``affine`` gives the voxel
     volume and the world coordinates of the centroids. ``probabilities``: the lesion probability maps the masks
     were thresholded from (baseline, follow-up; either may be None): each row then has its lesion's
     ``mean_probability`` on its own scan (the follow-up's for its lesions, the baseline's for disappeared ones),
-    else None.
+    else None. ``coverage``: the voxels the follow-up's field of view reaches (None: all); a baseline lesion without
+    a follow-up partner that reaches beyond it is ``outside``, not ``disappeared``.
     """
     _check_thresholds(min_growth_fraction, min_growth_mm3)
     base = np.asarray(baseline) != 0
@@ -207,13 +212,17 @@ def compare_masks(baseline: np.ndarray, followup: np.ndarray, affine: np.ndarray
         status_of[f] = status
         rows.append(_row(row, status, "followup", bases, [f], v0, v1))
     change = status_of[follow_labels]
-    gone = [row for row in base_table if not partners_of_base[row["label"]]]
-    rows += [_row(row, DISAPPEARED, "baseline", [row["label"]], [], row["volume_mm3"], 0.0) for row in gone]
-    if mark_disappeared and gone:
-        change[np.isin(base_labels, [row["label"] for row in gone])] = DISAPPEARED
+    unseen = set() if coverage is None else {int(i) for i in np.unique(base_labels[~np.asarray(coverage, bool)])} - {0}
+    for status in (DISAPPEARED, OUTSIDE):
+        gone = [row for row in base_table if not partners_of_base[row["label"]]
+                and (row["label"] in unseen) == (status == OUTSIDE)]
+        rows += [_row(row, status, "baseline", [row["label"]], [], row["volume_mm3"], 0.0) for row in gone]
+        if mark_disappeared and gone:
+            change[np.isin(base_labels, [row["label"] for row in gone])] = status
 
     counts = {name: sum(r["status"] == name for r in rows) for name in list(LABELS.values())[1:]}
-    vol_base = float(base.sum()) * voxel_mm3
+    # within the follow-up's view: like with like (the baseline's lesion voxels beyond it are counted apart)
+    vol_base = float((base if coverage is None else base & np.asarray(coverage, bool)).sum()) * voxel_mm3
     vol_follow = float(follow.sum()) * voxel_mm3
     summary = {
         "n_baseline_lesions": n_base,
@@ -226,13 +235,15 @@ def compare_masks(baseline: np.ndarray, followup: np.ndarray, affine: np.ndarray
         "volume_new_ml": sum(r["volume_followup_mm3"] for r in rows if r["status"] == "new") / 1000.0,
         "volume_disappeared_ml": sum(r["volume_baseline_mm3"] for r in rows if r["status"] == "disappeared")
         / 1000.0,
+        "volume_outside_ml": sum(r["volume_baseline_mm3"] for r in rows if r["status"] == "outside") / 1000.0,
+        "volume_baseline_beyond_view_ml": float(base.sum()) * voxel_mm3 / 1000.0 - vol_base / 1000.0,
         "voxel_mm3": voxel_mm3,
         "thresholds": {"min_growth_fraction": float(min_growth_fraction), "min_growth_mm3": float(min_growth_mm3),
                        "rule": "enlarging if change >= min_growth_mm3 and change >= min_growth_fraction * "
                                "baseline volume; shrinking the same way down; stable otherwise"},
         "connectivity": connectivity,
         "mean_probability": {"baseline": probabilities[0] is not None, "followup": probabilities[1] is not None},
-        "labels": {str(k): v for k, v in LABELS.items() if mark_disappeared or k != DISAPPEARED},
+        "labels": {str(k): v for k, v in LABELS.items() if mark_disappeared or k not in (DISAPPEARED, OUTSIDE)},
     }
     return Change(change.astype(np.uint8), affine, rows, summary)
 
@@ -271,17 +282,19 @@ def write_change(change: Change, out: str | Path, extra: dict | None = None) -> 
 def compare_files(baseline: str | Path, followup: str | Path, out: str | Path, *,
                   min_growth_fraction: float = DEFAULT_MIN_GROWTH_FRACTION,
                   min_growth_mm3: float = DEFAULT_MIN_GROWTH_MM3, connectivity: int = 26,
-                  extra: dict | None = None, followup_probability: np.ndarray | None = None) -> Change:
+                  extra: dict | None = None, followup_probability: np.ndarray | None = None,
+                  coverage: np.ndarray | None = None) -> Change:
     """Compare two mask files and write the change mask, the CSV and the JSON summary into ``out``.
 
     Each lesion's mean probability comes from the map ``predict --save-probabilities`` wrote beside its mask
     (``probabilities/<case>.nii.gz``), where there is one; ``followup_probability`` replaces the follow-up's (a
-    map moved onto the baseline grid with its mask)."""
+    map moved onto the baseline grid with its mask). ``coverage``: :func:`compare_masks`'."""
     m0, m1, affine = load_pair(baseline, followup)
     maps = (saved_probability(baseline, m0.shape),
             followup_probability if followup_probability is not None else saved_probability(followup, m1.shape))
     change = compare_masks(m0, m1, affine, min_growth_fraction=min_growth_fraction,
-                           min_growth_mm3=min_growth_mm3, connectivity=connectivity, probabilities=maps)
+                           min_growth_mm3=min_growth_mm3, connectivity=connectivity, probabilities=maps,
+                           coverage=coverage)
     info = {"baseline": str(baseline), "followup": str(followup), **(extra or {})}
     write_change(change, out, info)
     log.info("%s → %s: %s", baseline, followup, change.summary["counts"])

@@ -5,11 +5,16 @@ needs voxel-wise correspondence, so :func:`register_rigid` finds the rotation an
 freedom; one head, so no scaling or shear) that best aligns the follow-up FLAIR with the baseline FLAIR by
 Mattes mutual information (SimpleITK's registration framework: moments initialisation, three resolution
 levels, regular-step gradient descent), and :func:`resample_mask` maps the follow-up's lesion mask onto the
-baseline grid with it (linear interpolation of the 0/1 mask, then >= 0.5: nearest neighbour's result without
-its staircase shifts).
+baseline grid with it: by the lesion probability map the mask was thresholded from where there is one (linear
+interpolation of the smooth map, then its threshold, within the mask's own lesions: a 0/1 mask interpolated and
+cut at 0.5 loses voxels at every curved border, so lesions shrank a little on every registered comparison), else
+by the 0/1 mask itself (linear interpolation, then >= 0.5). :func:`coverage` is the part of the baseline grid the
+follow-up's field of view reaches.
 
-The result is checked, not trusted: :class:`Rigid` carries the normalised cross-correlation of the two brains
-before and after, and `compare` warns when the aligned scans correlate poorly.
+The result is checked, not trusted: :class:`Rigid` carries the normalised cross-correlation of the two brains,
+over the baseline's brain where the follow-up covers it, before and after, and `compare` warns when the aligned
+scans correlate poorly. Which alignment is kept goes by the correlation's size: an inverted contrast correlates
+strongly, negatively, and is said so.
 """
 
 from __future__ import annotations
@@ -45,8 +50,10 @@ class Rigid:
     kept_scanner_alignment: bool = False
 
     def summary(self) -> dict:
+        centre = self.transform.GetCenter() if hasattr(self.transform, "GetCenter") else (0.0, 0.0, 0.0)
         return {"rotation_deg": [round(v, 3) for v in self.rotation_deg],
                 "translation_mm": [round(v, 3) for v in self.translation_mm],
+                "rotation_centre_lps_mm": [round(float(v), 3) for v in centre],
                 "correlation_before": round(self.correlation_before, 4),
                 "correlation_after": round(self.correlation_after, 4), "mattes_mi": round(self.metric, 5),
                 "kept_scanner_alignment": self.kept_scanner_alignment}
@@ -68,6 +75,8 @@ def register_rigid(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarr
     f_img, m_img = numpy_to_sitk(fixed, fixed_affine), numpy_to_sitk(moving, moving_affine)
     if not (bright_voxels(fixed).any() and bright_voxels(moving).any()):
         raise MslpipeError("cannot register an empty scan (no positive voxels)", where)
+    if float(np.ptp(moving)) == 0.0 or float(np.ptp(fixed)) == 0.0:
+        raise MslpipeError("cannot register a scan whose voxels are all alike (no anatomy to align)", where)
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
@@ -91,16 +100,23 @@ def register_rigid(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarr
     euler = sitk.Euler3DTransform(inner)
     params = euler.GetParameters()
     brain = bright_voxels(fixed)
-    before = _resample(moving, moving_affine, fixed.shape, fixed_affine, sitk.Transform(), linear=True)
+    identity = sitk.Transform()
+    before = _resample(moving, moving_affine, fixed.shape, fixed_affine, identity, linear=True)
     after = _resample(moving, moving_affine, fixed.shape, fixed_affine, euler, linear=True)
+    # over the baseline's brain where the follow-up reaches: outside its field of view the resampled image is 0
+    seen_before = brain & coverage(moving.shape, moving_affine, fixed.shape, fixed_affine, identity)
+    seen_after = brain & coverage(moving.shape, moving_affine, fixed.shape, fixed_affine, euler)
     result = Rigid(euler, tuple(math.degrees(v) for v in params[:3]), tuple(float(v) for v in params[3:]),
-                   _correlation(fixed, before, brain), _correlation(fixed, after, brain),
+                   _correlation(fixed, before, seen_before), _correlation(fixed, after, seen_after),
                    float(reg.GetMetricValue()))
-    if result.correlation_after < result.correlation_before:  # e.g. two visits already on one grid (MNI)
+    if not abs(result.correlation_after) >= abs(result.correlation_before):  # e.g. visits already on one grid (MNI)
         log.warning("the registration aligned the brains worse than their scanner coordinates (correlation %.3f -> "
                     "%.3f): kept the scanner coordinates", result.correlation_before, result.correlation_after)
         result = Rigid(sitk.Euler3DTransform(), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), result.correlation_before,
                        result.correlation_before, result.metric, kept_scanner_alignment=True)
+    if result.correlation_after < -0.5:
+        log.warning("the aligned scans correlate negatively (%.2f): the follow-up's contrast is the baseline's "
+                    "inverted, not the same kind of FLAIR?", result.correlation_after)
     log.info("registered: rotation %s deg, translation %s mm, correlation %.3f -> %.3f",
              result.summary()["rotation_deg"], result.summary()["translation_mm"], result.correlation_before,
              result.correlation_after)
@@ -124,11 +140,25 @@ def resample_image(moving: np.ndarray, moving_affine: np.ndarray, shape, fixed_a
 
 
 def resample_mask(mask: np.ndarray, mask_affine: np.ndarray, shape, fixed_affine: np.ndarray,
-                  rigid: Rigid) -> np.ndarray:
-    """The follow-up's 0/1 lesion mask on the baseline grid (linear interpolation, then >= 0.5), as uint8."""
+                  rigid: Rigid, probability: np.ndarray | None = None, threshold: float = 0.5) -> np.ndarray:
+    """The follow-up's 0/1 lesion mask on the baseline grid, as uint8. With the ``probability`` map the mask was
+    thresholded from (on the mask's grid): that map interpolated and cut at ``threshold``, within the mask's
+    lesions (interpolated, > 0: lesions postprocessing removed stay removed); else the 0/1 mask interpolated and
+    cut at 0.5."""
     moved = _resample(np.asarray(mask, dtype=np.float32), mask_affine, shape, fixed_affine, rigid.transform,
                       linear=True)
-    return (moved >= 0.5).astype(np.uint8)
+    if probability is None:
+        return (moved >= 0.5).astype(np.uint8)
+    prob = _resample(np.asarray(probability, dtype=np.float32), mask_affine, shape, fixed_affine, rigid.transform,
+                     linear=True)
+    return ((prob >= threshold) & (moved > 0)).astype(np.uint8)
+
+
+def coverage(moving_shape, moving_affine: np.ndarray, shape, fixed_affine: np.ndarray, transform) -> np.ndarray:
+    """The baseline-grid voxels inside the follow-up's field of view (its grid's box, moved by ``transform``)."""
+    inside = _resample(np.ones(moving_shape, np.float32), moving_affine, shape, fixed_affine, transform,
+                       linear=False)
+    return inside > 0.5
 
 
 def write_transform(rigid: Rigid, path: Path) -> Path:

@@ -113,8 +113,9 @@ def summary_text(summary: dict) -> str:
 
 
 def counts_text(counts: dict) -> str:
-    """``compare``'s lesion counts by kind: "2 new, 1 enlarging, ..."."""
-    return ", ".join(f"{n} {name}" for name, n in counts.items())
+    """``compare``'s lesion counts by kind: "2 new, 1 enlarging, ..." ("outside" the follow-up's view only when
+    there are such lesions: it takes a registration with a partial field of view)."""
+    return ", ".join(f"{n} {name}" for name, n in counts.items() if n or name != "outside")
 
 
 def new_lesions_text(lesions: list[dict]) -> str | None:

@@ -163,7 +163,8 @@ def compare_scans(baseline: Path, followup: Path, out: Path, *, dirs: Workdirs, 
         elif longitudinal.read_mask(path) is not None or (dataset is None and not checkpoint):
             if register:
                 raise MslpipeError("--register aligns the two FLAIR images: give the images and a model (-d NAME "
-                                   "or --checkpoint PATH) to segment them, not masks", path)
+                                   "or --checkpoint PATH) to segment them, not masks (this file holds only 0 and 1)",
+                                   path)
             paths.append(path)  # a mask, or an image that load_pair refuses with the reason
             continue
         seg_dir = out / "segmentations" / role
@@ -177,10 +178,12 @@ def compare_scans(baseline: Path, followup: Path, out: Path, *, dirs: Workdirs, 
     followup_probability = None
     if register:
         images = [_read_scan(dicom.get(role), path) for role, path in (("baseline", baseline), ("followup", followup))]
-        paths[1], extra["registration"], followup_probability = _register_followup(images, Path(followup), paths[1],
-                                                                                   out / "registered")
+        paths[1], extra["registration"], followup_probability, covered = _register_followup(
+            images, Path(followup), paths[1], out / "registered")
+    else:
+        covered = None
     change = longitudinal.compare_files(paths[0], paths[1], out, extra=extra or None,
-                                        followup_probability=followup_probability, **thresholds)
+                                        followup_probability=followup_probability, coverage=covered, **thresholds)
     if register:
         change.summary["registration"] = extra["registration"]
     return change
@@ -204,33 +207,43 @@ def _read_scan(source: Source | None, path: Path) -> tuple[np.ndarray, np.ndarra
 
 
 def _register_followup(images: list[tuple[np.ndarray, np.ndarray]], followup: Path, followup_mask: Path,
-                       reg_dir: Path) -> tuple[Path, dict, np.ndarray | None]:
+                       reg_dir: Path) -> tuple[Path, dict, np.ndarray | None, np.ndarray]:
     """Register the follow-up image to the baseline (``images``: both, with their affines), map the follow-up's
-    mask onto the baseline grid, and its probability map where predict saved one beside it; (that mask, summary,
-    that map or None)."""
+    mask onto the baseline grid (by its probability map where predict saved one beside it, which is then mapped
+    too); (that mask, summary, that map or None, the baseline voxels the follow-up's field of view reaches)."""
     from mslpipe import registration
+    from mslpipe.brainmask import brain_mask
 
     (base, base_affine), (follow, follow_affine) = images
     rigid = registration.register_rigid(base, base_affine, follow, follow_affine, where=followup)
     mask, mask_affine = load_image(followup_mask)
+    probability = saved_probability(followup_mask, mask.shape)
     files = {"followup_mask": reg_dir / "followup_mask_on_baseline.nii.gz",
              "followup_image": reg_dir / "followup_on_baseline.nii.gz",
              "transform": reg_dir / "followup_on_baseline.tfm"}
-    save_nifti(files["followup_mask"], registration.resample_mask(mask, mask_affine, base.shape, base_affine, rigid),
-               base_affine)
+    save_nifti(files["followup_mask"], registration.resample_mask(mask, mask_affine, base.shape, base_affine, rigid,
+                                                                  probability=probability), base_affine)
     save_nifti(files["followup_image"], registration.resample_image(follow, follow_affine, base.shape, base_affine,
                                                                     rigid), base_affine, dtype=np.float32)
     registration.write_transform(rigid, files["transform"])
-    probability = saved_probability(followup_mask, mask.shape)
     if probability is not None:
         probability = registration.resample_image(probability, mask_affine, base.shape, base_affine, rigid)
-    summary = {**rigid.summary(), **{k: str(v) for k, v in files.items()}}
+    covered = registration.coverage(follow.shape, follow_affine, base.shape, base_affine, rigid.transform)
+    brain = brain_mask(base)
+    share = float((covered & brain).sum() / max(int(brain.sum()), 1))
+    summary = {**rigid.summary(), "baseline_brain_covered": round(share, 4), **{k: str(v) for k, v in files.items()}}
+    notes = []
     if not rigid.correlation_after >= registration.MIN_ALIGNED_CORRELATION:
-        summary["warning"] = (f"the aligned scans correlate poorly ({rigid.correlation_after:.2f} < "
-                              f"{registration.MIN_ALIGNED_CORRELATION}): check {files['followup_image'].name} "
-                              "against the baseline before trusting the change")
+        notes.append(f"the aligned scans correlate poorly ({rigid.correlation_after:.2f} < "
+                     f"{registration.MIN_ALIGNED_CORRELATION}): check {files['followup_image'].name} against the "
+                     "baseline before trusting the change")
+    if share < 0.99:
+        notes.append(f"the follow-up's field of view covers {100 * share:.0f} % of the baseline's brain: baseline "
+                     "lesions reaching outside it without a partner are 'outside', not 'disappeared'")
+    if notes:
+        summary["warning"] = "; ".join(notes)
         log.warning("%s: %s", followup, summary["warning"])
-    return files["followup_mask"], summary, probability
+    return files["followup_mask"], summary, probability, covered
 
 
 def compare_subject(dataset: str, subject: str, out: Path, *, dirs: Workdirs, pred: Path | None = None,

@@ -56,7 +56,8 @@ def test_hand_built_classification_is_exact():
     assert _status_at(change, (13, 13, 3)) == "new"
     assert _status_at(change, (13, 23, 5)) == "stable"
     assert _status_at(change, (30, 8, 10)) == "stable"
-    assert change.summary["counts"] == {"stable": 3, "enlarging": 1, "new": 1, "shrinking": 1, "disappeared": 1}
+    assert change.summary["counts"] == {"stable": 3, "enlarging": 1, "new": 1, "shrinking": 1, "disappeared": 1,
+                                        "outside": 0}
     assert change.summary["n_baseline_lesions"] == 6 and change.summary["n_followup_lesions"] == 6
     assert set(np.unique(change.mask)) == {0, 1, 2, 3, 4, 5}
     # label 0 exactly where neither scan has a lesion (5 only on disappeared baseline voxels)
@@ -99,6 +100,29 @@ def test_merge_and_split():
     assert [g[2] for g in grown] == ["enlarging", "stable"]  # +23.4 mm3 (108 %) and -5.4 (17 %)
     total = sum(r["change_mm3"] for r in change.lesions)
     assert total == pytest.approx(change.summary["volume_change_ml"] * 1000)  # no lesion new or gone here
+
+
+def test_a_lesion_outside_the_follow_ups_field_of_view_is_not_called_gone():
+    """Registered visits whose follow-up stops short of the baseline's bottom: a baseline lesion reaching beyond the
+    follow-up's view with no partner is 'outside' (label 6), not 'disappeared'; one wholly inside that vanished is
+    still 'disappeared'."""
+    base, follow = np.zeros(SHAPE, np.uint8), np.zeros(SHAPE, np.uint8)
+    _cube(base, (5, 5, 1), 3)  # below the follow-up's view (slices < 6) in part
+    _cube(base, (20, 5, 12), 3)  # inside, gone
+    _cube(base, (5, 20, 12), 3), _cube(follow, (5, 20, 12), 3)  # inside, stable
+    covered = np.zeros(SHAPE, bool)
+    covered[:, :, 3:] = True
+    change = lg.compare_masks(base, follow, np.eye(4), coverage=covered)
+    assert change.summary["counts"] == {"stable": 1, "enlarging": 0, "new": 0, "shrinking": 0, "disappeared": 1,
+                                        "outside": 1}
+    assert change.summary["volume_outside_ml"] == pytest.approx(0.027)
+    assert change.summary["volume_disappeared_ml"] == pytest.approx(0.027)
+    assert (change.mask == lg.OUTSIDE).sum() == 27 and (change.mask == lg.DISAPPEARED).sum() == 27
+    # the volumes compare what both views hold: the 2 x 3 x 3 voxels of the first lesion below the view apart
+    assert change.summary["volume_baseline_beyond_view_ml"] == pytest.approx(0.018)
+    assert change.summary["volume_baseline_ml"] == pytest.approx(0.081 - 0.018)
+    without = lg.compare_masks(base, follow, np.eye(4))
+    assert without.summary["counts"]["disappeared"] == 2 and without.summary["counts"]["outside"] == 0
 
 
 def test_files_written_atomically_with_csv_and_json(tmp_path):
@@ -361,9 +385,9 @@ def test_two_visits_are_registered_before_comparing(trained, synth_root, tmp_pat
 
     monkeypatch.setattr(registration, "MIN_ALIGNED_CORRELATION", 0.999)
     images = [load_image(baseline), load_image(tmp_path / "visit2.nii.gz")]
-    _, weak, moved = workflow._register_followup(images, tmp_path / "visit2.nii.gz",
-                                                 tmp_path / "out" / "segmentations" / "followup" / "visit2.nii.gz",
-                                                 tmp_path / "weak")
+    _, weak, moved, _ = workflow._register_followup(images, tmp_path / "visit2.nii.gz",
+                                                    tmp_path / "out" / "segmentations" / "followup" / "visit2.nii.gz",
+                                                    tmp_path / "weak")
     assert moved.shape == change.mask.shape and 0.0 <= moved.min() and moved.max() <= 1.0
     assert "the aligned scans correlate poorly" in weak["warning"] and "followup_on_baseline.nii.gz" in weak["warning"]
     mask = tmp_path / "out" / "segmentations" / "baseline"
