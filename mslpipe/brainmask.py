@@ -9,13 +9,29 @@ import numpy as np
 from scipy import ndimage
 
 
+def background_level(image: np.ndarray) -> tuple[float, float]:
+    """(level, spread) of the scan's background: the median of the darkest face of the volume (the face, of six,
+    with the lowest median: a head or brain rarely reaches every side), and 1.4826 times its median absolute
+    deviation. (0, 0) for a skull-stripped scan's zero background; an offset, a constant fill or the noise of air
+    otherwise."""
+    if image.ndim == 0 or min(image.shape) == 0:
+        return 0.0, 0.0
+    faces = [np.take(image, end, axis=axis) for axis in range(image.ndim) for end in (0, -1)]
+    medians = [float(np.median(f)) for f in faces]
+    k = int(np.argmin(medians))
+    return medians[k], 1.4826 * float(np.median(np.abs(faces[k] - medians[k])))
+
+
 def bright_voxels(image: np.ndarray, fraction: float = 0.05) -> np.ndarray:
-    """Voxels above ``fraction`` of the positive voxels' 99.5th percentile (none when no voxel is positive): the
-    threshold of :func:`brain_mask`, before its morphology."""
-    positive = image[image > 0]
-    if positive.size == 0:
+    """Voxels above the background (:func:`background_level`) by ``fraction`` of the way to the 99.5th percentile
+    of the voxels above it, and by at least four times the background's spread (none when no voxel is above it):
+    the threshold of :func:`brain_mask`, before its morphology. With a zero background: ``fraction`` of the positive
+    voxels' 99.5th percentile."""
+    level, spread = background_level(image)
+    above = image[image > level]
+    if above.size == 0:
         return np.zeros(image.shape, dtype=bool)
-    return image > fraction * float(np.percentile(positive, 99.5))
+    return image > level + max(fraction * (float(np.percentile(above, 99.5)) - level), 4.0 * spread)
 
 
 def brain_mask(image: np.ndarray, fraction: float = 0.05) -> np.ndarray:

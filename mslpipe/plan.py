@@ -60,7 +60,7 @@ def fingerprint_case(case: Case) -> dict[str, Any]:
     canon = preprocess.to_canonical(image, ornt)
     brain = brainmask.brain_mask(canon)
     if not brain.any():
-        raise MslpipeError("image is empty (all zero or no positive voxels)", first)
+        raise MslpipeError("image is empty (all zero, one value, or no voxel above its background)", first)
     box = brainmask.bounding_box(brain, 0)
     values = canon[brain]
     p_lo, p_hi = np.percentile(values, [0.5, 99.5])

@@ -110,7 +110,7 @@ def preprocess_volume(
         canon_masks = [_zoom_to(m.astype(np.float32), shape, order=1) >= 0.5 for m in canon_masks]
     brain = brain_mask(canon[0])
     if not brain.any():
-        raise MslpipeError("image is empty (all zero or no positive voxels)", where)
+        raise MslpipeError("image is empty (all zero, one value, or no voxel above its background)", where)
     box = bounding_box(brain, plan.crop_margin)
     sl = tuple(slice(a, b) for a, b in box)
     norm = plan.normalization

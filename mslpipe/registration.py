@@ -73,10 +73,8 @@ def register_rigid(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarr
     import SimpleITK as sitk
 
     f_img, m_img = numpy_to_sitk(fixed, fixed_affine), numpy_to_sitk(moving, moving_affine)
-    if not (bright_voxels(fixed).any() and bright_voxels(moving).any()):
-        raise MslpipeError("cannot register an empty scan (no positive voxels)", where)
-    if float(np.ptp(moving)) == 0.0 or float(np.ptp(fixed)) == 0.0:
-        raise MslpipeError("cannot register a scan whose voxels are all alike (no anatomy to align)", where)
+    if not (bright_voxels(fixed).any() and bright_voxels(moving).any()):  # a blank or one-value scan too
+        raise MslpipeError("cannot register an empty scan (no voxel above its background)", where)
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)

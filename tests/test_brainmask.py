@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from test_preprocess import SHAPE, _ball, _head
 
-from mslpipe.brainmask import bounding_box, brain_mask, fill_holes, open_faces
+from mslpipe.brainmask import background_level, bounding_box, brain_mask, bright_voxels, fill_holes, open_faces
 
 
 def test_brain_mask_ball_with_zero_background():
@@ -24,6 +24,31 @@ def test_brain_mask_fills_dark_interior():
     image[ventricle] = 0.0
     mask = brain_mask(image)
     assert mask[ventricle].all()
+
+
+def _bright_voxels_before(image, fraction=0.05):  # the threshold as it was: a fraction of the positive voxels'
+    positive = image[image > 0]
+    return image > fraction * float(np.percentile(positive, 99.5))
+
+
+@pytest.mark.parametrize("background", ["offset", "constant", "air noise"])
+def test_a_background_that_is_not_zero_is_no_brain(background):
+    """A whole scan offset by 100, a constant fill of 20 around the brain, or air's noise (N(20, 5)) around it: the
+    mask is the brain's, not the field of view (the threshold was a fraction of the bright end measured from 0,
+    which every such background passes); with a zero background the threshold is what it was."""
+    image, _, _ = _head()
+    ball = _ball()
+    clean = brain_mask(image)
+    np.testing.assert_array_equal(bright_voxels(image), _bright_voxels_before(image))
+    rng = np.random.default_rng(2)
+    shifted = {"offset": image + 100.0, "constant": np.where(ball, image, 20.0),
+               "air noise": np.where(ball, image, rng.normal(20.0, 5.0, SHAPE))}[background].astype(np.float32)
+    assert _bright_voxels_before(shifted).mean() > 0.9  # the old threshold took (nearly) everything
+    mask = brain_mask(shifted)
+    assert 2 * (mask & clean).sum() / (mask.sum() + clean.sum()) > 0.98
+    level, spread = background_level(shifted)
+    assert level == pytest.approx({"offset": 100.0, "constant": 20.0, "air noise": 20.0}[background], abs=1.0)
+    assert (spread > 3.0) is (background == "air noise")
 
 
 @pytest.mark.parametrize("noise", [(-3.0, 3.0), (-3.0, 0.0), (0.0, 3.0)])
@@ -48,10 +73,9 @@ def _brain_mask_on_whole_volume(image: np.ndarray, fraction: float = 0.05) -> np
     """brain_mask's definition, spelt with scipy's own functions on the whole volume (the slow way)."""
     from scipy import ndimage
 
-    positive = image[image > 0]
-    if positive.size == 0:
-        return np.zeros(image.shape, dtype=bool)
-    mask = image > fraction * float(np.percentile(positive, 99.5))
+    mask = bright_voxels(image, fraction)  # the threshold is tested on its own above; here the morphology
+    if not mask.any():
+        return mask
     mask = ndimage.binary_opening(mask, iterations=1) if mask.sum() > 1000 else mask
     labels, n = ndimage.label(mask)
     if n > 1:

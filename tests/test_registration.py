@@ -116,7 +116,7 @@ def test_an_inverted_contrast_keeps_the_alignment_found_and_says_so(scan_and_mas
 
 def test_a_scan_of_one_value_is_refused(scan_and_mask):
     data, affine, _ = scan_and_mask
-    with pytest.raises(MslpipeError, match="voxels are all alike"):
+    with pytest.raises(MslpipeError, match="cannot register an empty scan"):
         registration.register_rigid(data, affine, np.full_like(data, 100.0), affine, where="followup.nii.gz")
 
 
