@@ -13,12 +13,15 @@ def background_level(image: np.ndarray) -> tuple[float, float]:
     """(level, spread) of the scan's background: the median of the darkest face of the volume (the face, of six,
     with the lowest median: a head or brain rarely reaches every side), and 1.4826 times its median absolute
     deviation. (0, 0) for a skull-stripped scan's zero background; an offset, a constant fill or the noise of air
-    otherwise."""
+    otherwise. A face brighter than the volume's median is no background (tissue on every side, where a
+    background, if any, would be darker than most of the volume): then (0, 0), a stripped scan's background's."""
     if image.ndim == 0 or min(image.shape) == 0:
         return 0.0, 0.0
     faces = [np.take(image, end, axis=axis) for axis in range(image.ndim) for end in (0, -1)]
     medians = [float(np.median(f)) for f in faces]
     k = int(np.argmin(medians))
+    if medians[k] > float(np.median(image)):
+        return 0.0, 0.0
     return medians[k], 1.4826 * float(np.median(np.abs(faces[k] - medians[k])))
 
 

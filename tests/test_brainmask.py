@@ -51,6 +51,17 @@ def test_a_background_that_is_not_zero_is_no_brain(background):
     assert (spread > 3.0) is (background == "air noise")
 
 
+def test_tissue_on_every_face_is_no_background():
+    """A bright shell on all six faces (a head cropped to its scalp): the darkest face is brighter than most of
+    the volume, so it is no background and the threshold is measured from 0, as for a stripped scan."""
+    image, _, _ = _head()
+    shell = np.pad(image, 4)
+    bright = float(image.max())
+    shell[:2], shell[-2:], shell[:, :2], shell[:, -2:], shell[:, :, :2], shell[:, :, -2:] = (bright,) * 6
+    assert background_level(shell) == (0.0, 0.0)
+    assert brain_mask(shell).sum() > brain_mask(image).sum()  # the shell and all it holds: the size warning's case
+
+
 @pytest.mark.parametrize("noise", [(-3.0, 3.0), (-3.0, 0.0), (0.0, 3.0)])
 def test_brain_mask_with_small_background_noise(noise):
     image, _, _ = _head()
