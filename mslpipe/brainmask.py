@@ -17,10 +17,11 @@ def background_level(image: np.ndarray) -> tuple[float, float]:
     background, if any, would be darker than most of the volume): then (0, 0), a stripped scan's background's."""
     if image.ndim == 0 or min(image.shape) == 0:
         return 0.0, 0.0
-    faces = [np.take(image, end, axis=axis) for axis in range(image.ndim) for end in (0, -1)]
+    # views, not np.take's copies (a tenth of a second on a Fortran-ordered NIfTI volume, on predict's path)
+    faces = [image[(slice(None),) * axis + (end,)] for axis in range(image.ndim) for end in (0, -1)]
     medians = [float(np.median(f)) for f in faces]
     k = int(np.argmin(medians))
-    if medians[k] > float(np.median(image)):
+    if medians[k] > 0 and medians[k] > float(np.median(image)):  # a zero background needs no whole-volume median
         return 0.0, 0.0
     return medians[k], 1.4826 * float(np.median(np.abs(faces[k] - medians[k])))
 

@@ -214,6 +214,8 @@ def _dicom_beside_nifti(inp: Path, n_channels: int) -> list[Source]:
     """DICOM series in a folder that also holds NIfTI files (in it or in its subfolders): scans too, not left out
     unsaid. A model of several channels reads NIfTI files only (a series is one channel), so there they are
     named in a warning instead."""
+    if not any(p.is_dir() or not (is_nifti(p) or p.name.startswith(".")) for p in inp.iterdir()):
+        return []  # NIfTI files alone: no DICOM search (it loads SimpleITK and asks GDCM about every file)
     series = find_dicom_series(inp)
     if not series:
         return []

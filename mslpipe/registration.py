@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,8 @@ class Rigid:
     metric: float
     # the optimiser's transform aligned the brains worse than the scanner coordinates did, which were kept
     kept_scanner_alignment: bool = False
+    # the baseline-grid voxels the follow-up's field of view reaches under ``transform`` (:func:`coverage`)
+    covered: np.ndarray | None = field(default=None, repr=False)
 
     def summary(self) -> dict:
         centre = self.transform.GetCenter() if hasattr(self.transform, "GetCenter") else (0.0, 0.0, 0.0)
@@ -102,16 +104,17 @@ def register_rigid(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarr
     before = _resample(moving, moving_affine, fixed.shape, fixed_affine, identity, linear=True)
     after = _resample(moving, moving_affine, fixed.shape, fixed_affine, euler, linear=True)
     # over the baseline's brain where the follow-up reaches: outside its field of view the resampled image is 0
-    seen_before = brain & coverage(moving.shape, moving_affine, fixed.shape, fixed_affine, identity)
-    seen_after = brain & coverage(moving.shape, moving_affine, fixed.shape, fixed_affine, euler)
+    covered_before = coverage(moving.shape, moving_affine, fixed.shape, fixed_affine, identity)
+    covered_after = coverage(moving.shape, moving_affine, fixed.shape, fixed_affine, euler)
     result = Rigid(euler, tuple(math.degrees(v) for v in params[:3]), tuple(float(v) for v in params[3:]),
-                   _correlation(fixed, before, seen_before), _correlation(fixed, after, seen_after),
-                   float(reg.GetMetricValue()))
+                   _correlation(fixed, before, brain & covered_before),
+                   _correlation(fixed, after, brain & covered_after), float(reg.GetMetricValue()),
+                   covered=covered_after)
     if not abs(result.correlation_after) >= abs(result.correlation_before):  # e.g. visits already on one grid (MNI)
         log.warning("the registration aligned the brains worse than their scanner coordinates (correlation %.3f -> "
                     "%.3f): kept the scanner coordinates", result.correlation_before, result.correlation_after)
         result = Rigid(sitk.Euler3DTransform(), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), result.correlation_before,
-                       result.correlation_before, result.metric, kept_scanner_alignment=True)
+                       result.correlation_before, result.metric, kept_scanner_alignment=True, covered=covered_before)
     if result.correlation_after < -0.5:
         log.warning("the aligned scans correlate negatively (%.2f): the follow-up's contrast is the baseline's "
                     "inverted, not the same kind of FLAIR?", result.correlation_after)
@@ -139,17 +142,23 @@ def resample_image(moving: np.ndarray, moving_affine: np.ndarray, shape, fixed_a
 
 def resample_mask(mask: np.ndarray, mask_affine: np.ndarray, shape, fixed_affine: np.ndarray,
                   rigid: Rigid, probability: np.ndarray | None = None, threshold: float = 0.5) -> np.ndarray:
-    """The follow-up's 0/1 lesion mask on the baseline grid, as uint8. With the ``probability`` map the mask was
-    thresholded from (on the mask's grid): that map interpolated and cut at ``threshold``, within the mask's
-    lesions (interpolated, > 0: lesions postprocessing removed stay removed); else the 0/1 mask interpolated and
-    cut at 0.5."""
+    """The follow-up's 0/1 lesion mask on the baseline grid, as uint8 (:func:`resample_lesions`' mask)."""
+    return resample_lesions(mask, mask_affine, shape, fixed_affine, rigid, probability, threshold)[0]
+
+
+def resample_lesions(mask: np.ndarray, mask_affine: np.ndarray, shape, fixed_affine: np.ndarray, rigid: Rigid,
+                     probability: np.ndarray | None = None,
+                     threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray | None]:
+    """The follow-up's 0/1 lesion mask on the baseline grid (uint8), and its probability map there (or None).
+    With the ``probability`` map the mask was thresholded from (on the mask's grid): the mask is that map
+    interpolated and cut at ``threshold``, within the mask's lesions (interpolated, > 0: lesions postprocessing
+    removed stay removed); else the 0/1 mask interpolated and cut at 0.5."""
     moved = _resample(np.asarray(mask, dtype=np.float32), mask_affine, shape, fixed_affine, rigid.transform,
                       linear=True)
     if probability is None:
-        return (moved >= 0.5).astype(np.uint8)
-    prob = _resample(np.asarray(probability, dtype=np.float32), mask_affine, shape, fixed_affine, rigid.transform,
-                     linear=True)
-    return ((prob >= threshold) & (moved > 0)).astype(np.uint8)
+        return (moved >= 0.5).astype(np.uint8), None
+    prob = resample_image(np.asarray(probability, dtype=np.float32), mask_affine, shape, fixed_affine, rigid)
+    return ((prob >= threshold) & (moved > 0)).astype(np.uint8), prob
 
 
 def coverage(moving_shape, moving_affine: np.ndarray, shape, fixed_affine: np.ndarray, transform) -> np.ndarray:

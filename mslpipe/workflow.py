@@ -221,14 +221,13 @@ def _register_followup(images: list[tuple[np.ndarray, np.ndarray]], followup: Pa
     files = {"followup_mask": reg_dir / "followup_mask_on_baseline.nii.gz",
              "followup_image": reg_dir / "followup_on_baseline.nii.gz",
              "transform": reg_dir / "followup_on_baseline.tfm"}
-    save_nifti(files["followup_mask"], registration.resample_mask(mask, mask_affine, base.shape, base_affine, rigid,
-                                                                  probability=probability), base_affine)
+    moved_mask, probability = registration.resample_lesions(mask, mask_affine, base.shape, base_affine, rigid,
+                                                            probability)
+    save_nifti(files["followup_mask"], moved_mask, base_affine)
     save_nifti(files["followup_image"], registration.resample_image(follow, follow_affine, base.shape, base_affine,
                                                                     rigid), base_affine, dtype=np.float32)
     registration.write_transform(rigid, files["transform"])
-    if probability is not None:
-        probability = registration.resample_image(probability, mask_affine, base.shape, base_affine, rigid)
-    covered = registration.coverage(follow.shape, follow_affine, base.shape, base_affine, rigid.transform)
+    covered = rigid.covered
     brain = brain_mask(base)
     share = float((covered & brain).sum() / max(int(brain.sum()), 1))
     summary = {**rigid.summary(), "baseline_brain_covered": round(share, 4), **{k: str(v) for k, v in files.items()}}
